@@ -1,0 +1,46 @@
+# eventswarm — `make run` starts the daemon on config.example.toml, `make test` runs every test.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install services run test unit integration lint bench gc clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The Docker engine (a single-node Swarm manager, no default bridge) and the test function images.
+services:
+	bash scripts/services.sh
+	bash scripts/images.sh
+
+run: install services
+	$(BIN)/eventswarm run -c config.example.toml
+
+test: install services
+	$(BIN)/pytest -q tests
+
+unit: install
+	$(BIN)/pytest -q tests/unit
+
+integration: install services
+	$(BIN)/pytest -q tests/integration
+
+lint: install
+	$(BIN)/ruff check dispatcher connectors tests bench
+	$(BIN)/mypy dispatcher
+	$(BIN)/lint-imports
+
+bench: install services
+	$(BIN)/python bench/fanout.py
+
+gc: install
+	$(BIN)/eventswarm gc -c config.example.toml
+
+clean:
+	rm -rf $(VENV) eventswarm.db* eventswarm-inputs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Connectors: one module per source kind, each a plug-in in the ``eventswarm.connectors`` entry-point group."""

@@ -1,0 +1,231 @@
+"""Webhook source: HTTP requests become events, stored durably before they are answered.
+
+``mode = "async"``: the event goes to the inbox (SQLite) and the request is answered
+``202 {"id": …}``; an accepted event survives a crash and runs after restart. ``mode = "sync"``:
+the event runs at once as a batch of one, and the function's stdout is the response body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import anyio
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from dispatcher.api import Event, HttpRequest, HttpResponse, Outcome, Source, SourceConfig, SourceContext
+from dispatcher.units import Duration, Size
+
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1")
+
+
+class SignatureConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: Literal["github", "standard-webhooks", "hmac-sha256"]
+    secret_env: str = ""
+    """Environment variable holding the secret; several, separated by spaces, during a rotation."""
+    secret_file: str = ""
+    """File holding the secret(s), one per line, instead of ``secret_env``."""
+    header: str = ""
+    """hmac-sha256 only: the header carrying the signature (default ``X-Signature``)."""
+    tolerance: Duration = 300.0
+    """standard-webhooks: how far the timestamp may be from now, either way."""
+
+    @model_validator(mode="after")
+    def _secret(self) -> SignatureConfig:
+        if bool(self.secret_env) == bool(self.secret_file):
+            raise ValueError("give exactly one of secret_env or secret_file")
+        if self.secret_env and not os.environ.get(self.secret_env, "").strip():
+            raise ValueError(f"secret_env: environment variable {self.secret_env} is not set")
+        if self.secret_file and not Path(self.secret_file).is_file():
+            raise ValueError(f"secret_file: {self.secret_file} is not a readable file")
+        return self
+
+    def secrets(self) -> list[bytes]:
+        text = os.environ.get(self.secret_env, "") if self.secret_env else Path(self.secret_file).read_text()
+        secrets = []
+        for word in text.split():
+            if self.scheme == "standard-webhooks":
+                try:
+                    secrets.append(base64.b64decode(word.removeprefix("whsec_"), validate=True))
+                except binascii.Error:
+                    raise ValueError(f"a standard-webhooks secret is base64 after whsec_: {self.secret_env or self.secret_file}") from None
+            else:
+                secrets.append(word.encode())
+        return secrets
+
+
+class WebhookSourceConfig(SourceConfig):
+    kind: Literal["webhook"]
+    path: str
+    """Where requests arrive, e.g. ``/hooks/github``."""
+    methods: list[str] = ["POST"]
+    mode: Literal["async", "sync"] = "async"
+    max_body: Size = 1024 * 1024
+    """Larger bodies are answered ``413``."""
+    signature: SignatureConfig | None = None
+    dedupe_header: str = ""
+    """A header with a delivery id (e.g. ``X-GitHub-Delivery``): a repeated id is answered ``200`` and not run again."""
+    enqueue_timeout: Duration = 2.0
+    """While the buffer stays full this long, requests are answered ``503`` with ``Retry-After``."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"path must start with /, got {value!r}")
+        if any(value == p or value.startswith(p + "/") for p in RESERVED_PATHS):
+            raise ValueError(f"path {value!r} is reserved for the daemon's own endpoints")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        allowed = {"GET", "POST", "PUT", "PATCH", "DELETE"}
+        upper = [m.upper() for m in value]
+        bad = [m for m in upper if m not in allowed]
+        if bad or not upper:
+            raise ValueError(f"methods must be some of {sorted(allowed)}, got {value!r}")
+        return upper
+
+
+class SignatureError(Exception):
+    """The request's signature is missing, malformed, stale or wrong."""
+
+
+def verify(config: SignatureConfig, secrets: list[bytes], headers: dict[str, str], body: bytes,
+           now: float | None = None) -> None:
+    """Check ``body``'s signature against every secret (constant-time); raise ``SignatureError`` if none matches."""
+    if config.scheme == "github":
+        given = headers.get("x-hub-signature-256", "")
+        if not given.startswith("sha256="):
+            raise SignatureError("missing X-Hub-Signature-256")
+        candidates = [given.removeprefix("sha256=").strip().lower().encode()]
+        expected = [hmac.new(s, body, hashlib.sha256).hexdigest().encode() for s in secrets]
+    elif config.scheme == "hmac-sha256":
+        given = headers.get((config.header or "X-Signature").lower(), "").strip()
+        if not given:
+            raise SignatureError(f"missing {config.header or 'X-Signature'}")
+        given = given.removeprefix("sha256=")
+        digests = [hmac.new(s, body, hashlib.sha256).digest() for s in secrets]
+        candidates = [given.lower().encode(), given.encode()]
+        expected = [d.hex().encode() for d in digests] + [base64.b64encode(d) for d in digests]
+    else:
+        msg_id = headers.get("webhook-id", "")
+        stamp = headers.get("webhook-timestamp", "")
+        given = headers.get("webhook-signature", "")
+        if not (msg_id and stamp and given):
+            raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature")
+        try:
+            sent = int(stamp)
+        except ValueError:
+            raise SignatureError("webhook-timestamp is not a number") from None
+        if abs((time.time() if now is None else now) - sent) > config.tolerance:
+            raise SignatureError("webhook-timestamp is outside the tolerance")
+        signed = f"{msg_id}.{stamp}.".encode() + body
+        expected = [base64.b64encode(hmac.new(s, signed, hashlib.sha256).digest()) for s in secrets]
+        candidates = [part.split(",", 1)[1].encode() for part in given.split() if part.startswith("v1,")]
+    ok = False
+    for candidate in candidates:
+        for want in expected:
+            ok |= hmac.compare_digest(candidate, want)
+    if not ok:
+        raise SignatureError("signature does not match")
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+class WebhookSource(Source[WebhookSourceConfig]):
+    config_model = WebhookSourceConfig
+
+    async def run(self, ctx: SourceContext) -> None:
+        config = self.config
+        self._ctx = ctx
+        self._secrets = config.signature.secrets() if config.signature else []
+        backlog = await ctx.inbox.pending()  # a snapshot taken before new requests can arrive
+        for method in config.methods:
+            ctx.add_route(method, config.path, self.handle, max_body=config.max_body)
+        async for event in backlog:
+            await ctx.emit(event, ack=self._settled(event.id))
+        ctx.set_ready(True)
+        await anyio.sleep_forever()
+
+    def _settled(self, event_id: str):  # type: ignore[no-untyped-def]
+        async def ack(outcome: Outcome) -> None:
+            if outcome.settled:
+                await self._ctx.inbox.remove(event_id)
+        return ack
+
+    def to_event(self, request: HttpRequest, headers: dict[str, str]) -> Event:
+        """The request as a CloudEvent; raises ``ValueError`` for a malformed JSON body."""
+        content_type = headers.get("content-type", "")
+        body = request.body
+        extensions = {"httpmethod": request.method}
+        delivery = headers.get(self.config.dedupe_header.lower()) if self.config.dedupe_header else None
+        if delivery:
+            extensions["deliveryid"] = delivery
+        common = {"source": f"webhook:{self.config.path}", "type": "eventswarm.webhook.request", "extensions": extensions}
+        if not body:
+            return Event(**common)  # type: ignore[arg-type]
+        if _is_json(content_type):
+            return Event(data=json.loads(body), **common)  # type: ignore[arg-type]
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media in ("", "text/plain", "application/x-www-form-urlencoded") and body.lstrip()[:1] in (b"{", b"["):
+            # `curl -d '{...}'` sends JSON labelled as a form: take it as JSON when it parses as JSON.
+            try:
+                return Event(data=json.loads(body), **common)  # type: ignore[arg-type]
+            except ValueError:
+                pass
+        if media.startswith("text/") or media in ("", "application/x-www-form-urlencoded"):
+            try:
+                return Event(data=body.decode("utf-8"), datacontenttype=content_type or "text/plain", **common)  # type: ignore[arg-type]
+            except UnicodeDecodeError:
+                pass
+        return Event(data_base64=body, datacontenttype=content_type or "application/octet-stream", **common)  # type: ignore[arg-type]
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        config = self.config
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if config.signature is not None:
+            try:
+                verify(config.signature, self._secrets, headers, request.body)
+            except SignatureError as exc:
+                return HttpResponse.json(401, {"error": f"bad signature: {exc}"})
+        try:
+            event = self.to_event(request, headers)
+        except ValueError as exc:
+            return HttpResponse.json(400, {"error": f"malformed JSON body: {exc}"})
+        if config.mode == "sync":
+            return await self._run_now(event)
+        dedupe_key = headers.get(config.dedupe_header.lower()) if config.dedupe_header else None
+        earlier = await self._ctx.inbox.put(event, dedupe_key or None)
+        if earlier is not None:
+            return HttpResponse.json(200, {"id": earlier, "duplicate": True})
+        with anyio.move_on_after(config.enqueue_timeout) as scope:
+            await self._ctx.emit(event, ack=self._settled(event.id))
+        if scope.cancelled_caught:
+            await self._ctx.inbox.remove(event.id, forget_dedupe=True)
+            retry = str(max(1, math.ceil(config.enqueue_timeout)))
+            return HttpResponse.json(503, {"error": "the trigger's buffer is full"}, {"Retry-After": retry})
+        return HttpResponse.json(202, {"id": event.id})
+
+    async def _run_now(self, event: Event) -> HttpResponse:
+        outcome = await self._ctx.invoke(event)
+        if outcome.status != "succeeded":
+            return HttpResponse.json(502, {"error": f"function failed (exit code {outcome.exit_code})",
+                                           "invocation_id": outcome.invocation_id})
+        body = outcome.stdout
+        kind = "application/json" if body.lstrip()[:1] in (b"{", b"[") else "text/plain; charset=utf-8"
+        return HttpResponse(200, body, {"Content-Type": kind, "X-Eventswarm-Invocation": outcome.invocation_id or ""})

@@ -1,0 +1,11 @@
+"""eventswarm: a daemon that turns event streams into batched container invocations."""
+
+from dispatcher.api import Outcome, Source, SourceConfig, SourceContext
+from dispatcher.config import Config, load
+from dispatcher.errors import ConfigError, ExecutorError, FunctionFailed, FunctionTimedOut, SourceError
+from dispatcher.events import Event
+
+__all__ = [
+    "Config", "ConfigError", "Event", "ExecutorError", "FunctionFailed", "FunctionTimedOut", "Outcome", "Source",
+    "SourceConfig", "SourceContext", "SourceError", "load",
+]

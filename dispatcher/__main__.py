@@ -1,0 +1,5 @@
+"""``python -m dispatcher`` runs the ``eventswarm`` command."""
+
+from dispatcher.cli import main
+
+main()

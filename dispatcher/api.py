@@ -1,0 +1,139 @@
+"""What connectors may use: the event model, the source base classes and the context a source runs in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from dispatcher.errors import SourceError
+from dispatcher.events import Event, new_id
+
+__all__ = [
+    "Ack", "Checkpoints", "Event", "HttpHandler", "HttpRequest", "HttpResponse", "Inbox", "Outcome",
+    "Source", "SourceConfig", "SourceContext", "SourceError", "new_id",
+]
+
+
+class SourceConfig(BaseModel):
+    """Base of every connector's config model; the connector declares ``kind: Literal["..."]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+
+
+ConfigT = TypeVar("ConfigT", bound=SourceConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an event's delivery ended.
+
+    ``succeeded``: its function succeeded; ``dead-lettered``: retries were exhausted and it was
+    stored as a dead letter; ``dropped``: exhausted with ``on_exhausted = "drop"``, or filtered
+    out; ``failed``: a one-shot invocation (``SourceContext.invoke``) failed.
+    """
+
+    status: Literal["succeeded", "dead-lettered", "dropped", "failed"]
+    invocation_id: str | None = None
+    stdout: bytes = b""
+    exit_code: int | None = None
+
+    @property
+    def settled(self) -> bool:
+        """True when the source may acknowledge the event (it will not be delivered again)."""
+        return self.status != "failed"
+
+
+Ack = Callable[[Outcome], Awaitable[None]]
+"""Called once per emitted event when it is settled; the source acknowledges it there."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, doc: Any, headers: Mapping[str, str] | None = None) -> HttpResponse:
+        import json
+
+        return cls(status, json.dumps(doc).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+
+HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+class Checkpoints(Protocol):
+    """A source's durable positions (offsets, blocks, file states), by key, per trigger."""
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def put(self, values: Mapping[str, str]) -> None: ...
+
+
+class Inbox(Protocol):
+    """Durable storage for accepted events not yet settled (the webhook inbox)."""
+
+    async def put(self, event: Event, dedupe_key: str | None = None) -> str | None:
+        """Store ``event``; if ``dedupe_key`` was seen before, store nothing and return the earlier event id."""
+        ...
+
+    async def remove(self, event_id: str, *, forget_dedupe: bool = False) -> None: ...
+
+    async def pending(self) -> AsyncIterator[Event]:
+        """The events stored so far (a snapshot), oldest first, read in pages."""
+        ...
+
+
+class SourceContext(Protocol):
+    """What a running source gets from the daemon for its trigger."""
+
+    trigger: str
+    checkpoints: Checkpoints
+    inbox: Inbox
+
+    async def emit(self, event: Event, ack: Ack | None = None) -> None:
+        """Hand ``event`` to the trigger's pipeline; blocks while the trigger's buffer is full."""
+        ...
+
+    async def invoke(self, event: Event) -> Outcome:
+        """Run ``event`` now as a batch of one, once, and return how it ended (``mode = "sync"``)."""
+        ...
+
+    def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int) -> None:
+        """Serve ``method path`` on the daemon's HTTP server."""
+        ...
+
+    def set_ready(self, ready: bool, error: str | None = None) -> None:
+        """Report whether the source is connected (for ``/readyz`` and ``status``)."""
+        ...
+
+    def set_lag(self, lag: float) -> None:
+        """Report how far behind the source is (offsets, blocks, files waiting)."""
+        ...
+
+
+class Source(Generic[ConfigT]):
+    """A connector: constructed with its validated config, run inside the trigger's task group."""
+
+    config_model: ClassVar[type[SourceConfig]]
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+
+    async def run(self, ctx: SourceContext) -> None:
+        """Read events and ``ctx.emit`` them until cancelled."""
+        raise NotImplementedError

@@ -1,0 +1,283 @@
+"""The ``eventswarm`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import click
+
+from dispatcher import config as configuration
+from dispatcher.errors import ConfigError, EventswarmError, ExecutorError
+from dispatcher.store import Store
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    help="Config file (default: $EVENTSWARM_CONFIG, then ./eventswarm.toml).",
+)
+
+
+def _fail(message: str, code: int = EXIT_RUNTIME) -> NoReturn:
+    click.echo(f"eventswarm: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(config_path: str | None) -> configuration.ConfigBase:
+    try:
+        return configuration.load(config_path)
+    except ConfigError as exc:
+        for line in exc.lines():
+            click.echo(line, err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _store(config_path: str | None) -> Store:
+    config = _load(config_path)
+    path = config.daemon.state_path
+    if not Path(path).exists():
+        _fail(f"no state store at {path} (has the daemon run with this config?)")
+    return Store(path)
+
+
+def _daemon_url(config_path: str | None, url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    host, port = _load(config_path).daemon.host_port
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def _request(url: str, data: Any = None) -> Any:
+    body = json.dumps(data).encode() if data is not None else None
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        _fail(f"{url}: HTTP {exc.code}: {detail}")
+    except (urllib.error.URLError, OSError) as exc:
+        _fail(f"cannot reach the daemon at {url}: {exc} (is `eventswarm run` running?)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="eventswarm")
+def main() -> None:
+    """Connect event streams to container functions on Docker Swarm."""
+
+
+@main.command()
+@config_option
+def run(config_path: str | None) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    from dispatcher import logs
+    from dispatcher.daemon import Daemon
+
+    config = _load(config_path)
+    logs.configure(config.daemon.log_level, config.daemon.log_format)
+    try:
+        daemon = Daemon(config)
+        anyio.run(daemon.run)
+    except ExecutorError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot start: {exc}")
+    except EventswarmError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@config_option
+def validate(config_path: str | None) -> None:
+    """Check the config; print every error with its TOML path (exit 0 or 2)."""
+    config = _load(config_path)
+    click.echo(f"ok: {len(config.triggers)} triggers, {len(config.functions)} functions")
+
+
+@main.command()
+def schema() -> None:
+    """Print the config's JSON Schema (for editors)."""
+    click.echo(json.dumps(configuration.schema(), indent=2))
+
+
+@main.command()
+@config_option
+@click.argument("trigger")
+@click.option("--data", "data", default=None, help="The event's data: JSON, or @FILE to read it from a file.")
+@click.option("--wait", is_flag=True, help="Wait for the function to finish (always the case: kept for scripts).")
+def invoke(config_path: str | None, trigger: str, data: str | None, wait: bool) -> None:
+    """Run one invocation through TRIGGER's function and executor; print its stdout."""
+    from dispatcher.daemon import Daemon
+    from dispatcher.events import Event
+
+    config = _load(config_path)
+    if trigger not in config.triggers:
+        _fail(f"no trigger {trigger!r} (triggers: {', '.join(sorted(config.triggers)) or 'none'})", EXIT_USAGE)
+    payload: Any = None
+    if data is not None:
+        text = Path(data[1:]).read_text() if data.startswith("@") else data
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            _fail(f"--data is not JSON: {exc}", EXIT_USAGE)
+    event = Event(source="eventswarm:invoke", type="eventswarm.invoke", data=payload)
+
+    async def once() -> Any:
+        daemon = Daemon(config)
+        await daemon.executor.start()
+        try:
+            daemon.build_triggers()
+            return await daemon.triggers[trigger].dispatcher.invoke_once(event)
+        finally:
+            await daemon.close()
+
+    try:
+        outcome = anyio.run(once)
+    except EventswarmError as exc:
+        _fail(str(exc))
+    sys.stdout.buffer.write(outcome.stdout)
+    sys.stdout.flush()
+    if outcome.status != "succeeded":
+        _fail(f"invocation {outcome.invocation_id} failed (exit code {outcome.exit_code}); "
+              f"see `eventswarm logs {outcome.invocation_id}`")
+
+
+@main.command()
+@config_option
+@click.option("--trigger", default=None)
+@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "timed_out"]), default=None)
+@click.option("--limit", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def invocations(config_path: str | None, trigger: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """Invocation records, newest first."""
+    records = _store(config_path).invocations(trigger=trigger, status=status, limit=limit)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in records], indent=2))
+        return
+    click.echo(f"{'ID':32}  {'TRIGGER':16} {'STATUS':10} {'ATTEMPT':>7} {'EVENTS':>6} {'EXIT':>4}  QUEUED")
+    for r in records:
+        doc = r.to_json()
+        exit_code = "" if r.exit_code is None else str(r.exit_code)
+        click.echo(f"{r.id:32}  {r.trigger:16} {r.status:10} {r.attempt:>7} {r.batch_size:>6} {exit_code:>4}  {doc['queued_at']}")
+
+
+@main.command()
+@config_option
+@click.argument("invocation_id")
+def logs(config_path: str | None, invocation_id: str) -> None:
+    """Captured stdout, then stderr, of one invocation."""
+    found = _store(config_path).logs(invocation_id)
+    if found is None:
+        _fail(f"no invocation {invocation_id}")
+    stdout, stderr = found
+    sys.stdout.buffer.write(stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(stderr)
+    sys.stderr.flush()
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: inspect, send back through their trigger, delete."""
+
+
+@dlq.command("list")
+@config_option
+@click.option("--trigger", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def dlq_list(config_path: str | None, trigger: str | None, as_json: bool) -> None:
+    """List dead letters, oldest first."""
+    letters = _store(config_path).dead_letters(trigger=trigger)
+    if as_json:
+        click.echo(json.dumps([d.to_json() for d in letters], indent=2))
+        return
+    click.echo(f"{'ID':32}  {'TRIGGER':16} {'EVENT':32} {'ATTEMPTS':>8}  CREATED")
+    for d in letters:
+        click.echo(f"{d.id:32}  {d.trigger:16} {d.event.get('id', ''):32} {len(d.attempts):>8}  {d.to_json()['created_at']}")
+
+
+@dlq.command("show")
+@config_option
+@click.argument("dead_letter_id")
+def dlq_show(config_path: str | None, dead_letter_id: str) -> None:
+    """One dead letter as JSON: the event and every attempt."""
+    letter = _store(config_path).dead_letter(dead_letter_id)
+    if letter is None:
+        _fail(f"no dead letter {dead_letter_id}")
+    click.echo(json.dumps(letter.to_json(), indent=2))
+
+
+@dlq.command("replay")
+@config_option
+@click.argument("ids", nargs=-1)
+@click.option("--trigger", default=None, help="Replay every dead letter of this trigger.")
+@click.option("--url", default=None, help="The daemon's address (default: from daemon.listen).")
+def dlq_replay(config_path: str | None, ids: tuple[str, ...], trigger: str | None, url: str | None) -> None:
+    """Send dead letters back through their trigger in the running daemon."""
+    if not ids and not trigger:
+        _fail("name dead letter ids or --trigger", EXIT_USAGE)
+    base = _daemon_url(config_path, url)
+    answer = _request(f"{base}/v1/dead-letters/replay", {"ids": list(ids), "trigger": trigger})
+    click.echo(f"replaying {answer['replayed']} dead letters")
+
+
+@dlq.command("purge")
+@config_option
+@click.argument("ids", nargs=-1)
+def dlq_purge(config_path: str | None, ids: tuple[str, ...]) -> None:
+    """Delete the named dead letters, or all of them."""
+    removed = _store(config_path).remove_dead_letters(list(ids) if ids else None)
+    click.echo(f"removed {removed} dead letters")
+
+
+@main.command()
+@config_option
+@click.option("--url", default=None, help="The daemon's address (default: from daemon.listen).")
+@click.option("--json", "as_json", is_flag=True)
+def status(config_path: str | None, url: str | None, as_json: bool) -> None:
+    """Triggers, buffer depth, in-flight, lag and last error, from a running daemon."""
+    report = _request(f"{_daemon_url(config_path, url)}/v1/status")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"executor: {report['executor']}")
+    click.echo(f"{'TRIGGER':16} {'SOURCE':9} {'STATE':9} {'BUFFERED':>8} {'IN-FLIGHT':>9} {'LAG':>8}  LAST ERROR")
+    for t in report["triggers"]:
+        click.echo(f"{t['trigger']:16} {t['source']:9} {t['state']:9} {t['buffered']:>8} {t['in_flight']:>9} "
+                   f"{t['lag']:>8g}  {t['last_error'] or ''}")
+
+
+@main.command()
+@config_option
+@click.option("--all", "everything", is_flag=True, help="Also what other daemons (other state stores) left behind.")
+def gc(config_path: str | None, everything: bool) -> None:
+    """Remove containers left behind by a crashed daemon (by label)."""
+    from dispatcher.daemon import owner_id
+    from dispatcher.executors import create
+
+    config = _load(config_path)
+    executor = create(config)
+
+    async def sweep() -> int:
+        await executor.start()
+        try:
+            return await executor.gc(None if everything else owner_id(config.daemon.state_path))
+        finally:
+            await executor.close()
+
+    try:
+        removed = anyio.run(sweep)
+    except EventswarmError as exc:
+        _fail(str(exc))
+    click.echo(f"removed {removed} containers")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""The configuration: TOML read through pydantic-settings, overridable from ``EVENTSWARM_*`` variables.
+
+``load(path)`` returns a validated ``Config`` or raises ``ConfigError`` listing every problem
+with its TOML path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dispatcher.errors import ConfigError
+from dispatcher.filters import FilterSyntaxError, compile_filter
+from dispatcher.plugins import connectors
+from dispatcher.units import Duration, Size
+
+DEFAULT_PATH = "eventswarm.toml"
+ENV_PREFIX = "EVENTSWARM_"
+_TEMPLATE = re.compile(r"\{([A-Za-z_][\w.]*)\}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class DaemonConfig(Section):
+    state: str = "sqlite:///./eventswarm.db"
+    """Where the state store lives: ``sqlite:///path`` (or a plain path)."""
+    listen: str = "127.0.0.1:8080"
+    """host:port of the one HTTP server (webhooks, /metrics, /healthz, /readyz, /v1)."""
+    log_format: Literal["text", "json"] = "text"
+    """``text`` for people, ``json`` (one object a line) for machines."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace: Duration = 30.0
+    """On SIGTERM/SIGINT: how long in-flight batches may take to finish before they are handed back."""
+    keep_invocations: Duration = 7 * 86400.0
+    """Invocation records (and their logs) older than this are deleted."""
+
+    @property
+    def state_path(self) -> str:
+        return self.state.removeprefix("sqlite:///") if self.state.startswith("sqlite:///") else self.state
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    @model_validator(mode="after")
+    def _check(self) -> DaemonConfig:
+        if self.state.startswith(("postgres", "mysql", "redis")):
+            raise ValueError(f"state: only sqlite is supported, got {self.state!r}")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"listen: {self.listen!r} is not host:port, e.g. \"127.0.0.1:8080\"")
+        return self
+
+
+class ExecutorConfig(Section):
+    kind: Literal["auto", "swarm", "docker", "process"] = "auto"
+    """``auto`` = docker until the swarm executor lands; ``process`` runs local subprocesses."""
+    docker_host: str = ""
+    """Docker engine address; default: ``DOCKER_HOST``, then the local socket."""
+    max_in_flight: int = Field(16, ge=1, le=4096)
+    """Invocations running at once, all triggers together."""
+    network: str = "none"
+    """Function containers' network: ``none``, ``host`` or a named network."""
+    cleanup: Literal["always", "on-success", "never"] = "always"
+    """Remove finished containers: always, only after success, or never (for debugging)."""
+    input: Literal["auto", "bind", "copy", "stdin"] = "auto"
+    """How the input file reaches a container besides stdin: ``bind`` mounts a file the daemon
+    writes (daemon and engine share a file system), ``copy`` copies it in before start (not with
+    ``read_only``), ``stdin`` gives no file; ``auto`` = bind for a local engine, else copy."""
+    output_limit: Size = 1024 * 1024
+    """Captured stdout and stderr per invocation, each; beyond it the middle is cut out."""
+    scratch_dir: str = ""
+    """Where input files for ``bind`` are written; default: beside the state store."""
+
+
+class FunctionConfig(Section):
+    image: str = ""
+    """The container image (docker/swarm executors)."""
+    command: list[str] = []
+    """Entrypoint and arguments; default: the image's. For the process executor: the program to run."""
+    args: list[str] = []
+    """Arguments after the command; may template event fields (``"{data.voter_id}"``) — then batches hold one event."""
+    env: dict[str, str] = {}
+    timeout: Duration = 60.0
+    """Past it: SIGTERM, 5 s later SIGKILL; the attempt fails."""
+    memory: Size | None = None
+    cpus: float | None = Field(None, gt=0)
+    pids_limit: int | None = Field(256, ge=1)
+    read_only: bool = False
+    """Root file system read-only."""
+    user: str = ""
+    secrets: list[str] = []
+    """Files mounted read-only into the container (docker); Swarm secrets (swarm)."""
+
+    @property
+    def templated(self) -> bool:
+        return any(_TEMPLATE.search(arg) for arg in self.args)
+
+
+class BatchConfig(Section):
+    max_events: int = Field(100, ge=1, le=1_000_000)
+    max_bytes: Size = 1024 * 1024
+    max_wait: Duration = 0.2
+    """How long a batch waits for more events after its first."""
+
+
+class RetryConfig(Section):
+    max_attempts: int = Field(5, ge=1, le=1000)
+    initial: Duration = 1.0
+    max: Duration = 60.0
+    jitter: bool = True
+    bisect: bool = True
+    """Split a failed batch in halves (without using up attempts) to isolate poison events."""
+    max_event_age: Duration = 86400.0
+    """An event older than this is not retried again."""
+
+
+class TriggerBase(Section):
+    function: str
+    filter: str = ""
+    """Keep only events for which this expression holds, e.g. ``type == "vote.cast" and data.amount > 10``."""
+    buffer: int = Field(10000, ge=1, le=10_000_000)
+    """Events held in memory for this trigger before the source is paused."""
+    max_in_flight: int = Field(4, ge=1, le=4096)
+    """Batches of this trigger running at once."""
+    ordering: Literal["partition", "key", "none"] = "partition"
+    """What must not run concurrently: one partition (Kafka partition, file, chain), one key (subject), nothing."""
+    batch: BatchConfig = BatchConfig()
+    retry: RetryConfig = RetryConfig()
+    on_exhausted: Literal["dead-letter", "drop", "stop"] = "dead-letter"
+
+    @model_validator(mode="after")
+    def _check_filter(self) -> TriggerBase:
+        try:
+            compile_filter(self.filter)
+        except FilterSyntaxError as exc:
+            raise ValueError(f"filter: {exc}") from None
+        return self
+
+
+class ConfigBase(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False,
+    )
+    daemon: DaemonConfig = DaemonConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    functions: dict[str, FunctionConfig] = {}
+    triggers: dict[str, Any] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML document comes in as init arguments; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> ConfigBase:
+        for name, trigger in self.triggers.items():
+            if trigger.function not in self.functions:
+                known = ", ".join(sorted(self.functions)) or "none defined"
+                raise _PathError(("triggers", name, "function"), f"no function {trigger.function!r} (functions: {known})")
+            function = self.functions[trigger.function]
+            if self.executor.kind != "process" and not function.image:
+                raise _PathError(("functions", trigger.function, "image"), "an image is required for the docker executor")
+            if self.executor.kind == "process" and not function.command:
+                raise _PathError(("functions", trigger.function, "command"), "a command is required for the process executor")
+        return self
+
+
+class _PathError(ValueError):
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        self.loc = loc
+        super().__init__(message)
+
+
+def _config_model() -> type[ConfigBase]:
+    kinds = connectors()
+    models = tuple(cls.config_model for cls in kinds.values())
+    source_type: Any = Annotated[Union[models], Field(discriminator="kind")] if len(models) > 1 else models[0]  # noqa: UP007
+    trigger = create_model("TriggerConfig", __base__=TriggerBase, source=(source_type, ...))
+    return create_model("Config", __base__=ConfigBase, triggers=(dict[str, trigger], {}))
+
+
+Config = ConfigBase
+"""The validated configuration (its ``triggers`` hold each connector's own source model)."""
+
+
+def schema() -> dict[str, Any]:
+    """The config's JSON Schema, sources included (for editors)."""
+    return _config_model().model_json_schema()
+
+
+def default_path() -> str:
+    return os.environ.get("EVENTSWARM_CONFIG") or DEFAULT_PATH
+
+
+def _toml_path(loc: tuple[Any, ...], kinds: set[str]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        # Discriminated unions add the tag to the location: triggers.x.source.<kind>.key
+        if i > 0 and loc[i - 1] == "source" and item in kinds:
+            continue
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+            continue
+        text = str(item)
+        parts.append(text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else f'"{text}"')
+    return ".".join(parts)
+
+
+def _message(error: Any) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        known = ", ".join(sorted(connectors()))
+        return f"unknown source kind {error['input'].get('kind')!r} (known: {known})"
+    if kind == "union_tag_not_found":
+        return "required key is missing: kind"
+    return str(msg).removeprefix("Value error, ")
+
+
+def parse(document: dict[str, Any], file: str | None = None) -> ConfigBase:
+    """Validate a config document (a parsed TOML table), the environment overriding it."""
+    model = _config_model()
+    kinds = set(connectors())
+    try:
+        return model(**document)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            msg = _message(error)
+            ctx = error.get("ctx") or {}
+            inner = ctx.get("error")
+            if isinstance(inner, _PathError):
+                loc, msg = inner.loc, str(inner)
+            elif msg.startswith("filter: "):
+                loc, msg = (*loc, "filter"), msg.removeprefix("filter: ")
+            elif re.match(r"^(state|listen): ", msg):
+                key, _, msg = msg.partition(": ")
+                loc = (*loc, key)
+            problems.append((_toml_path(loc, kinds), msg))
+        raise ConfigError(problems, file) from None
+
+
+def load(path: str | os.PathLike[str] | None = None) -> ConfigBase:
+    """Read, parse and validate the TOML file at ``path`` (default: ``$EVENTSWARM_CONFIG``, ``./eventswarm.toml``)."""
+    file = str(path) if path is not None else default_path()
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([("", "config file not found (give one with -c FILE or $EVENTSWARM_CONFIG)")], file) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([("", f"cannot read config file: {exc}")], file) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("", f"invalid TOML: {exc}")], file) from None
+    return parse(document, file)

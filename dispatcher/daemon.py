@@ -1,0 +1,295 @@
+"""The daemon: wires the config to connectors (entry points), pipelines, the executor and the HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Source
+from dispatcher.config import ConfigBase, TriggerBase
+from dispatcher.dispatch import Dispatcher, TriggerStopped
+from dispatcher.errors import ExecutorError, SourceError
+from dispatcher.executors import Executor, create
+from dispatcher.http import HttpServer
+from dispatcher.metrics import Metrics
+from dispatcher.pipeline import Pipeline
+from dispatcher.plugins import connectors
+from dispatcher.store import StateStore, Store, prune, put_checkpoints, remove_dead_letter
+
+log = logging.getLogger("eventswarm")
+
+SOURCE_RESTART_MAX = 60.0
+"""Longest wait between restarts of a source that failed with a temporary error."""
+HOUSEKEEPING_EVERY = 600.0
+DEDUPE_WINDOW = 7 * 86400.0
+
+
+def owner_id(state_path: str) -> str:
+    """Labels a daemon's containers, so that its ``gc`` at start removes only its own leftovers."""
+    return hashlib.sha256(str(Path(state_path).resolve()).encode()).hexdigest()[:16]
+
+
+class TriggerCheckpoints:
+    def __init__(self, trigger: str, state: StateStore) -> None:
+        self.trigger = trigger
+        self.state = state
+
+    async def get(self, key: str) -> str | None:
+        return await self.state.read(lambda s: s.checkpoint(self.trigger, key))
+
+    async def put(self, values: Mapping[str, str]) -> None:
+        await self.state.write(put_checkpoints(self.trigger, values))
+
+
+class TriggerInbox:
+    def __init__(self, trigger: str, state: StateStore) -> None:
+        self.trigger = trigger
+        self.state = state
+
+    async def put(self, event: Event, dedupe_key: str | None = None) -> str | None:
+        return await self.state.inbox_put(self.trigger, event, dedupe_key)
+
+    async def remove(self, event_id: str, *, forget_dedupe: bool = False) -> None:
+        await self.state.inbox_remove(self.trigger, event_id, forget_dedupe=forget_dedupe)
+
+    async def pending(self) -> AsyncIterator[Event]:
+        return await self.state.inbox_pending(self.trigger)
+
+
+class Trigger:
+    """One trigger at run time: its source, pipeline and dispatcher; the ``SourceContext`` its source sees."""
+
+    def __init__(self, name: str, config: TriggerBase, source: Source[Any], pipeline: Pipeline,
+                 dispatcher: Dispatcher, state: StateStore, http: HttpServer, metrics: Metrics) -> None:
+        self.trigger = name
+        self.config = config
+        self.source = source
+        self.pipeline = pipeline
+        self.dispatcher = dispatcher
+        self.http = http
+        self.metrics = metrics
+        self.checkpoints: Checkpoints = TriggerCheckpoints(name, state)
+        self.inbox: Inbox = TriggerInbox(name, state)
+        self.ready = False
+        self.stopped: str | None = None
+        self.source_error: str | None = None
+        self.lag = 0.0
+        self.done = anyio.Event()
+        self.intake = anyio.CancelScope()
+        self._handlers: set[HttpHandler] = set()
+        self._sync = anyio.CapacityLimiter(config.max_in_flight)
+
+    # -- SourceContext ----------------------------------------------------------------------
+
+    async def emit(self, event: Event, ack: Ack | None = None) -> None:
+        await self.pipeline.emit(event, ack)
+
+    async def invoke(self, event: Event) -> Outcome:
+        self.metrics.events_received.labels(self.trigger).inc()
+        async with self._sync:
+            return await self.dispatcher.invoke_once(event)
+
+    def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int) -> None:
+        self.http.add_route(method, path, handler, max_body=max_body)
+        self._handlers.add(handler)
+
+    def set_ready(self, ready: bool, error: str | None = None) -> None:
+        self.ready = ready
+        if error:
+            self.source_error = error
+
+    def set_lag(self, lag: float) -> None:
+        self.lag = lag
+        self.metrics.source_lag.labels(self.trigger).set(lag)
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._run_source)
+                    await self.pipeline.run()
+                    tg.cancel_scope.cancel()
+            except* TriggerStopped as group:
+                self.stopped = str(group.exceptions[0])
+                log.error("%s", self.stopped)
+            except* SourceError as group:
+                self.stopped = f"trigger {self.trigger!r} stopped: {group.exceptions[0]}"
+                log.error("%s", self.stopped)
+        finally:
+            self.ready = False
+            self.http.remove_routes(self._handlers)
+            self.done.set()
+
+    async def _run_source(self) -> None:
+        delay = 1.0
+        with self.intake:
+            while True:
+                try:
+                    await self.source.run(self)
+                    return
+                except SourceError as exc:
+                    if not exc.temporary:
+                        raise
+                    self.set_ready(False, str(exc))
+                    log.warning("source of trigger %s failed: %s; restarting in %.0fs", self.trigger, exc, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, SOURCE_RESTART_MAX)
+
+    def stop_intake(self) -> None:
+        self.intake.cancel()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "trigger": self.trigger,
+            "source": self.config.source.kind,  # type: ignore[attr-defined]
+            "function": self.config.function,
+            "state": "stopped" if self.stopped else ("running" if self.ready else "starting"),
+            "ready": self.ready,
+            "buffered": self.pipeline.depth,
+            "in_flight": int(self.metrics.in_flight.labels(self.trigger)._value.get()),
+            "lag": self.lag,
+            "last_error": self.stopped or self.dispatcher.last_error or self.source_error,
+        }
+
+
+class Daemon:
+    """Everything one ``eventswarm run`` runs."""
+
+    def __init__(self, config: ConfigBase) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.owner = owner_id(config.daemon.state_path)
+        self.store = Store(config.daemon.state_path)
+        self.state = StateStore(self.store)
+        self.executor: Executor = create(config)
+        host, port = config.daemon.host_port
+        self.http = HttpServer(host, port, metrics=self.metrics, state=self.state, status=self._status, ready=self._ready,
+                               replay=self._replay)
+        self.triggers: dict[str, Trigger] = {}
+        self.limiter = anyio.CapacityLimiter(config.executor.max_in_flight)
+        self.started = anyio.Event()
+        self._stop = anyio.Event()
+        self._tg: TaskGroup | None = None
+
+    def build_triggers(self) -> None:
+        kinds = connectors()
+        for name, tconfig in self.config.triggers.items():
+            function = self.config.functions[tconfig.function]
+            dispatcher = Dispatcher(
+                trigger=name, config=tconfig, function_name=tconfig.function, function=function,
+                executor=self.executor, state=self.state, metrics=self.metrics, limiter=self.limiter, owner=self.owner)
+            pipeline = Pipeline(name, tconfig, dispatcher, self.metrics, single_events=function.templated)
+            source = kinds[tconfig.source.kind](tconfig.source)
+            self.triggers[name] = Trigger(name, tconfig, source, pipeline, dispatcher, self.state, self.http, self.metrics)
+
+    async def _status(self) -> dict[str, Any]:
+        return {"triggers": [t.status() for t in self.triggers.values()], "executor": self.executor.kind}
+
+    async def _ready(self) -> dict[str, Any]:
+        executor_ok = await self.executor.ping()
+        sources = {name: t.ready for name, t in self.triggers.items() if not t.stopped}
+        return {"ready": executor_ok and all(sources.values()), "executor": executor_ok, "sources": sources}
+
+    async def _replay(self, ids: list[str], trigger: str | None) -> dict[str, Any]:
+        """Send dead letters back through their trigger; each is deleted once its event is settled again."""
+        letters = await self.state.read(lambda s: [d for d in s.dead_letters(trigger=trigger, limit=100_000)
+                                                   if not ids or d.id in ids])
+        letters = [d for d in letters if d.trigger in self.triggers and not self.triggers[d.trigger].stopped]
+        if self._tg is None:
+            raise RuntimeError("the daemon is not running")
+
+        async def feed() -> None:
+            for letter in letters:
+                event = Event.from_dict(letter.event)
+                await self.triggers[letter.trigger].emit(event, ack=self._forget(letter.id))
+
+        self._tg.start_soon(feed)
+        return {"replayed": len(letters)}
+
+    def _forget(self, dead_letter_id: str) -> Ack:
+        async def ack(outcome: Outcome) -> None:
+            if outcome.settled:
+                await self.state.write(remove_dead_letter(dead_letter_id))
+        return ack
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        try:
+            await self.executor.start()
+            removed = await self.executor.gc(self.owner)
+            if removed:
+                log.info("removed %d containers left behind by an earlier run", removed)
+            self.build_triggers()
+            await self.http.start()
+        except BaseException:
+            await self.close()
+            raise
+        log.info("eventswarm listening on %s:%d with %d triggers (executor: %s)", self.http.host, self.http.port,
+                 len(self.triggers), self.executor.kind)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for trigger in self.triggers.values():
+                    tg.start_soon(trigger.run)
+                if handle_signals:
+                    tg.start_soon(self._watch_signals)
+                tg.start_soon(self._housekeeping)
+                self.started.set()
+                await self._stop.wait()
+                await self._shutdown()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+        log.info("eventswarm stopped")
+
+    async def _shutdown(self) -> None:
+        grace = self.config.daemon.shutdown_grace
+        log.info("shutting down: intake stopped, waiting up to %gs for batches in flight", grace)
+        self.http.accepting = False
+        for trigger in self.triggers.values():
+            trigger.stop_intake()
+            trigger.pipeline.drain()
+        with anyio.move_on_after(grace) as scope:
+            for trigger in self.triggers.values():
+                await trigger.done.wait()
+        if scope.cancelled_caught:
+            log.warning("batches still in flight after %gs are handed back to their sources", grace)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.stop()
+                return
+
+    async def _housekeeping(self) -> None:
+        while True:
+            now = time.time()
+            try:
+                await self.state.write(prune(invocations_before=now - self.config.daemon.keep_invocations,
+                                             dedupe_before=now - DEDUPE_WINDOW))
+            except Exception:
+                log.exception("housekeeping failed")
+            await anyio.sleep(HOUSEKEEPING_EVERY)
+
+    async def close(self) -> None:
+        await self.http.stop()
+        try:
+            await self.executor.close()
+        except ExecutorError:
+            pass
+        self.store.close()

@@ -1,0 +1,275 @@
+"""Delivering batches: in-flight limits, invocation records, retries with backoff, bisect, dead letters, acks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import anyio
+
+from dispatcher.api import Ack, Outcome
+from dispatcher.config import FunctionConfig, RetryConfig, TriggerBase
+from dispatcher.errors import ExecutorError
+from dispatcher.events import Event, new_id
+from dispatcher.executors import Executor, Invocation, Result
+from dispatcher.metrics import Metrics
+from dispatcher.store import (
+    DeadLetter,
+    InvocationRecord,
+    StateStore,
+    finish_invocation,
+    insert_dead_letter,
+    insert_invocation,
+    start_invocation,
+)
+
+log = logging.getLogger("eventswarm.dispatch")
+
+STDERR_TAIL = 2048
+"""Bytes of stderr kept with each attempt of a dead letter."""
+
+_TEMPLATE = re.compile(r"\{([A-Za-z_][\w.]*)\}")
+
+
+class TriggerStopped(Exception):
+    """Retries ran out with ``on_exhausted = "stop"``: the trigger stops, its events unacknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One failed try of an event, as kept with its dead letter."""
+
+    invocation_id: str
+    attempt: int
+    exit_code: int | None
+    duration: float
+    stderr_tail: str
+    error: str | None
+
+
+class Delivery:
+    """An event on its way through the pipeline, with its source's ack and its failed attempts."""
+
+    __slots__ = ("ack", "attempts", "event")
+
+    def __init__(self, event: Event, ack: Ack | None) -> None:
+        self.event = event
+        self.ack = ack
+        self.attempts: list[Attempt] = []
+
+
+def backoff(attempt: int, retry: RetryConfig, rand: random.Random | None = None) -> float:
+    """Seconds to wait before try number ``attempt`` (2, 3, …): doubling from ``initial`` up to ``max``, jittered."""
+    delay = min(retry.max, retry.initial * 2 ** max(attempt - 2, 0))
+    if retry.jitter:
+        delay *= (rand or random).uniform(0.5, 1.0)
+    return float(delay)
+
+
+def failed_ids(stdout: bytes, batch_ids: set[str]) -> set[str] | None:
+    """The partial-failure result: ids named in a ``{"failed": [...]}`` last line of stdout, if any."""
+    tail = stdout.rstrip()[-65536:]
+    line = tail.rsplit(b"\n", 1)[-1].strip()
+    if not line.startswith(b"{"):
+        return None
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("failed"), list):
+        return None
+    return {str(i) for i in doc["failed"]} & batch_ids
+
+
+def render_args(args: Sequence[str], event: Event) -> list[str]:
+    """Fill ``{data.x}``-style templates from the event; a missing field is a ``KeyError``."""
+    def fill(match: re.Match[str]) -> str:
+        value = event.field(match.group(1), _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(match.group(1))
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return [_TEMPLATE.sub(fill, arg) for arg in args]
+
+
+_ABSENT = object()
+
+
+def input_document(trigger: str, function: str, batch_id: str, attempt: int, events: Sequence[Event]) -> bytes:
+    head = json.dumps({"trigger": trigger, "function": function, "batch_id": batch_id, "attempt": attempt},
+                      separators=(",", ":"))
+    return b"".join((head[:-1].encode(), b',"events":[', b",".join(e.encode() for e in events), b"]}"))
+
+
+class Dispatcher:
+    """Runs one trigger's batches through the executor until every event in them is settled."""
+
+    def __init__(self, *, trigger: str, config: TriggerBase, function_name: str, function: FunctionConfig,
+                 executor: Executor, state: StateStore, metrics: Metrics, limiter: anyio.CapacityLimiter,
+                 owner: str = "") -> None:
+        self.trigger = trigger
+        self.config = config
+        self.function_name = function_name
+        self.function = function
+        self.executor = executor
+        self.state = state
+        self.metrics = metrics
+        self.limiter = limiter
+        self.owner = owner
+        self.draining = anyio.Event()
+        self.last_error: str | None = None
+
+    async def deliver(self, batch: list[Delivery]) -> None:
+        """Run ``batch`` with retries and bisect until each event is acknowledged or handed back.
+
+        Bisect splits a batch whose function failed into halves without using up attempts
+        (like AWS Lambda's bisect), so one poison event ends alone; attempts count the tries
+        of an event once it cannot be split further. Engine errors retry the whole batch.
+        """
+        retry = self.config.retry
+        queue: deque[tuple[list[Delivery], int]] = deque([(batch, 1)])
+        while queue:
+            if self.draining.is_set():
+                return  # handed back: unacknowledged, the source delivers them again
+            deliveries, attempt = queue.popleft()
+            result, error, permanent, invocation_id = await self._invoke([d.event for d in deliveries], attempt)
+            failed = self._failed(deliveries, result)
+            for delivery in deliveries:
+                if delivery not in failed:
+                    await self._ack(delivery, Outcome("succeeded", invocation_id, result.stdout if result else b"", 0))
+            if not failed:
+                continue
+            record = Attempt(invocation_id, attempt, result.exit_code if result else None,
+                             round(result.duration, 3) if result else 0.0,
+                             (result.stderr[-STDERR_TAIL:] if result else b"").decode("utf-8", "replace"), error)
+            for delivery in failed:
+                delivery.attempts.append(record)
+            function_failed = result is not None and not result.ok
+            if retry.bisect and function_failed and len(failed) > 1 and len(failed) == len(deliveries):
+                half = len(failed) // 2
+                queue.appendleft((failed[half:], attempt))
+                queue.appendleft((failed[:half], attempt))
+                continue
+            now = time.time()
+            too_old = [d for d in failed if now - d.event.received > retry.max_event_age]
+            exhausted = failed if (permanent or attempt >= retry.max_attempts) else too_old
+            for delivery in exhausted:
+                await self._exhaust(delivery)
+            gone = {id(d) for d in exhausted}
+            again = [d for d in failed if id(d) not in gone]
+            if again:
+                if not await self._pause(backoff(attempt + 1, retry)):
+                    return
+                queue.append((again, attempt + 1))
+
+    async def invoke_once(self, event: Event) -> Outcome:
+        """One attempt of ``event`` alone, no retries (a sync webhook's caller is waiting and retries itself)."""
+        result, _, _, invocation_id = await self._invoke([event], 1)
+        if result is not None and result.ok:
+            self.metrics.events_acked.labels(self.trigger).inc()
+            return Outcome("succeeded", invocation_id, result.stdout, 0)
+        return Outcome("failed", invocation_id, result.stdout if result else b"", result.exit_code if result else None)
+
+    def _failed(self, deliveries: list[Delivery], result: Result | None) -> list[Delivery]:
+        if result is None or not result.ok:
+            return deliveries
+        named = failed_ids(result.stdout, {d.event.id for d in deliveries})
+        if not named:
+            return []
+        return [d for d in deliveries if d.event.id in named]
+
+    async def _pause(self, delay: float) -> bool:
+        """Wait ``delay`` before a retry; False when the daemon starts draining meanwhile."""
+        with anyio.move_on_after(delay):
+            await self.draining.wait()
+        return not self.draining.is_set()
+
+    async def _invoke(self, events: list[Event], attempt: int) -> tuple[Result | None, str | None, bool, str]:
+        """Run one invocation; returns (result, error, permanent error?, invocation id)."""
+        invocation_id = new_id()
+        queued = time.time()
+        await self.state.write(insert_invocation(InvocationRecord(
+            invocation_id, self.trigger, self.function_name, "queued", attempt, len(events), [e.id for e in events],
+            None, None, queued, None, None, None)))
+        self.metrics.batch_size.labels(self.trigger).observe(len(events))
+        result: Result | None = None
+        error: str | None = None
+        permanent = False
+        try:
+            args = render_args(self.function.args, events[0]) if self.function.templated else list(self.function.args)
+        except KeyError as exc:
+            error, permanent = f"cannot fill the function's args: event has no field {exc.args[0]!r}", True
+        if error is None:
+            invocation = Invocation(
+                id=invocation_id, trigger=self.trigger, function_name=self.function_name, function=self.function,
+                input=input_document(self.trigger, self.function_name, invocation_id, attempt, events),
+                env={"EVENTSWARM_TRIGGER": self.trigger, "EVENTSWARM_FUNCTION": self.function_name,
+                     "EVENTSWARM_BATCH_ID": invocation_id, "EVENTSWARM_ATTEMPT": str(attempt),
+                     "EVENTSWARM_EVENT_COUNT": str(len(events))},
+                args=args, owner=self.owner,
+            )
+            async with self.limiter:
+                await self.state.write(start_invocation(invocation_id, time.time()))
+                gauge = self.metrics.in_flight.labels(self.trigger)
+                gauge.inc()
+                try:
+                    result = await self.executor.run(invocation)
+                except ExecutorError as exc:
+                    error, permanent = str(exc), not exc.temporary
+                finally:
+                    gauge.dec()
+        status = "succeeded" if result is not None and result.ok else ("timed_out" if result and result.timed_out else "failed")
+        if result is not None:
+            self.metrics.invocation_seconds.labels(self.trigger).observe(result.duration)
+            if result.timed_out:
+                error = f"timed out after {self.function.timeout:g}s"
+            elif result.oom_killed:
+                error = "killed: out of memory"
+            elif result.exit_code != 0:
+                error = f"exit code {result.exit_code}"
+        self.metrics.batches.labels(self.trigger, status).inc()
+        if status != "succeeded":
+            self.last_error = error
+            log.warning("invocation %s of trigger %s failed (attempt %d, %d events): %s",
+                        invocation_id, self.trigger, attempt, len(events), error)
+        with anyio.CancelScope(shield=True):
+            await self.state.write(finish_invocation(
+                invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,
+                finished_at=time.time(), executor_ref=result.ref if result else None,
+                stdout=result.stdout if result else b"", stderr=result.stderr if result else (error or "").encode()))
+        return result, error, permanent, invocation_id
+
+    async def _exhaust(self, delivery: Delivery) -> None:
+        policy = self.config.on_exhausted
+        if policy == "stop":
+            raise TriggerStopped(f"trigger {self.trigger!r} stopped: event {delivery.event.id} failed "
+                                 f"{len(delivery.attempts)} times (on_exhausted = \"stop\")")
+        if policy == "drop":
+            self.metrics.events_dropped.labels(self.trigger, "exhausted").inc()
+            log.warning("event %s of trigger %s dropped after %d attempts", delivery.event.id, self.trigger,
+                        len(delivery.attempts))
+            await self._ack(delivery, Outcome("dropped", delivery.attempts[-1].invocation_id))
+            return
+        dead_letter = DeadLetter(new_id(), self.trigger, delivery.event.to_dict(),
+                                 [asdict(a) for a in delivery.attempts], time.time())
+        await self.state.write(insert_dead_letter(dead_letter))
+        self.metrics.dead_letters.labels(self.trigger).inc()
+        log.warning("event %s of trigger %s is dead letter %s after %d attempts", delivery.event.id, self.trigger,
+                    dead_letter.id, len(delivery.attempts))
+        await self._ack(delivery, Outcome("dead-lettered", delivery.attempts[-1].invocation_id))
+
+    async def _ack(self, delivery: Delivery, outcome: Outcome) -> None:
+        self.metrics.events_acked.labels(self.trigger).inc()
+        if delivery.ack is None:
+            return
+        try:
+            await delivery.ack(outcome)
+        except Exception:
+            log.exception("acknowledging event %s of trigger %s failed", delivery.event.id, self.trigger)
+

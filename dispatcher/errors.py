@@ -1,0 +1,52 @@
+"""The error hierarchy: what went wrong, and what the daemon should do next."""
+
+from __future__ import annotations
+
+
+class EventswarmError(Exception):
+    """Base of every error the daemon raises on purpose."""
+
+
+class ConfigError(EventswarmError):
+    """The configuration is invalid; ``problems`` holds ``(toml_path, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], file: str | None = None) -> None:
+        self.problems = problems
+        self.file = file
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        prefix = f"{self.file}: " if self.file else ""
+        return [f"{prefix}{path}: {message}" if path else f"{prefix}{message}" for path, message in self.problems]
+
+
+class SourceError(EventswarmError):
+    """A source cannot read events. ``temporary`` ones are retried by the daemon."""
+
+    def __init__(self, message: str, *, temporary: bool = True) -> None:
+        self.temporary = temporary
+        super().__init__(message)
+
+
+class ExecutorError(EventswarmError):
+    """The executor could not run an invocation (engine down, image missing, input too large).
+
+    A temporary error means: wait and try again; a permanent one means: dead-letter now.
+    """
+
+    def __init__(self, message: str, *, temporary: bool = True) -> None:
+        self.temporary = temporary
+        super().__init__(message)
+
+
+class FunctionFailed(EventswarmError):
+    """The function ran and failed: non-zero exit code or killed for memory."""
+
+    def __init__(self, exit_code: int | None, stderr_tail: str) -> None:
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
+        super().__init__(f"function exited with {exit_code}")
+
+
+class FunctionTimedOut(FunctionFailed):
+    """The function ran past its timeout and was stopped."""

@@ -1,0 +1,124 @@
+"""The Executor protocol: what every executor (process, docker, swarm) does with one invocation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dispatcher.config import FunctionConfig
+
+INPUT_PATH = "/run/eventswarm/input.json"
+"""Where the input document is found inside a container (``$EVENTSWARM_INPUT``)."""
+
+LABEL_MANAGED = "io.eventswarm.managed"
+LABEL_TRIGGER = "io.eventswarm.trigger"
+LABEL_INVOCATION = "io.eventswarm.invocation"
+LABEL_OWNER = "io.eventswarm.owner"
+"""Which daemon (by its state store) made a container: ``gc`` at start removes only its own."""
+
+STOP_GRACE = 5.0
+"""Seconds between SIGTERM and SIGKILL when a function runs past its timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One batch to run: the function, its input document and its environment."""
+
+    id: str
+    trigger: str
+    function_name: str
+    function: FunctionConfig
+    input: bytes
+    env: Mapping[str, str]
+    args: Sequence[str]
+    owner: str = ""
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {LABEL_MANAGED: "true", LABEL_TRIGGER: self.trigger, LABEL_INVOCATION: self.id, LABEL_OWNER: self.owner}
+
+
+@dataclass(slots=True)
+class Result:
+    """What came back from running an invocation."""
+
+    exit_code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+    oom_killed: bool = False
+    ref: str | None = None
+    duration: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.oom_killed
+
+
+class Executor(Protocol):
+    kind: str
+
+    async def start(self) -> None:
+        """Connect (and check the engine is reachable); raises ``ExecutorError``."""
+
+    async def run(self, invocation: Invocation) -> Result:
+        """Run one invocation to its end; raises ``ExecutorError`` when it could not be run at all."""
+        ...
+
+    async def ping(self) -> bool:
+        """Is the engine reachable now (for ``/readyz``)?"""
+        ...
+
+    async def gc(self, owner: str | None) -> int:
+        """Remove what invocations left behind (of ``owner``'s, or every daemon's); returns how many."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Capture:
+    """Bounded output capture: keeps the head and the tail, cuts the middle past ``limit`` bytes.
+
+    The tail matters (the partial-failure line is the last line of stdout), the head too (a
+    sync webhook's response), so both are kept.
+    """
+
+    __slots__ = ("_head", "_limit", "_tail", "dropped")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(limit, 2)
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.dropped = 0
+
+    def write(self, chunk: bytes) -> None:
+        half = self._limit // 2
+        room = half - len(self._head)
+        if room > 0:
+            self._head += chunk[:room]
+            chunk = chunk[room:]
+        if not chunk:
+            return
+        self._tail += chunk
+        excess = len(self._tail) - (self._limit - half)
+        if excess > 0:
+            del self._tail[:excess]
+            self.dropped += excess
+
+    def getvalue(self) -> bytes:
+        if not self.dropped:
+            return bytes(self._head + self._tail)
+        return bytes(self._head) + f"\n[... {self.dropped} bytes cut by eventswarm ...]\n".encode() + bytes(self._tail)
+
+
+def environment(invocation: Invocation, input_path: str | None) -> dict[str, str]:
+    """The function's environment: its own ``env``, then the ``EVENTSWARM_*`` variables."""
+    env = dict(invocation.function.env)
+    env.update(invocation.env)
+    if input_path:
+        env["EVENTSWARM_INPUT"] = input_path
+    else:
+        env.pop("EVENTSWARM_INPUT", None)
+    return env

@@ -1,0 +1,286 @@
+"""The docker executor: one container per batch on one Docker engine, through the Docker SDK.
+
+The SDK is blocking, so each invocation runs in a worker thread (bounded by ``max_in_flight``).
+One attach socket carries the input document to the function's stdin and its stdout/stderr
+back, so a run costs what ``containers.run`` costs: create, attach, start, wait, remove.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import selectors
+import socket
+import struct
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import docker
+import docker.errors
+import requests.exceptions
+
+from dispatcher.config import ExecutorConfig
+from dispatcher.errors import ExecutorError
+from dispatcher.executors.base import (
+    INPUT_PATH,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    STOP_GRACE,
+    Capture,
+    Invocation,
+    Result,
+    environment,
+)
+
+_TICK = 0.2
+"""How often a running invocation's thread looks for a cancellation."""
+
+
+def _engine_error(exc: Exception, what: str) -> ExecutorError:
+    if isinstance(exc, docker.errors.ImageNotFound):
+        return ExecutorError(f"{what}: image not found ({exc.explanation})", temporary=False)
+    if isinstance(exc, docker.errors.APIError) and exc.status_code is not None and 400 <= exc.status_code < 500 \
+            and exc.status_code not in (404, 409, 429):
+        return ExecutorError(f"{what}: {exc.explanation or exc}", temporary=False)
+    return ExecutorError(f"{what}: {exc}", temporary=True)
+
+
+class DockerExecutor:
+    kind = "docker"
+
+    def __init__(self, config: ExecutorConfig, scratch_dir: str) -> None:
+        self.config = config
+        self.scratch = Path(scratch_dir)
+        self._limiter = anyio.CapacityLimiter(config.max_in_flight)
+        self._client: docker.DockerClient | None = None
+        self._input_mode = config.input
+
+    def _connect(self) -> docker.DockerClient:
+        kwargs: dict[str, Any] = {"timeout": 60, "max_pool_size": self.config.max_in_flight + 4}
+        if self.config.docker_host:
+            return docker.DockerClient(base_url=self.config.docker_host, **kwargs)
+        return docker.DockerClient.from_env(**kwargs)
+
+    async def start(self) -> None:
+        try:
+            client = await anyio.to_thread.run_sync(self._connect)
+            await anyio.to_thread.run_sync(client.api.ping)
+            self._client = client
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+        if self._input_mode == "auto":
+            base_url = str(client.api.base_url)
+            local = base_url.startswith(("http+unix://", "http+docker://")) and not await anyio.Path("/.dockerenv").exists()
+            self._input_mode = "bind" if local else "copy"
+        if self._input_mode == "bind":
+            self.scratch.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise ExecutorError("the docker executor is not started")
+        return self._client
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await anyio.to_thread.run_sync(self.client.api.ping))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    async def gc(self, owner: str | None) -> int:
+        filters = [f"{LABEL_MANAGED}=true"] + ([f"{LABEL_OWNER}={owner}"] if owner else [])
+
+        def sweep() -> int:
+            removed = 0
+            for container in self.client.api.containers(all=True, filters={"label": filters}):
+                try:
+                    self.client.api.remove_container(container["Id"], force=True)
+                    removed += 1
+                except docker.errors.NotFound:
+                    pass
+            return removed
+
+        return await anyio.to_thread.run_sync(sweep, limiter=self._limiter)
+
+    async def run(self, invocation: Invocation) -> Result:
+        cancelled = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(
+                self._run, invocation, cancelled, limiter=self._limiter, abandon_on_cancel=True,
+            )
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()  # the thread stops the container and cleans up on its own
+            raise
+
+    # -- in a worker thread -----------------------------------------------------------------
+
+    def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
+        api = self.client.api
+        function = invocation.function
+        mode = self._input_mode
+        if mode == "copy" and function.read_only:
+            mode = "stdin"  # a read-only root file system refuses the copy: stdin alone carries the input
+        input_file: Path | None = None
+        binds: list[str] = []
+        if mode == "bind":
+            input_file = self.scratch / f"{invocation.id}.json"
+            input_file.write_bytes(invocation.input)
+            binds.append(f"{input_file}:{INPUT_PATH}:ro")
+        for secret in function.secrets:
+            binds.append(f"{os.path.abspath(secret)}:/run/secrets/{os.path.basename(secret)}:ro")
+        env = environment(invocation, INPUT_PATH if mode in ("bind", "copy") else None)
+        host_config = api.create_host_config(
+            network_mode=self.config.network,
+            mem_limit=function.memory,
+            nano_cpus=int(function.cpus * 1e9) if function.cpus else None,
+            pids_limit=function.pids_limit,
+            read_only=function.read_only,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            binds=binds or None,
+        )
+        started = time.monotonic()
+        container_id: str | None = None
+        ok = False
+        try:
+            try:
+                created = api.create_container(
+                    function.image,
+                    command=list(invocation.args) if (invocation.args or function.command) else None,
+                    entrypoint=function.command or None,
+                    environment=env,
+                    user=function.user or None,
+                    labels=invocation.labels,
+                    stdin_open=True,
+                    host_config=host_config,
+                    name=f"eventswarm-{invocation.id}",
+                )
+                container_id = created["Id"]
+                if mode == "copy":
+                    api.put_archive(container_id, "/", _tar(INPUT_PATH, invocation.input))
+                attached = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+                api.start(container_id)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise _engine_error(exc, f"cannot start a container for {function.image!r}") from exc
+            sock: socket.socket = getattr(attached, "_sock", attached)
+            try:
+                stdout, stderr, timed_out, interrupted = self._converse(
+                    api, container_id, sock, invocation.input, started + function.timeout, cancelled)
+            finally:
+                sock.close()
+            try:
+                exit_code = int(api.wait(container_id, timeout=STOP_GRACE + 30)["StatusCode"])
+                oom = bool(api.inspect_container(container_id)["State"].get("OOMKilled"))
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise _engine_error(exc, "lost the container") from exc
+            result = Result(exit_code=exit_code, stdout=stdout.getvalue(), stderr=stderr.getvalue(),
+                            timed_out=timed_out, oom_killed=oom, ref=container_id,
+                            duration=time.monotonic() - started)
+            if interrupted:
+                result.notes.append("stopped: the daemon shut down")
+            ok = result.ok
+            return result
+        finally:
+            if container_id and (self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok)):
+                try:
+                    api.remove_container(container_id, force=True)
+                except (docker.errors.DockerException, requests.exceptions.RequestException):
+                    pass  # gc at the next start sweeps it
+            if input_file is not None:
+                input_file.unlink(missing_ok=True)
+
+    def _converse(self, api: Any, container_id: str, sock: socket.socket, data: bytes, deadline: float,
+                  cancelled: threading.Event) -> tuple[Capture, Capture, bool, bool]:
+        """Send ``data`` to stdin and read the multiplexed stdout/stderr until the container ends."""
+        out, err = Capture(self.config.output_limit), Capture(self.config.output_limit)
+        frames = _Frames(out, err)
+        sock.setblocking(False)
+        view = memoryview(data)
+        timed_out = interrupted = False
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if view else 0))
+            if not view:
+                sock.shutdown(socket.SHUT_WR)
+            writing = bool(view)
+            while True:
+                if cancelled.is_set() and not interrupted:
+                    interrupted = True
+                    _stop(api, container_id, 0)
+                if time.monotonic() >= deadline and not timed_out:
+                    timed_out = True
+                    _stop(api, container_id, STOP_GRACE)
+                for _key, events in selector.select(_TICK):
+                    if events & selectors.EVENT_WRITE and writing:
+                        try:
+                            sent = sock.send(view[:65536])
+                            view = view[sent:]
+                        except (BlockingIOError, InterruptedError):
+                            sent = 0
+                        except OSError:
+                            view = view[len(view):]  # stdin closed: the function did not read it
+                        if not view:
+                            writing = False
+                            try:
+                                sock.shutdown(socket.SHUT_WR)
+                            except OSError:
+                                pass
+                            selector.modify(sock, selectors.EVENT_READ)
+                    if events & selectors.EVENT_READ:
+                        try:
+                            chunk = sock.recv(65536)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:
+                            chunk = b""
+                        if not chunk:
+                            return out, err, timed_out, interrupted
+                        frames.feed(chunk)
+
+
+def _stop(api: Any, container_id: str, grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds (run in its own thread so reading goes on)."""
+    def stop() -> None:
+        try:
+            api.stop(container_id, timeout=int(grace))
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            pass
+    threading.Thread(target=stop, daemon=True, name=f"stop-{container_id[:12]}").start()
+
+
+class _Frames:
+    """Demultiplexes Docker's attach stream: 8-byte headers (stream, 0, 0, 0, size) then payloads."""
+
+    __slots__ = ("_buffer", "_captures")
+
+    def __init__(self, out: Capture, err: Capture) -> None:
+        self._buffer = bytearray()
+        self._captures = {1: out, 2: err}
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while len(self._buffer) >= 8:
+            stream, size = self._buffer[0], struct.unpack(">I", self._buffer[4:8])[0]
+            if len(self._buffer) < 8 + size:
+                return
+            payload = bytes(self._buffer[8:8 + size])
+            del self._buffer[:8 + size]
+            self._captures.get(stream, self._captures[2]).write(payload)
+
+
+def _tar(path: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(path.lstrip("/"))
+        info.size = len(data)
+        info.mode = 0o444
+        info.mtime = int(time.time())
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -1,0 +1,121 @@
+"""The process executor: each invocation is a local subprocess (no Docker), with the same contract."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+
+from dispatcher.config import ExecutorConfig
+from dispatcher.errors import ExecutorError
+from dispatcher.executors.base import STOP_GRACE, Capture, Invocation, Result, environment
+
+
+class ProcessExecutor:
+    """Runs ``function.command + args`` as a subprocess in its own session; ``image`` is ignored."""
+
+    kind = "process"
+
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+
+    async def start(self) -> None:
+        return None
+
+    async def ping(self) -> bool:
+        return True
+
+    async def gc(self, owner: str | None) -> int:
+        return 0
+
+    async def close(self) -> None:
+        return None
+
+    async def run(self, invocation: Invocation) -> Result:
+        argv = [*invocation.function.command, *invocation.args]
+        if not argv:
+            raise ExecutorError(f"function {invocation.function_name!r} has no command", temporary=False)
+        with tempfile.TemporaryDirectory(prefix="eventswarm-") as scratch:
+            input_path = Path(scratch) / "input.json"
+            await anyio.Path(input_path).write_bytes(invocation.input)
+            env = {**os.environ, **environment(invocation, str(input_path))}
+            started = time.monotonic()
+            try:
+                process = await anyio.open_process(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=env, cwd=scratch, start_new_session=True,
+                )
+            except OSError as exc:
+                raise ExecutorError(f"cannot start {argv[0]!r}: {exc}", temporary=False) from exc
+            return await self._supervise(process, invocation, started)
+
+    async def _supervise(self, process: Process, invocation: Invocation, started: float) -> Result:
+        stdout, stderr = Capture(self.config.output_limit), Capture(self.config.output_limit)
+        timed_out = False
+        drained = anyio.Event()
+
+        async def drain_both() -> None:
+            assert process.stdout is not None and process.stderr is not None
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(_drain, process.stdout, stdout)
+                inner.start_soon(_drain, process.stderr, stderr)
+            drained.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_feed, process, invocation.input)
+                tg.start_soon(drain_both)
+                with anyio.move_on_after(invocation.function.timeout) as scope:
+                    await process.wait()
+                if scope.cancelled_caught:
+                    timed_out = True
+                    _signal(process, signal.SIGTERM)
+                    with anyio.move_on_after(STOP_GRACE) as grace:
+                        await process.wait()
+                    if grace.cancelled_caught:
+                        _signal(process, signal.SIGKILL)
+                        await process.wait()
+                # A child that keeps stdout open must not hold the batch: give it a moment only.
+                with anyio.move_on_after(1.0):
+                    await drained.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if process.returncode is None:
+                with anyio.CancelScope(shield=True):
+                    _signal(process, signal.SIGKILL)
+                    await process.wait()
+        return Result(
+            exit_code=process.returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue(),
+            timed_out=timed_out, ref=str(process.pid), duration=time.monotonic() - started,
+        )
+
+
+def _signal(process: Process, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _feed(process: Process, data: bytes) -> None:
+    assert process.stdin is not None
+    try:
+        await process.stdin.send(data)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError, ConnectionResetError):
+        pass  # the function did not read its stdin: fine, it has the file
+    finally:
+        await process.stdin.aclose()
+
+
+async def _drain(stream: ByteReceiveStream, capture: Capture) -> None:
+    try:
+        async for chunk in stream:
+            capture.write(chunk)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass

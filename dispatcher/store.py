@@ -1,0 +1,374 @@
+"""The state store (SQLite, WAL): invocation records and logs, dead letters, checkpoints, the webhook inbox.
+
+``Store`` is the synchronous core the CLI reads with. ``StateStore`` is the daemon's async face:
+reads run in a worker thread, writes are group-committed (every write waiting at the same time
+goes into one transaction), so a burst of events costs one commit, not one each.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from dispatcher.events import Event
+
+T = TypeVar("T")
+Write = Callable[[sqlite3.Connection], None]
+
+_MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE invocations (
+        id TEXT PRIMARY KEY,
+        trigger TEXT NOT NULL,
+        function TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        batch_size INTEGER NOT NULL,
+        event_ids TEXT NOT NULL,
+        exit_code INTEGER,
+        error TEXT,
+        queued_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        executor_ref TEXT,
+        stdout BLOB,
+        stderr BLOB
+    );
+    CREATE INDEX invocations_by_time ON invocations (queued_at);
+    CREATE INDEX invocations_by_trigger ON invocations (trigger, queued_at);
+    CREATE TABLE dead_letters (
+        id TEXT PRIMARY KEY,
+        trigger TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        attempts TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX dead_letters_by_trigger ON dead_letters (trigger, created_at);
+    CREATE TABLE checkpoints (
+        trigger TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (trigger, key)
+    );
+    CREATE TABLE inbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        trigger TEXT NOT NULL,
+        event_id TEXT NOT NULL UNIQUE,
+        event BLOB NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX inbox_by_trigger ON inbox (trigger, seq);
+    CREATE TABLE dedupe (
+        trigger TEXT NOT NULL,
+        key TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        seen_at REAL NOT NULL,
+        PRIMARY KEY (trigger, key)
+    );
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationRecord:
+    id: str
+    trigger: str
+    function: str
+    status: str
+    attempt: int
+    batch_size: int
+    event_ids: list[str]
+    exit_code: int | None
+    error: str | None
+    queued_at: float
+    started_at: float | None
+    finished_at: float | None
+    executor_ref: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {k: getattr(self, k) for k in self.__slots__}
+        for key in ("queued_at", "started_at", "finished_at"):
+            doc[key] = _iso(doc[key])
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    trigger: str
+    event: dict[str, Any]
+    attempts: list[dict[str, Any]]
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "trigger": self.trigger, "event": self.event, "attempts": self.attempts,
+                "created_at": _iso(self.created_at)}
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+_INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, event_ids, exit_code, error, "
+                       "queued_at, started_at, finished_at, executor_ref")
+
+
+def _invocation(row: tuple[Any, ...]) -> InvocationRecord:
+    values = list(row)
+    values[6] = json.loads(values[6])
+    return InvocationRecord(*values)
+
+
+class Store:
+    """The SQLite database, opened and migrated; synchronous."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version={number}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def transaction(self, writes: Iterable[Write]) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for write in writes:
+                write(self.conn)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    # -- invocations ------------------------------------------------------------------------
+
+    def invocations(self, *, trigger: str | None = None, status: str | None = None, limit: int = 50) -> list[InvocationRecord]:
+        where, params = [], []
+        if trigger:
+            where.append("trigger = ?")
+            params.append(trigger)
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.conn.execute(
+            f"SELECT {_INVOCATION_COLUMNS} FROM invocations {clause} ORDER BY queued_at DESC, rowid DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [_invocation(row) for row in rows]
+
+    def invocation(self, invocation_id: str) -> InvocationRecord | None:
+        row = self.conn.execute(f"SELECT {_INVOCATION_COLUMNS} FROM invocations WHERE id = ?", (invocation_id,)).fetchone()
+        return _invocation(row) if row else None
+
+    def logs(self, invocation_id: str) -> tuple[bytes, bytes] | None:
+        row = self.conn.execute("SELECT stdout, stderr FROM invocations WHERE id = ?", (invocation_id,)).fetchone()
+        return (row[0] or b"", row[1] or b"") if row else None
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    def dead_letters(self, *, trigger: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        clause, params = ("WHERE trigger = ?", (trigger,)) if trigger else ("", ())
+        rows = self.conn.execute(
+            f"SELECT id, trigger, event, attempts, created_at FROM dead_letters {clause} ORDER BY created_at, rowid LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [DeadLetter(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4]) for r in rows]
+
+    def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        row = self.conn.execute(
+            "SELECT id, trigger, event, attempts, created_at FROM dead_letters WHERE id = ?", (dead_letter_id,)
+        ).fetchone()
+        return DeadLetter(row[0], row[1], json.loads(row[2]), json.loads(row[3]), row[4]) if row else None
+
+    def remove_dead_letters(self, ids: Iterable[str] | None = None) -> int:
+        if ids is None:
+            return self.conn.execute("DELETE FROM dead_letters").rowcount
+        return sum(self.conn.execute("DELETE FROM dead_letters WHERE id = ?", (i,)).rowcount for i in ids)
+
+    # -- checkpoints and inbox --------------------------------------------------------------
+
+    def checkpoint(self, trigger: str, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM checkpoints WHERE trigger = ? AND key = ?", (trigger, key)).fetchone()
+        return row[0] if row else None
+
+    def inbox_page(self, trigger: str, after: int, upto: int, limit: int) -> list[tuple[int, bytes, float]]:
+        return self.conn.execute(
+            "SELECT seq, event, received_at FROM inbox WHERE trigger = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (trigger, after, upto, limit),
+        ).fetchall()
+
+    def inbox_last(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM inbox").fetchone()[0])
+
+    def inbox_size(self, trigger: str) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM inbox WHERE trigger = ?", (trigger,)).fetchone()[0])
+
+
+
+# -- writes, as closures the group commit runs in one transaction ----------------------------
+
+def insert_invocation(record: InvocationRecord) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            f"INSERT OR REPLACE INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size,
+             json.dumps(record.event_ids), record.exit_code, record.error, record.queued_at, record.started_at,
+             record.finished_at, record.executor_ref),
+        )
+    return write
+
+
+def start_invocation(invocation_id: str, started_at: float) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE invocations SET status = 'running', started_at = ? WHERE id = ?", (started_at, invocation_id))
+    return write
+
+
+def finish_invocation(invocation_id: str, *, status: str, exit_code: int | None, error: str | None,
+                      finished_at: float, executor_ref: str | None, stdout: bytes, stderr: bytes) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE invocations SET status = ?, exit_code = ?, error = ?, finished_at = ?, executor_ref = ?, "
+            "stdout = ?, stderr = ? WHERE id = ?",
+            (status, exit_code, error, finished_at, executor_ref, stdout, stderr, invocation_id),
+        )
+    return write
+
+
+def insert_dead_letter(dead_letter: DeadLetter) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO dead_letters (id, trigger, event_id, event, attempts, created_at) VALUES (?,?,?,?,?,?)",
+            (dead_letter.id, dead_letter.trigger, dead_letter.event.get("id", ""), json.dumps(dead_letter.event),
+             json.dumps(dead_letter.attempts), dead_letter.created_at),
+        )
+    return write
+
+
+def remove_dead_letter(dead_letter_id: str) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+    return write
+
+
+def put_checkpoints(trigger: str, values: Mapping[str, str]) -> Write:
+    now = time.time()
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO checkpoints (trigger, key, value, updated_at) VALUES (?,?,?,?) "
+            "ON CONFLICT (trigger, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            [(trigger, k, v, now) for k, v in values.items()],
+        )
+    return write
+
+
+def prune(*, invocations_before: float, dedupe_before: float) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM invocations WHERE queued_at < ? AND status NOT IN ('queued', 'running')", (invocations_before,))
+        conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (dedupe_before,))
+    return write
+
+
+class StateStore:
+    """The daemon's async access to ``Store``: reads in a worker thread, writes group-committed."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._thread = anyio.CapacityLimiter(1)
+        self._commit_lock = anyio.Lock()
+        self._pending: list[Write] = []
+        self._queued = 0
+        self._committed = 0
+
+    async def read(self, fn: Callable[[Store], T]) -> T:
+        return await anyio.to_thread.run_sync(fn, self.store, limiter=self._thread)
+
+    async def write(self, *writes: Write) -> None:
+        """Run ``writes`` in a transaction shared with every write waiting at the same time; return once committed."""
+        self._pending.extend(writes)
+        self._queued += 1
+        mine = self._queued
+        async with self._commit_lock:
+            if self._committed >= mine:
+                return
+            batch, self._pending = self._pending, []
+            upto = self._queued
+            await anyio.to_thread.run_sync(self.store.transaction, batch, limiter=self._thread)
+            self._committed = upto
+
+    # -- the inbox, for sources that must keep accepted events across a crash ---------------
+
+    async def inbox_put(self, trigger: str, event: Event, dedupe_key: str | None) -> str | None:
+        """Store ``event`` durably; with a ``dedupe_key`` already seen, store nothing and return the earlier id."""
+        encoded = event.encode()
+        earlier: list[str] = []
+
+        def write(conn: sqlite3.Connection) -> None:
+            if dedupe_key is not None:
+                row = conn.execute("SELECT event_id FROM dedupe WHERE trigger = ? AND key = ?", (trigger, dedupe_key)).fetchone()
+                if row is not None:
+                    earlier.append(row[0])
+                    return
+                conn.execute("INSERT INTO dedupe (trigger, key, event_id, seen_at) VALUES (?,?,?,?)",
+                             (trigger, dedupe_key, event.id, event.received))
+            conn.execute("INSERT OR IGNORE INTO inbox (trigger, event_id, event, received_at) VALUES (?,?,?,?)",
+                         (trigger, event.id, encoded, event.received))
+
+        await self.write(write)
+        return earlier[0] if earlier else None
+
+    async def inbox_remove(self, trigger: str, event_id: str, *, forget_dedupe: bool = False) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM inbox WHERE event_id = ?", (event_id,))
+            if forget_dedupe:
+                conn.execute("DELETE FROM dedupe WHERE trigger = ? AND event_id = ?", (trigger, event_id))
+
+        await self.write(write)
+
+    async def inbox_pending(self, trigger: str, page: int = 500) -> AsyncIterator[Event]:
+        """Events stored for ``trigger`` before this call, oldest first, read a page at a time."""
+        upto = await self.read(lambda s: s.inbox_last())
+        return self._inbox_pages(trigger, upto, page)
+
+    async def _inbox_pages(self, trigger: str, upto: int, page: int) -> AsyncIterator[Event]:
+        after = 0
+        while True:
+            rows = await self.read(lambda s, after=after: s.inbox_page(trigger, after, upto, page))  # type: ignore[misc]
+            if not rows:
+                return
+            for seq, raw, received in rows:
+                after = seq
+                yield Event.decode(bytes(raw), received=received)

@@ -1,0 +1,47 @@
+"""Fixtures: the real Docker engine (started by scripts/services.sh) and daemons run as processes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import BUSYBOX, ROOT, DaemonProcess, toml
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    """A running Docker engine (a Swarm manager) with the test images built; fails, never skips, without one."""
+    for script in ("services.sh", "images.sh"):
+        done = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.fail(f"scripts/{script} failed:\n{done.stdout}\n{done.stderr}")
+    return BUSYBOX
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def make(doc: dict[str, Any]) -> DaemonProcess:
+        port = int(doc["daemon"]["listen"].rsplit(":", 1)[1])
+        config_file = tmp_path / "eventswarm.toml"
+        config_file.write_text(toml(doc))
+        process = DaemonProcess(config_file, port, tmp_path / "daemon.log")
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        if process.proc is not None and process.proc.poll() is None:
+            process.stop()
+
+

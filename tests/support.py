@@ -1,0 +1,164 @@
+"""Helpers for the tests: polling with deadlines, config documents, daemons in-process and as processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from dispatcher.config import parse
+from dispatcher.daemon import Daemon
+from dispatcher.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+BUSYBOX = "eventswarm/busybox:test"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:  # noqa: ASYNC109
+    """``wait_until`` for async tests: polls without blocking the event loop."""
+    deadline = anyio.current_time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if anyio.current_time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await anyio.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_config(tmp_path: Path, *, executor: str = "docker", port: int = 0, **daemon: Any) -> dict[str, Any]:
+    return {
+        "daemon": {"state": f"sqlite:///{tmp_path / 'state.db'}", "listen": f"127.0.0.1:{port}",
+                   "shutdown_grace": "10s", **daemon},
+        "executor": {"kind": executor, "max_in_flight": 8},
+        "functions": {},
+        "triggers": {},
+    }
+
+
+def toml(doc: dict[str, Any]) -> str:
+    """A small TOML writer for test configs (tables of scalars, lists and inline tables)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(v)
+
+    lines: list[str] = []
+    for section in ("daemon", "executor"):
+        if section in doc:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in doc[section].items()]
+    for section in ("functions", "triggers"):
+        for name, body in doc.get(section, {}).items():
+            lines.append(f"[{section}.{json.dumps(name)}]")
+            lines += [f"{k} = {value(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+@asynccontextmanager
+async def running_daemon(doc: dict[str, Any]) -> AsyncIterator[Daemon]:
+    """A daemon in this process, on its own task group; stopped cleanly on exit."""
+    daemon = Daemon(parse(doc))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: daemon.run(handle_signals=False))
+        with anyio.fail_after(30):
+            await daemon.started.wait()
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+def store_of(doc: dict[str, Any]) -> Store:
+    return Store(doc["daemon"]["state"].removeprefix("sqlite:///"))
+
+
+class DaemonProcess:
+    """``eventswarm run`` as a child process: the tests stop (or kill -9) exactly this process."""
+
+    def __init__(self, config_file: Path, port: int, log: Path) -> None:
+        self.config_file = config_file
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "run", "-c", str(self.config_file)],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        wait_until(self._healthy, timeout=30, what="the daemon's /healthz")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+

@@ -1,0 +1,113 @@
+"""The config: the example loads, environment overrides win, and every bad config names its key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dispatcher.config import load, parse, schema
+from dispatcher.errors import ConfigError
+from tests.support import ROOT
+
+GOOD = """
+[functions.f]
+image = "eventswarm/echo:test"
+
+[triggers.t]
+function = "f"
+source = { kind = "webhook", path = "/hooks/t" }
+"""
+
+# (what is wrong, the config, the TOML path the error must name)
+INVALID = [
+    ("unknown top-level key", GOOD + "\n[deamon]\nlisten = '1'\n", "deamon"),
+    ("unknown daemon key", "[daemon]\nlisten_addr = 'x'\n" + GOOD, "daemon.listen_addr"),
+    ("listen without port", "[daemon]\nlisten = 'localhost'\n" + GOOD, "daemon.listen"),
+    ("bad duration", "[daemon]\nshutdown_grace = 'soon'\n" + GOOD, "daemon.shutdown_grace"),
+    ("bad log level", "[daemon]\nlog_level = 'loud'\n" + GOOD, "daemon.log_level"),
+    ("bad executor kind", "[executor]\nkind = 'k8s'\n" + GOOD, "executor.kind"),
+    ("zero in flight", "[executor]\nmax_in_flight = 0\n" + GOOD, "executor.max_in_flight"),
+    ("bad cleanup", "[executor]\ncleanup = 'sometimes'\n" + GOOD, "executor.cleanup"),
+    ("bad memory size", GOOD + "\n[functions.g]\nimage = 'x'\nmemory = 'lots'\n", "functions.g.memory"),
+    ("bad function timeout", GOOD + "\n[functions.g]\nimage = 'x'\ntimeout = 5\ncpus = -1\n", "functions.g.cpus"),
+    ("unknown function key", GOOD + "\n[functions.g]\nimage = 'x'\nentrypoint = ['sh']\n", "functions.g.entrypoint"),
+    ("trigger without function", GOOD + "\n[triggers.u]\nsource = { kind = 'webhook', path = '/u' }\n", "triggers.u.function"),
+    ("trigger naming a missing function", GOOD.replace('function = "f"', 'function = "nope"'), "triggers.t.function"),
+    ("unknown source kind", GOOD.replace('kind = "webhook"', 'kind = "carrier-pigeon"'), "triggers.t.source"),
+    ("source without kind", GOOD.replace('kind = "webhook", ', ''), "triggers.t.source"),
+    ("webhook path without slash", GOOD.replace('"/hooks/t"', '"hooks/t"'), "triggers.t.source.path"),
+    ("webhook reserved path", GOOD.replace('"/hooks/t"', '"/metrics"'), "triggers.t.source.path"),
+    ("unknown webhook key", GOOD.replace('path = "/hooks/t"', 'path = "/hooks/t", verb = "POST"'), "triggers.t.source.verb"),
+    ("bad webhook mode", GOOD.replace('path = "/hooks/t"', 'path = "/hooks/t", mode = "later"'), "triggers.t.source.mode"),
+    ("bad max_body", GOOD.replace('path = "/hooks/t"', 'path = "/hooks/t", max_body = "big"'), "triggers.t.source.max_body"),
+    ("bad batch size", GOOD + "batch = { max_events = 0 }\n", "triggers.t.batch.max_events"),
+    ("bad retry key", GOOD + "retry = { attempts = 3 }\n", "triggers.t.retry.attempts"),
+    ("bad ordering", GOOD + "ordering = 'alphabetical'\n", "triggers.t.ordering"),
+    ("bad on_exhausted", GOOD + "on_exhausted = 'panic'\n", "triggers.t.on_exhausted"),
+    ("bad filter", GOOD + "filter = 'data.x >'\n", "triggers.t.filter"),
+    ("unsafe filter", GOOD + "filter = \"__import__('os')\"\n", "triggers.t.filter"),
+    ("missing signature secret", GOOD.replace('path = "/hooks/t"', 'path = "/hooks/t", signature = { scheme = "github", secret_env = "ES_TEST_UNSET" }'), "triggers.t.source.signature"),
+    ("negative buffer", GOOD + "buffer = -5\n", "triggers.t.buffer"),
+    ("not TOML at all", "this is = not [toml", "invalid TOML"),
+]
+
+
+@pytest.mark.parametrize(("why", "text", "path"), INVALID, ids=[c[0] for c in INVALID])
+def test_each_invalid_config_exits_2_naming_the_bad_key_without_a_traceback(tmp_path, why, text, path):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "dispatcher", "validate", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert path in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        parse({"daemon": {"listen": "x", "log_level": "loud"}, "executor": {"kind": "k8s"}})
+    paths = {path for path, _ in caught.value.problems}
+    assert {"daemon.log_level", "executor.kind"} <= paths
+
+
+def test_the_example_config_is_valid():
+    config = load(ROOT / "config.example.toml")
+    assert "echo" in config.triggers
+
+
+def test_environment_overrides_the_toml(tmp_path, monkeypatch):
+    (tmp_path / "c.toml").write_text(GOOD + "\n[executor]\nmax_in_flight = 4\n")
+    monkeypatch.setenv("EVENTSWARM_EXECUTOR__MAX_IN_FLIGHT", "32")
+    monkeypatch.setenv("EVENTSWARM_DAEMON__SHUTDOWN_GRACE", "5s")
+    config = load(tmp_path / "c.toml")
+    assert config.executor.max_in_flight == 32
+    assert config.daemon.shutdown_grace == 5.0
+    assert config.triggers["t"].source.path == "/hooks/t"
+
+
+def test_a_bad_environment_override_names_its_key(tmp_path, monkeypatch):
+    (tmp_path / "c.toml").write_text(GOOD)
+    monkeypatch.setenv("EVENTSWARM_EXECUTOR__MAX_IN_FLIGHT", "many")
+    with pytest.raises(ConfigError, match=r"executor\.max_in_flight"):
+        load(tmp_path / "c.toml")
+
+
+def test_schema_includes_the_connectors_source_models():
+    text = str(schema())
+    assert "WebhookSourceConfig" in text and "max_in_flight" in text
+
+
+def test_a_missing_config_file_says_how_to_give_one(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dispatcher", "validate", "-c", str(tmp_path / "nope.toml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "config file not found" in done.stderr
+
+
+def test_durations_and_sizes_reach_the_models():
+    config = parse({"functions": {"f": {"image": "i", "memory": "256MiB", "timeout": "1m"}},
+                    "triggers": {"t": {"function": "f", "source": {"kind": "webhook", "path": "/t"},
+                                       "batch": {"max_bytes": "512KiB", "max_wait": "50ms"}}}})
+    assert config.functions["f"].memory == 256 * 1024 * 1024 and config.functions["f"].timeout == 60
+    batch = config.triggers["t"].batch
+    assert (batch.max_bytes, batch.max_wait) == (512 * 1024, 0.05)
