@@ -37,6 +37,14 @@ def owner_id(state_path: str) -> str:
     return hashlib.sha256(str(Path(state_path).resolve()).encode()).hexdigest()[:16]
 
 
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf exception of a (nested) exception group."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 class TriggerCheckpoints:
     def __init__(self, trigger: str, state: StateStore) -> None:
         self.trigger = trigger
@@ -120,10 +128,10 @@ class Trigger:
                     await self.pipeline.run()
                     tg.cancel_scope.cancel()
             except* TriggerStopped as group:
-                self.stopped = str(group.exceptions[0])
+                self.stopped = str(_first(group))
                 log.error("%s", self.stopped)
             except* SourceError as group:
-                self.stopped = f"trigger {self.trigger!r} stopped: {group.exceptions[0]}"
+                self.stopped = f"trigger {self.trigger!r} stopped: {_first(group)}"
                 log.error("%s", self.stopped)
         finally:
             self.ready = False
@@ -288,6 +296,8 @@ class Daemon:
 
     async def close(self) -> None:
         await self.http.stop()
+        for trigger in self.triggers.values():
+            trigger.pipeline.close()
         try:
             await self.executor.close()
         except ExecutorError:

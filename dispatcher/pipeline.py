@@ -159,6 +159,12 @@ class Pipeline:
                 for _ in range(self.workers_per_lane):
                     tg.start_soon(self._work, lane)
 
+    def close(self) -> None:
+        """Release the lanes' streams (what is still in them is handed back, never acknowledged)."""
+        for lane in self.lanes:
+            lane.send.close()
+            lane.receive.close()
+
     def drain(self) -> None:
         """Stop cutting new batches; batches in flight finish (or are handed back at their next retry)."""
         self.dispatcher.draining.set()

@@ -100,6 +100,7 @@ async def running_daemon(doc: dict[str, Any]) -> AsyncIterator[Daemon]:
         tg.start_soon(lambda: daemon.run(handle_signals=False))
         with anyio.fail_after(30):
             await daemon.started.wait()
+        await wait_for(lambda: all(t.ready for t in daemon.triggers.values()), timeout=30, what="every source ready")
         try:
             yield daemon
         finally:
@@ -123,15 +124,15 @@ class DaemonProcess:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "run", "-c", str(self.config_file)],
                                          stdout=out, stderr=subprocess.STDOUT)
-        wait_until(self._healthy, timeout=30, what="the daemon's /healthz")
+        wait_until(self._ready, timeout=30, what="the daemon's /readyz")
         return self
 
-    def _healthy(self) -> bool:
+    def _ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=5):
                 return True
         except OSError:
             return False

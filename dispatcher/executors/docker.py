@@ -73,9 +73,7 @@ class DockerExecutor:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
         if self._input_mode == "auto":
-            base_url = str(client.api.base_url)
-            local = base_url.startswith(("http+unix://", "http+docker://")) and not await anyio.Path("/.dockerenv").exists()
-            self._input_mode = "bind" if local else "copy"
+            self._input_mode = "bind" if await anyio.to_thread.run_sync(_shares_file_system, client) else "copy"
         if self._input_mode == "bind":
             self.scratch.mkdir(parents=True, exist_ok=True)
 
@@ -175,6 +173,8 @@ class DockerExecutor:
                 stdout, stderr, timed_out, interrupted = self._converse(
                     api, container_id, sock, invocation.input, started + function.timeout, cancelled)
             finally:
+                if attached is not sock:
+                    attached.close()  # the SocketIO wrapper holds a reference that keeps the socket open
                 sock.close()
             try:
                 exit_code = int(api.wait(container_id, timeout=STOP_GRACE + 30)["StatusCode"])
@@ -243,6 +243,21 @@ class DockerExecutor:
                         if not chunk:
                             return out, err, timed_out, interrupted
                         frames.feed(chunk)
+
+
+def _shares_file_system(client: docker.DockerClient) -> bool:
+    """Does the engine see this process's files (so that a bind mount of a file written here works)?
+
+    True for an engine on a local socket whose host is this host: the daemon runs beside the
+    engine, not in a container of its own with the socket mounted (then the host names differ).
+    """
+    base_url = str(client.api.base_url)
+    if not base_url.startswith(("http+unix://", "http+docker://localhost")):
+        return False
+    try:
+        return bool(client.api.info().get("Name") == socket.gethostname())
+    except (docker.errors.DockerException, requests.exceptions.RequestException):
+        return False
 
 
 def _stop(api: Any, container_id: str, grace: float) -> None:

@@ -1,0 +1,170 @@
+"""One contract, every executor: the same tests prove process and docker keep the function contract alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from dispatcher.config import ExecutorConfig, FunctionConfig
+from dispatcher.dispatch import input_document, render_args
+from dispatcher.events import Event
+from dispatcher.executors import Invocation
+from dispatcher.executors.base import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TRIGGER
+from dispatcher.executors.docker import DockerExecutor
+from dispatcher.executors.process import ProcessExecutor
+from tests.support import BUSYBOX
+
+pytestmark = pytest.mark.anyio
+
+KINDS = ["process", "docker"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    if request.param == "docker":
+        request.getfixturevalue("docker_engine")
+    return request.param
+
+
+def make_executor(kind: str, tmp_path: Path, **settings: Any):
+    config = ExecutorConfig(kind=kind, max_in_flight=4, **settings)
+    if kind == "process":
+        return ProcessExecutor(config)
+    return DockerExecutor(config, str(tmp_path / "inputs"))
+
+
+def invocation(script: str, events: list[Event] | None = None, *, args: list[str] | None = None,
+               owner: str = "contract-tests", **function: Any) -> Invocation:
+    events = events or [Event(source="test", type="t", data={"n": 1})]
+    fn = FunctionConfig(image=BUSYBOX, command=["sh", "-c", script], env={"MODE": "test"}, **function)
+    inv_id = Event(source="x", type="x").id
+    return Invocation(
+        id=inv_id, trigger="contract", function_name="fn", function=fn,
+        input=input_document("contract", "fn", inv_id, 1, events),
+        env={"EVENTSWARM_TRIGGER": "contract", "EVENTSWARM_FUNCTION": "fn", "EVENTSWARM_BATCH_ID": inv_id,
+             "EVENTSWARM_ATTEMPT": "1", "EVENTSWARM_EVENT_COUNT": str(len(events))},
+        args=render_args(args, events[0]) if args else [], owner=owner,
+    )
+
+
+async def run(kind: str, tmp_path: Path, inv: Invocation, **settings: Any):
+    executor = make_executor(kind, tmp_path, **settings)
+    await executor.start()
+    try:
+        return await executor.run(inv)
+    finally:
+        await executor.close()
+
+
+CONTRACT = ('stdin=$(cat); file=$(cat "$EVENTSWARM_INPUT"); [ "$stdin" = "$file" ] && echo same-input; '
+            'echo "T=$EVENTSWARM_TRIGGER F=$EVENTSWARM_FUNCTION A=$EVENTSWARM_ATTEMPT N=$EVENTSWARM_EVENT_COUNT M=$MODE"; '
+            'echo "$stdin"')
+
+
+async def test_the_input_document_arrives_on_stdin_and_as_the_input_file(kind, tmp_path):
+    events = [Event(source="test", type="t", data={"n": i}) for i in range(3)]
+    inv = invocation(CONTRACT, events)
+    result = await run(kind, tmp_path, inv)
+    lines = result.stdout.decode().splitlines()
+    assert result.exit_code == 0, result.stderr
+    assert lines[0] == "same-input"
+    assert lines[1] == "T=contract F=fn A=1 N=3 M=test"
+    doc = json.loads(lines[2])
+    assert doc["batch_id"] == inv.id and [e["data"]["n"] for e in doc["events"]] == [0, 1, 2]
+
+
+async def test_a_large_input_is_delivered_whole(kind, tmp_path):
+    events = [Event(source="test", type="t", data={"n": i, "pad": "x" * 1000}) for i in range(400)]
+    inv = invocation("sha256sum | cut -d' ' -f1", events)
+    result = await run(kind, tmp_path, inv)
+    import hashlib
+
+    assert result.stdout.decode().strip() == hashlib.sha256(inv.input).hexdigest()
+
+
+async def test_exit_code_and_stderr_come_back(kind, tmp_path):
+    result = await run(kind, tmp_path, invocation("echo to-out; echo oops >&2; exit 7"))
+    assert (result.exit_code, result.ok) == (7, False)
+    assert result.stdout == b"to-out\n" and result.stderr == b"oops\n"
+
+
+async def test_a_function_past_its_timeout_gets_sigterm_then_fails(kind, tmp_path):
+    script = "trap 'echo got-term; exit 143' TERM; sleep 30 & wait"
+    result = await run(kind, tmp_path, invocation(script, timeout="1s"))
+    assert result.timed_out and not result.ok
+    assert b"got-term" in result.stdout
+    assert result.duration < 15
+
+
+async def test_a_function_ignoring_sigterm_is_killed(kind, tmp_path):
+    script = "trap '' TERM; while true; do sleep 1; done"
+    result = await run(kind, tmp_path, invocation(script, timeout="500ms"))
+    assert result.timed_out and not result.ok
+    assert result.duration < 20
+
+
+async def test_output_is_captured_up_to_the_limit_keeping_head_and_tail(kind, tmp_path):
+    script = "i=0; while [ $i -lt 5000 ]; do echo line-$i; i=$((i+1)); done"
+    result = await run(kind, tmp_path, invocation(script), output_limit="2KiB")
+    assert result.stdout.startswith(b"line-0\n") and result.stdout.endswith(b"line-4999\n")
+    assert b"bytes cut by eventswarm" in result.stdout and len(result.stdout) < 2048 + 100
+
+
+async def test_args_mode_passes_templated_event_fields(kind, tmp_path):
+    event = Event(source="test", type="t", data={"voter_id": 17, "vote": "yes"})
+    inv = invocation('echo "voter=$0 vote=$1"', [event], args=["{data.voter_id}", "{data.vote}"])
+    result = await run(kind, tmp_path, inv)
+    assert result.stdout == b"voter=17 vote=yes\n"
+
+
+# -- docker only ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["bind", "copy"])
+async def test_docker_input_modes_both_provide_the_file(docker_engine, tmp_path, mode):
+    result = await run("docker", tmp_path, invocation(CONTRACT), input=mode)
+    assert result.stdout.decode().splitlines()[0] == "same-input"
+
+
+async def test_docker_read_only_functions_get_the_input_by_bind_mount_and_stdin(docker_engine, tmp_path):
+    result = await run("docker", tmp_path, invocation(CONTRACT + "; touch /x 2>/dev/null || echo read-only", read_only=True))
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "same-input" and lines[-1] == "read-only"
+
+
+async def test_docker_stdin_mode_leaves_eventswarm_input_unset(docker_engine, tmp_path):
+    result = await run("docker", tmp_path, invocation('echo "input=${EVENTSWARM_INPUT:-unset}"; cat'), input="stdin")
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "input=unset" and json.loads(lines[1])["trigger"] == "contract"
+
+
+async def test_docker_containers_are_labelled_unprivileged_and_removed(docker_engine, tmp_path):
+    client = docker.from_env()
+    inv = invocation("grep CapEff /proc/self/status; cat /proc/self/status | grep NoNewPrivs")
+    result = await run("docker", tmp_path, inv, cleanup="never")
+    try:
+        container = client.containers.get(result.ref)
+        labels = container.labels
+        assert labels[LABEL_MANAGED] == "true" and labels[LABEL_TRIGGER] == "contract"
+        assert labels[LABEL_INVOCATION] == inv.id and labels[LABEL_OWNER] == "contract-tests"
+        assert container.attrs["HostConfig"]["NetworkMode"] == "none"
+        assert b"CapEff:\t0000000000000000" in result.stdout and b"NoNewPrivs:\t1" in result.stdout
+    finally:
+        client.containers.get(result.ref).remove(force=True)
+    result = await run("docker", tmp_path, invocation("true"), cleanup="always")
+    with pytest.raises(docker.errors.NotFound):
+        client.containers.get(result.ref)
+    client.close()
+
+
+async def test_docker_missing_image_is_a_permanent_error(docker_engine, tmp_path):
+    from dispatcher.errors import ExecutorError
+
+    inv = invocation("true")
+    inv = Invocation(**{**{f: getattr(inv, f) for f in inv.__slots__}, "function": inv.function.model_copy(update={"image": "eventswarm/nope:none"})})
+    with pytest.raises(ExecutorError) as caught:
+        await run("docker", tmp_path, inv)
+    assert not caught.value.temporary

@@ -1,0 +1,145 @@
+"""The webhook source over real HTTP: answers, signatures, dedupe, backpressure, and crash safety."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.support import BUSYBOX, base_config, free_port, post, running_daemon, store_of, wait_for, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def config(tmp_path, *, executor="process", script="cat", port=0, **source: Any) -> dict[str, Any]:
+    doc = base_config(tmp_path, executor=executor, port=port)
+    if executor == "process":
+        doc["functions"]["f"] = {"command": ["sh", "-c", script], "timeout": "30s"}
+    else:
+        doc["functions"]["f"] = {"image": BUSYBOX, "command": ["sh", "-c", script], "timeout": "30s"}
+    doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t", **source},
+                            "ordering": "none", "batch": {"max_events": 50, "max_wait": "50ms"}}
+    return doc
+
+
+async def call(daemon, body: bytes, headers: dict[str, str] | None = None, path="/hooks/t", method="POST"):
+    url = f"http://127.0.0.1:{daemon.http.port}{path}"
+    if method != "POST":
+        import urllib.request
+
+        def get():
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+                    return r.status, dict(r.headers), r.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, dict(exc.headers), exc.read()
+        return await anyio.to_thread.run_sync(get)
+    return await anyio.to_thread.run_sync(lambda: post(url, body, headers))
+
+
+def succeeded_event_ids(doc) -> set[str]:
+    return {i for r in store_of(doc).invocations(status="succeeded", limit=100_000) for i in r.event_ids}
+
+
+async def test_sync_mode_answers_with_the_functions_stdout(tmp_path):
+    async with running_daemon(config(tmp_path, mode="sync")) as daemon:
+        status, headers, body = await call(daemon, b'{"hello": "world"}')
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["events"][0]["data"] == {"hello": "world"}
+    assert headers["X-Eventswarm-Invocation"] == doc["batch_id"]
+
+
+async def test_sync_mode_failure_is_a_502_naming_the_invocation(tmp_path):
+    async with running_daemon(config(tmp_path, mode="sync", script="exit 3")) as daemon:
+        status, _, body = await call(daemon, b"{}")
+    assert status == 502
+    assert json.loads(body)["invocation_id"]
+
+
+async def test_async_mode_accepts_with_202_and_runs_the_event(tmp_path):
+    doc = config(tmp_path)
+    async with running_daemon(doc) as daemon:
+        status, _, body = await call(daemon, b'{"n": 1}')
+        assert status == 202
+        event_id = json.loads(body)["id"]
+        await wait_for(lambda: event_id in succeeded_event_ids(doc), timeout=20, what="the accepted event to run")
+        await wait_for(lambda: store_of(doc).inbox_size("t") == 0, timeout=10, what="the inbox to empty")
+
+
+async def test_bad_requests_get_the_right_status(tmp_path):
+    async with running_daemon(config(tmp_path, max_body="100B")) as daemon:
+        assert (await call(daemon, b'{"broken": '))[0] == 400
+        assert (await call(daemon, b"x" * 101, {"Content-Type": "text/plain"}))[0] == 413
+        assert (await call(daemon, b"{}", path="/hooks/nope"))[0] == 404
+        assert (await call(daemon, b"", method="GET"))[0] == 405
+        assert (await call(daemon, b"plain text", {"Content-Type": "text/plain"}))[0] == 202
+
+
+async def test_github_signatures_are_checked_on_the_raw_body(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOOK_SECRET", "s3cret")
+    doc = config(tmp_path, signature={"scheme": "github", "secret_env": "HOOK_SECRET"})
+    body = b'{"action": "opened"}'
+    good = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    async with running_daemon(doc) as daemon:
+        assert (await call(daemon, body, {"X-Hub-Signature-256": good}))[0] == 202
+        assert (await call(daemon, body + b" ", {"X-Hub-Signature-256": good}))[0] == 401
+        assert (await call(daemon, body))[0] == 401
+
+
+async def test_a_repeated_delivery_id_is_answered_200_and_not_run_again(tmp_path):
+    doc = config(tmp_path, dedupe_header="X-GitHub-Delivery")
+    async with running_daemon(doc) as daemon:
+        first = await call(daemon, b"{}", {"X-GitHub-Delivery": "d-1"})
+        again = await call(daemon, b"{}", {"X-GitHub-Delivery": "d-1"})
+        other = await call(daemon, b"{}", {"X-GitHub-Delivery": "d-2"})
+        ids = {json.loads(first[2])["id"], json.loads(other[2])["id"]}
+        await wait_for(lambda: ids <= succeeded_event_ids(doc), timeout=20, what="both deliveries to run")
+    assert (first[0], again[0], other[0]) == (202, 200, 202)
+    assert json.loads(again[2]) == {"id": json.loads(first[2])["id"], "duplicate": True}
+    assert sum(r.batch_size for r in store_of(doc).invocations()) == 2
+
+
+async def test_a_flood_against_a_slow_function_gets_503_and_every_accepted_event_runs(tmp_path, docker_engine):
+    doc = config(tmp_path, executor="docker", script="cat >/dev/null; sleep 0.5", enqueue_timeout="200ms")
+    doc["triggers"]["t"].update({"buffer": 4, "max_in_flight": 1, "batch": {"max_events": 2, "max_wait": "10ms"}})
+    async with running_daemon(doc) as daemon:
+        url = f"http://127.0.0.1:{daemon.http.port}/hooks/t"
+
+        def flood() -> list[tuple[int, dict[str, str], bytes]]:
+            with ThreadPoolExecutor(16) as pool:
+                return list(pool.map(lambda i: post(url, json.dumps({"n": i}).encode()), range(60)))
+
+        answers = await anyio.to_thread.run_sync(flood)
+        accepted = {json.loads(body)["id"] for status, _, body in answers if status == 202}
+        refused = [headers for status, headers, _ in answers if status == 503]
+        assert refused, "a full buffer must refuse some requests"
+        assert all(int(h["Retry-After"]) >= 1 for h in refused)
+        assert accepted and len(accepted) + len(refused) == 60
+        await wait_for(lambda: accepted <= succeeded_event_ids(doc), timeout=120, what="every accepted event to run")
+
+
+def test_accepted_webhooks_survive_kill_9_and_run_after_restart(tmp_path, docker_engine, daemon_process):
+    port = free_port()
+    # First run: the function hangs, so accepted events pile up undispatched.
+    doc = config(tmp_path, executor="docker", script="sleep 300", port=port)
+    doc["triggers"]["t"].update({"max_in_flight": 1, "batch": {"max_events": 1, "max_wait": "10ms"}})
+    daemon = daemon_process(doc).start()
+    url = f"http://127.0.0.1:{port}/hooks/t"
+    answers = [post(url, json.dumps({"n": i}).encode()) for i in range(20)]
+    assert {status for status, _, _ in answers} == {202}
+    accepted = {json.loads(body)["id"] for _, _, body in answers}
+    wait_until(lambda: store_of(doc).invocations(status="running"), timeout=30, what="the first batch to start")
+    daemon.kill()
+    assert succeeded_event_ids(doc) == set()
+    # Second run: a working function; everything accepted before the crash must run.
+    doc["functions"]["f"]["command"] = ["sh", "-c", "cat"]
+    restarted = daemon_process(doc).start()
+    wait_until(lambda: accepted <= succeeded_event_ids(doc), timeout=120, what="all accepted events to run")
+    assert restarted.stop() == 0
+    assert store_of(doc).inbox_size("t") == 0
