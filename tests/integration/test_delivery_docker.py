@@ -99,7 +99,7 @@ async def test_the_partial_failure_line_retries_only_the_named_events(tmp_path):
     assert store_of(doc).dead_letters() == []
 
 
-async def test_gc_removes_labelled_leftovers_of_this_daemon_only(tmp_path):
+def test_gc_removes_labelled_leftovers_of_this_daemon_only(tmp_path):
     doc = config(tmp_path, "true")
     config_file = tmp_path / "eventswarm.toml"
     config_file.write_text(toml(doc))
