@@ -37,6 +37,7 @@ lint: install
 	$(BIN)/lint-imports
 
 bench: install services
+	$(BIN)/python bench/events.py
 	$(BIN)/python bench/fanout.py
 
 gc: install

@@ -25,6 +25,14 @@ ENV_PREFIX = "EVENTSWARM_"
 _TEMPLATE = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 
 
+class _PathError(ValueError):
+    """A problem found by a validator, with its absolute TOML path."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        self.loc = loc
+        super().__init__(message)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -80,6 +88,12 @@ class ExecutorConfig(Section):
     """Captured stdout and stderr per invocation, each; beyond it the middle is cut out."""
     scratch_dir: str = ""
     """Where input files for ``bind`` are written; default: beside the state store."""
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> ExecutorConfig:
+        if self.kind == "swarm":
+            raise _PathError(("executor", "kind"), "the swarm executor is not available yet: use \"docker\" or \"auto\"")
+        return self
 
 
 class FunctionConfig(Section):
@@ -180,12 +194,6 @@ class ConfigBase(BaseSettings):
             if self.executor.kind == "process" and not function.command:
                 raise _PathError(("functions", trigger.function, "command"), "a command is required for the process executor")
         return self
-
-
-class _PathError(ValueError):
-    def __init__(self, loc: tuple[str, ...], message: str) -> None:
-        self.loc = loc
-        super().__init__(message)
 
 
 def _config_model() -> type[ConfigBase]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -114,16 +115,18 @@ def store_of(doc: dict[str, Any]) -> Store:
 class DaemonProcess:
     """``eventswarm run`` as a child process: the tests stop (or kill -9) exactly this process."""
 
-    def __init__(self, config_file: Path, port: int, log: Path) -> None:
+    def __init__(self, config_file: Path, port: int, log: Path, env: dict[str, str] | None = None) -> None:
         self.config_file = config_file
         self.port = port
         self.log = log
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
         with self.log.open("ab") as out:
+            env = {**os.environ, **self.env} if self.env else None
             self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher", "run", "-c", str(self.config_file)],
-                                         stdout=out, stderr=subprocess.STDOUT)
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
         wait_until(self._ready, timeout=30, what="the daemon's /readyz")
         return self
 

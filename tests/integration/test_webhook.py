@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
+import docker
 import pytest
 
+from dispatcher.daemon import owner_id
 from tests.support import BUSYBOX, base_config, free_port, post, running_daemon, store_of, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -143,3 +145,10 @@ def test_accepted_webhooks_survive_kill_9_and_run_after_restart(tmp_path, docker
     wait_until(lambda: accepted <= succeeded_event_ids(doc), timeout=120, what="all accepted events to run")
     assert restarted.stop() == 0
     assert store_of(doc).inbox_size("t") == 0
+    # The container the killed daemon left running was removed by the restarted one.
+    client = docker.from_env()
+    try:
+        owner = owner_id(doc["daemon"]["state"].removeprefix("sqlite:///"))
+        assert client.containers.list(all=True, filters={"label": f"io.eventswarm.owner={owner}"}) == []
+    finally:
+        client.close()

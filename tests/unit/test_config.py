@@ -111,3 +111,8 @@ def test_durations_and_sizes_reach_the_models():
     assert config.functions["f"].memory == 256 * 1024 * 1024 and config.functions["f"].timeout == 60
     batch = config.triggers["t"].batch
     assert (batch.max_bytes, batch.max_wait) == (512 * 1024, 0.05)
+
+
+def test_the_swarm_executor_is_refused_until_it_exists():
+    with pytest.raises(ConfigError, match=r"executor\.kind: the swarm executor is not available yet"):
+        parse({"executor": {"kind": "swarm"}})

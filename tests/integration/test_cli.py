@@ -1,0 +1,116 @@
+"""The `eventswarm` command against a real state store and a running daemon (process executor)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import base_config, free_port, post, store_of, toml, wait_until
+
+
+def config(tmp_path: Path, script: str, port: int = 0) -> dict[str, Any]:
+    doc = base_config(tmp_path, executor="process", port=port or free_port())
+    doc["functions"]["f"] = {"command": ["sh", "-c", script], "timeout": "20s"}
+    doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t"},
+                            "ordering": "none", "batch": {"max_events": 10, "max_wait": "20ms"},
+                            "retry": {"max_attempts": 2, "initial": "10ms", "jitter": False}}
+    return doc
+
+
+def cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "dispatcher", *args, "-c", str(tmp_path / "eventswarm.toml")],
+                          capture_output=True, text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def test_invoke_runs_one_invocation_and_prints_its_stdout(tmp_path):
+    (tmp_path / "eventswarm.toml").write_text(toml(config(tmp_path, "cat")))
+    done = cli(tmp_path, "invoke", "t", "--data", '{"voter_id": 7}', "--wait")
+    doc = json.loads(done.stdout)
+    assert doc["events"][0]["data"] == {"voter_id": 7}
+    records = json.loads(cli(tmp_path, "invocations", "--json").stdout)
+    assert [r["status"] for r in records] == ["succeeded"]
+    assert set(records[0]) >= {"id", "trigger", "function", "status", "attempt", "event_ids", "exit_code",
+                               "queued_at", "started_at", "finished_at", "executor_ref"}
+    assert json.loads(cli(tmp_path, "logs", records[0]["id"]).stdout) == doc
+
+
+def test_invoke_of_a_failing_function_exits_1_and_names_the_logs(tmp_path):
+    (tmp_path / "eventswarm.toml").write_text(toml(config(tmp_path, "echo broken >&2; exit 9")))
+    done = cli(tmp_path, "invoke", "t", check=False)
+    assert done.returncode == 1 and "exit code 9" in done.stderr and "eventswarm logs" in done.stderr
+    record = json.loads(cli(tmp_path, "invocations", "--json").stdout)[0]
+    assert cli(tmp_path, "logs", record["id"]).stderr == "broken\n"
+
+
+def test_invoke_of_an_unknown_trigger_is_a_usage_error(tmp_path):
+    (tmp_path / "eventswarm.toml").write_text(toml(config(tmp_path, "cat")))
+    done = cli(tmp_path, "invoke", "nope", check=False)
+    assert done.returncode == 2 and "no trigger 'nope'" in done.stderr
+
+
+def test_dead_letters_can_be_listed_shown_replayed_and_purged(tmp_path, daemon_process):
+    flag = tmp_path / "broken"
+    flag.touch()
+    doc = config(tmp_path, f"cat >/dev/null; if [ -e {flag} ]; then echo failing >&2; exit 5; fi")
+    daemon = daemon_process(doc).start()
+    url = f"http://127.0.0.1:{daemon.port}"
+    ids = [json.loads(post(f"{url}/hooks/t", json.dumps({"n": i}).encode())[2])["id"] for i in range(3)]
+    wait_until(lambda: len(store_of(doc).dead_letters()) == 3, timeout=30, what="three dead letters")
+
+    letters = json.loads(cli(tmp_path, "dlq", "list", "--json").stdout)
+    assert sorted(d["event"]["id"] for d in letters) == sorted(ids)
+    # Every failed try is kept, bisect splits included; the last is the final attempt.
+    assert all(d["attempts"][-1]["attempt"] == 2 and {a["exit_code"] for a in d["attempts"]} == {5} for d in letters)
+    assert "failing" in letters[0]["attempts"][0]["stderr_tail"]
+    shown = json.loads(cli(tmp_path, "dlq", "show", letters[0]["id"]).stdout)
+    assert shown["event"]["id"] == letters[0]["event"]["id"]
+
+    status = json.loads(cli(tmp_path, "status", "--json").stdout)
+    assert status["triggers"][0]["trigger"] == "t" and "exit code 5" in status["triggers"][0]["last_error"]
+
+    flag.unlink()
+    assert "replaying 2" in cli(tmp_path, "dlq", "replay", letters[0]["id"], letters[1]["id"]).stdout
+    wait_until(lambda: len(store_of(doc).dead_letters()) == 1, timeout=30, what="two replayed dead letters to go")
+    succeeded = {i for r in store_of(doc).invocations(status="succeeded") for i in r.event_ids}
+    assert succeeded == {letters[0]["event"]["id"], letters[1]["event"]["id"]}
+    assert "removed 1 dead letters" in cli(tmp_path, "dlq", "purge").stdout
+    assert json.loads(cli(tmp_path, "dlq", "list", "--json").stdout) == []
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    for name in ("eventswarm_events_received_total", "eventswarm_events_acked_total", "eventswarm_batches_total",
+                 "eventswarm_batch_size_bucket", "eventswarm_invocation_seconds_bucket", "eventswarm_in_flight",
+                 "eventswarm_buffered_events", "eventswarm_dead_letters_total"):
+        assert f'{name}{{' in metrics, name
+    assert 'eventswarm_dead_letters_total{trigger="t"} 3.0' in metrics
+    assert daemon.stop() == 0
+
+
+def test_sigterm_lets_the_batch_in_flight_finish_and_exits_0(tmp_path, daemon_process):
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    doc = config(tmp_path, f"cat >/dev/null; touch {started}; sleep 1; touch {finished}")
+    daemon = daemon_process(doc).start()
+    status, _, _ = post(f"http://127.0.0.1:{daemon.port}/hooks/t", b"{}")
+    assert status == 202
+    wait_until(started.exists, timeout=30, what="the function to start")
+    assert daemon.stop() == 0
+    assert finished.exists()
+    assert [r.status for r in store_of(doc).invocations()] == ["succeeded"]
+    assert store_of(doc).inbox_size("t") == 0
+
+
+@pytest.mark.parametrize("command", [["invocations"], ["dlq", "list"], ["logs", "x"]])
+def test_commands_reading_the_store_say_so_when_there_is_none(tmp_path, command):
+    (tmp_path / "eventswarm.toml").write_text(toml(config(tmp_path, "cat")))
+    done = cli(tmp_path, *command, check=False)
+    assert done.returncode == 1 and "no state store" in done.stderr
