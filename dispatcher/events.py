@@ -18,8 +18,18 @@ def new_id() -> str:
     return os.urandom(16).hex()
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_second: list[tuple[int, str]] = [(-1, "")]
+
+
 def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """``ts`` as RFC 3339 in UTC with microseconds; the seconds part is formatted once per second."""
+    second = int(ts)
+    cached, prefix = _second[0]
+    if cached != second:
+        prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = (second, prefix)
+    return f"{prefix}.{int((ts - second) * 1_000_000):06d}Z"
 
 
 class Event:
@@ -100,7 +110,7 @@ class Event:
     def encode(self) -> bytes:
         """The event in CloudEvents JSON format, encoded once and kept."""
         if self._encoded is None:
-            self._encoded = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+            self._encoded = _ENCODER.encode(self.to_dict()).encode()
         return self._encoded
 
     @property
