@@ -6,8 +6,9 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -15,6 +16,8 @@ import click
 from dispatcher import config as configuration
 from dispatcher.errors import ConfigError, EventswarmError, ExecutorError
 from dispatcher.store import Store
+
+T = TypeVar("T")
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -65,6 +68,14 @@ def _request(url: str, data: Any = None) -> Any:
         _fail(f"{url}: HTTP {exc.code}: {detail}")
     except (urllib.error.URLError, OSError) as exc:
         _fail(f"cannot reach the daemon at {url}: {exc} (is `eventswarm run` running?)")
+
+
+def _run(work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work`` on an event loop; an error becomes one line and exit 1."""
+    try:
+        return anyio.run(work)
+    except EventswarmError as exc:
+        _fail(str(exc))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,19 +140,7 @@ def invoke(config_path: str | None, trigger: str, data: str | None, wait: bool) 
             _fail(f"--data is not JSON: {exc}", EXIT_USAGE)
     event = Event(source="eventswarm:invoke", type="eventswarm.invoke", data=payload)
 
-    async def once() -> Any:
-        daemon = Daemon(config)
-        await daemon.executor.start()
-        try:
-            daemon.build_triggers()
-            return await daemon.triggers[trigger].dispatcher.invoke_once(event)
-        finally:
-            await daemon.close()
-
-    try:
-        outcome = anyio.run(once)
-    except EventswarmError as exc:
-        _fail(str(exc))
+    outcome = _run(lambda: Daemon(config).invoke_once(trigger, event))
     sys.stdout.buffer.write(outcome.stdout)
     sys.stdout.flush()
     if outcome.status != "succeeded":
@@ -263,19 +262,16 @@ def gc(config_path: str | None, everything: bool) -> None:
     from dispatcher.executors import create
 
     config = _load(config_path)
-    executor = create(config)
 
     async def sweep() -> int:
+        executor = create(config)
         await executor.start()
         try:
             return await executor.gc(None if everything else owner_id(config.daemon.state_path))
         finally:
             await executor.close()
 
-    try:
-        removed = anyio.run(sweep)
-    except EventswarmError as exc:
-        _fail(str(exc))
+    removed = _run(sweep)
     click.echo(f"removed {removed} containers")
 
 

@@ -200,6 +200,15 @@ class Daemon:
             source = kinds[tconfig.source.kind](tconfig.source)
             self.triggers[name] = Trigger(name, tconfig, source, pipeline, dispatcher, self.state, self.http, self.metrics)
 
+    async def invoke_once(self, trigger: str, event: Event) -> Outcome:
+        """One invocation of ``event`` through ``trigger``'s function and executor, as the daemon would run it."""
+        try:
+            await self.executor.start()
+            self.build_triggers()
+            return await self.triggers[trigger].dispatcher.invoke_once(event)
+        finally:
+            await self.close()
+
     async def _status(self) -> dict[str, Any]:
         return {"triggers": [t.status() for t in self.triggers.values()], "executor": self.executor.kind}
 

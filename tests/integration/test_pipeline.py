@@ -24,6 +24,16 @@ def config(tmp_path, script: str = "cat >/dev/null", **trigger: Any) -> dict[str
     return doc
 
 
+def recorder():
+    """A list of outcome statuses and the ack callback that fills it."""
+    outcomes: list[str] = []
+
+    async def ack(outcome):
+        outcomes.append(outcome.status)
+
+    return outcomes, ack
+
+
 def settled(doc, count: int):
     def check():
         records = store_of(doc).invocations(limit=10_000)
@@ -85,11 +95,7 @@ async def test_events_of_one_key_keep_their_order_and_never_overlap(tmp_path):
 
 async def test_filtered_events_are_acknowledged_without_running(tmp_path):
     doc = config(tmp_path, filter='type == "keep" and data.n > 2', batch={"max_events": 100, "max_wait": "50ms"})
-    outcomes = []
-
-    async def ack(outcome):
-        outcomes.append(outcome.status)
-
+    outcomes, ack = recorder()
     async with running_daemon(doc) as daemon:
         for i in range(6):
             await daemon.triggers["t"].emit(Event(source="test", type="keep" if i % 2 else "skip", data={"n": i}), ack)
@@ -101,11 +107,7 @@ async def test_filtered_events_are_acknowledged_without_running(tmp_path):
 async def test_drop_on_exhausted_acknowledges_without_a_dead_letter(tmp_path):
     doc = config(tmp_path, "exit 3", on_exhausted="drop",
                  retry={"max_attempts": 2, "initial": "10ms", "jitter": False}, batch={"max_events": 1})
-    outcomes = []
-
-    async def ack(outcome):
-        outcomes.append(outcome.status)
-
+    outcomes, ack = recorder()
     async with running_daemon(doc) as daemon:
         await daemon.triggers["t"].emit(Event(source="test", type="t"), ack)
         await wait_for(lambda: outcomes, timeout=10, what="the drop")
@@ -117,11 +119,7 @@ async def test_drop_on_exhausted_acknowledges_without_a_dead_letter(tmp_path):
 async def test_stop_on_exhausted_stops_the_trigger_and_leaves_the_event_unacknowledged(tmp_path):
     doc = config(tmp_path, "exit 4", on_exhausted="stop",
                  retry={"max_attempts": 2, "initial": "10ms", "jitter": False}, batch={"max_events": 1})
-    outcomes = []
-
-    async def ack(outcome):
-        outcomes.append(outcome.status)
-
+    outcomes, ack = recorder()
     async with running_daemon(doc) as daemon:
         await daemon.triggers["t"].emit(Event(source="test", type="t"), ack)
         await wait_for(lambda: daemon.triggers["t"].stopped, timeout=10, what="the trigger to stop")
