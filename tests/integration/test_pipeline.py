@@ -6,8 +6,12 @@ contract (tests/integration/test_executor_contract.py) and has its own delivery 
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
 from typing import Any
 
+import anyio
 import pytest
 
 from dispatcher.events import Event
@@ -127,3 +131,24 @@ async def test_stop_on_exhausted_stops_the_trigger_and_leaves_the_event_unacknow
     assert outcomes == []
     assert status["triggers"][0]["state"] == "stopped"
     assert "on_exhausted" in status["triggers"][0]["last_error"]
+
+
+async def test_an_event_older_than_max_event_age_is_not_retried(tmp_path):
+    doc = config(tmp_path, "exit 2", retry={"max_attempts": 5, "initial": "10ms", "max_event_age": "1m"},
+                 batch={"max_events": 1})
+    outcomes, ack = recorder()
+    async with running_daemon(doc) as daemon:
+        await daemon.triggers["t"].emit(Event(source="test", type="t", received=time.time() - 120), ack)
+        await wait_for(lambda: outcomes, timeout=10, what="the dead letter")
+    assert outcomes == ["dead-lettered"]
+    assert len(store_of(doc).invocations()) == 1
+
+
+async def test_recent_invocations_are_served_over_http(tmp_path):
+    doc = config(tmp_path)
+    async with running_daemon(doc) as daemon:
+        await daemon.triggers["t"].emit(Event(source="test", type="t"))
+        await wait_for(settled(doc, 1), timeout=10, what="the invocation")
+        url = f"http://127.0.0.1:{daemon.http.port}/v1/invocations?trigger=t&limit=5"
+        records = await anyio.to_thread.run_sync(lambda: json.loads(urllib.request.urlopen(url, timeout=10).read()))
+    assert [r["status"] for r in records] == ["succeeded"]
