@@ -71,7 +71,7 @@ class DaemonConfig(Section):
 
 class ExecutorConfig(Section):
     kind: Literal["auto", "swarm", "docker", "process"] = "auto"
-    """``auto`` = docker until the swarm executor lands; ``process`` runs local subprocesses."""
+    """``auto`` = swarm if the engine is an active Swarm manager, else docker; ``process`` runs local subprocesses."""
     docker_host: str = ""
     """Docker engine address; default: ``DOCKER_HOST``, then the local socket."""
     max_in_flight: int = Field(16, ge=1, le=4096)
@@ -88,12 +88,8 @@ class ExecutorConfig(Section):
     """Captured stdout and stderr per invocation, each; beyond it the middle is cut out."""
     scratch_dir: str = ""
     """Where input files for ``bind`` are written; default: beside the state store."""
-
-    @model_validator(mode="after")
-    def _check_kind(self) -> ExecutorConfig:
-        if self.kind == "swarm":
-            raise _PathError(("executor", "kind"), "the swarm executor is not available yet: use \"docker\" or \"auto\"")
-        return self
+    start_timeout: Duration = 300.0
+    """swarm: a job whose task has not started by then (no node has room) fails the attempt."""
 
 
 class FunctionConfig(Section):
@@ -114,6 +110,8 @@ class FunctionConfig(Section):
     user: str = ""
     secrets: list[str] = []
     """Files mounted read-only into the container (docker); Swarm secrets (swarm)."""
+    placement: list[str] = []
+    """swarm: placement constraints, e.g. ``["node.role == worker"]``."""
 
     @property
     def templated(self) -> bool:

@@ -22,7 +22,7 @@ from dispatcher.http import HttpServer
 from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
 from dispatcher.plugins import connectors
-from dispatcher.store import StateStore, Store, prune, put_checkpoints, remove_dead_letter
+from dispatcher.store import StateStore, Store, abandon_unfinished, prune, put_checkpoints, remove_dead_letter
 
 log = logging.getLogger("eventswarm")
 
@@ -246,9 +246,12 @@ class Daemon:
     async def run(self, *, handle_signals: bool = True) -> None:
         try:
             await self.executor.start()
+            # Reconcile: what an earlier run left behind is removed; its unacknowledged events come back
+            # from their sources and run again as new invocations (never under an old invocation id).
             removed = await self.executor.gc(self.owner)
             if removed:
-                log.info("removed %d containers left behind by an earlier run", removed)
+                log.info("removed %d containers, services or configs left behind by an earlier run", removed)
+            await self.state.write(abandon_unfinished(time.time()))
             self.build_triggers()
             await self.http.start()
         except BaseException:

@@ -295,6 +295,15 @@ def put_checkpoints(trigger: str, values: Mapping[str, str]) -> Write:
     return write
 
 
+def abandon_unfinished(finished_at: float) -> Write:
+    """At start: invocations a crashed daemon left queued or running did not finish; their events run again."""
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE invocations SET status = 'failed', finished_at = ?, "
+                     "error = 'interrupted: the daemon stopped before it finished (its events run again)' "
+                     "WHERE status IN ('queued', 'running')", (finished_at,))
+    return write
+
+
 def prune(*, invocations_before: float, dedupe_before: float) -> Write:
     def write(conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM invocations WHERE queued_at < ? AND status NOT IN ('queued', 'running')", (invocations_before,))

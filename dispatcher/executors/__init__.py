@@ -1,23 +1,70 @@
-"""Executors: where a batch runs — a container on one Docker engine, or a local process."""
+"""Executors: where a batch runs — a Swarm job, a container on one Docker engine, or a local process."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dispatcher.config import ConfigBase
+import anyio
+
+from dispatcher.config import ConfigBase, ExecutorConfig
 from dispatcher.executors.base import Capture, Executor, Invocation, Result
 
 __all__ = ["Capture", "Executor", "Invocation", "Result", "create"]
 
 
 def create(config: ConfigBase) -> Executor:
-    """The executor that ``executor.kind`` names (``auto``: docker, until the swarm executor lands)."""
+    """The executor that ``executor.kind`` names; ``auto`` decides when it starts."""
     kind = config.executor.kind
+    scratch = config.executor.scratch_dir or str(Path(config.daemon.state_path).resolve().parent / "eventswarm-inputs")
     if kind == "process":
         from dispatcher.executors.process import ProcessExecutor
 
         return ProcessExecutor(config.executor)
+    if kind == "swarm":
+        from dispatcher.executors.swarm import SwarmExecutor
+
+        return SwarmExecutor(config.executor)
     from dispatcher.executors.docker import DockerExecutor
 
-    scratch = config.executor.scratch_dir or str(Path(config.daemon.state_path).resolve().parent / "eventswarm-inputs")
-    return DockerExecutor(config.executor, scratch)
+    if kind == "docker":
+        return DockerExecutor(config.executor, scratch)
+    return AutoExecutor(config.executor, scratch)
+
+
+class AutoExecutor:
+    """``kind = "auto"``: the swarm executor if the engine is an active Swarm manager, else docker."""
+
+    def __init__(self, config: ExecutorConfig, scratch: str) -> None:
+        from dispatcher.executors.docker import DockerExecutor
+
+        self.config = config
+        self.chosen: Executor = DockerExecutor(config, scratch)
+
+    @property
+    def kind(self) -> str:
+        return self.chosen.kind
+
+    async def start(self) -> None:
+        from dispatcher.executors.docker import connect
+        from dispatcher.executors.swarm import SwarmExecutor
+
+        client = await connect(self.config)
+        try:
+            swarm = await anyio.to_thread.run_sync(lambda: client.api.info().get("Swarm", {}))
+        finally:
+            client.close()
+        if swarm.get("LocalNodeState") == "active" and swarm.get("ControlAvailable"):
+            self.chosen = SwarmExecutor(self.config)
+        await self.chosen.start()
+
+    async def run(self, invocation: Invocation) -> Result:
+        return await self.chosen.run(invocation)
+
+    async def ping(self) -> bool:
+        return await self.chosen.ping()
+
+    async def gc(self, owner: str | None) -> int:
+        return await self.chosen.gc(owner)
+
+    async def close(self) -> None:
+        await self.chosen.close()

@@ -58,7 +58,10 @@ class Result:
 
 
 class Executor(Protocol):
-    kind: str
+    @property
+    def kind(self) -> str:
+        """``docker``, ``swarm`` or ``process``."""
+        ...
 
     async def start(self) -> None:
         """Connect (and check the engine is reachable); raises ``ExecutorError``."""

@@ -40,7 +40,40 @@ _TICK = 0.2
 """How often a running invocation's thread looks for a cancellation."""
 
 
-def _engine_error(exc: Exception, what: str) -> ExecutorError:
+async def connect(config: ExecutorConfig) -> docker.DockerClient:
+    """A client for ``executor.docker_host`` (default: ``DOCKER_HOST``, then the local socket), checked with a ping."""
+    def make() -> docker.DockerClient:
+        kwargs: dict[str, Any] = {"timeout": 60, "max_pool_size": config.max_in_flight + 4}
+        if config.docker_host:
+            return docker.DockerClient(base_url=config.docker_host, **kwargs)
+        return docker.DockerClient.from_env(**kwargs)
+
+    try:
+        client = await anyio.to_thread.run_sync(make)
+        await anyio.to_thread.run_sync(client.api.ping)
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+    return client
+
+
+def labels(owner: str | None) -> dict[str, list[str]]:
+    """The label filter for what eventswarm made: ``owner``'s only, or every daemon's."""
+    return {"label": [f"{LABEL_MANAGED}=true"] + ([f"{LABEL_OWNER}={owner}"] if owner else [])}
+
+
+def remove_containers(api: Any, filters: dict[str, list[str]]) -> int:
+    removed = 0
+    for container in api.containers(all=True, filters=filters):
+        try:
+            api.remove_container(container["Id"], force=True)
+            removed += 1
+        except docker.errors.NotFound:
+            pass
+    return removed
+
+
+def engine_error(exc: Exception, what: str) -> ExecutorError:
+    """An SDK error as an ``ExecutorError``: client errors (bad image, bad spec) are permanent."""
     if isinstance(exc, docker.errors.ImageNotFound):
         return ExecutorError(f"{what}: image not found ({exc.explanation})", temporary=False)
     if isinstance(exc, docker.errors.APIError) and exc.status_code is not None and 400 <= exc.status_code < 500 \
@@ -59,19 +92,8 @@ class DockerExecutor:
         self._client: docker.DockerClient | None = None
         self._input_mode = config.input
 
-    def _connect(self) -> docker.DockerClient:
-        kwargs: dict[str, Any] = {"timeout": 60, "max_pool_size": self.config.max_in_flight + 4}
-        if self.config.docker_host:
-            return docker.DockerClient(base_url=self.config.docker_host, **kwargs)
-        return docker.DockerClient.from_env(**kwargs)
-
     async def start(self) -> None:
-        try:
-            client = await anyio.to_thread.run_sync(self._connect)
-            await anyio.to_thread.run_sync(client.api.ping)
-            self._client = client
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+        client = self._client = await connect(self.config)
         if self._input_mode == "auto":
             self._input_mode = "bind" if await anyio.to_thread.run_sync(_shares_file_system, client) else "copy"
         if self._input_mode == "bind":
@@ -94,19 +116,7 @@ class DockerExecutor:
             self._client.close()
 
     async def gc(self, owner: str | None) -> int:
-        filters = [f"{LABEL_MANAGED}=true"] + ([f"{LABEL_OWNER}={owner}"] if owner else [])
-
-        def sweep() -> int:
-            removed = 0
-            for container in self.client.api.containers(all=True, filters={"label": filters}):
-                try:
-                    self.client.api.remove_container(container["Id"], force=True)
-                    removed += 1
-                except docker.errors.NotFound:
-                    pass
-            return removed
-
-        return await anyio.to_thread.run_sync(sweep, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(remove_containers, self.client.api, labels(owner), limiter=self._limiter)
 
     async def run(self, invocation: Invocation) -> Result:
         cancelled = threading.Event()
@@ -167,7 +177,7 @@ class DockerExecutor:
                 attached = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
                 api.start(container_id)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-                raise _engine_error(exc, f"cannot start a container for {function.image!r}") from exc
+                raise engine_error(exc, f"cannot start a container for {function.image!r}") from exc
             sock: socket.socket = getattr(attached, "_sock", attached)
             try:
                 stdout, stderr, timed_out, interrupted = self._converse(
@@ -180,7 +190,7 @@ class DockerExecutor:
                 exit_code = int(api.wait(container_id, timeout=STOP_GRACE + 30)["StatusCode"])
                 oom = bool(api.inspect_container(container_id)["State"].get("OOMKilled"))
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-                raise _engine_error(exc, "lost the container") from exc
+                raise engine_error(exc, "lost the container") from exc
             result = Result(exit_code=exit_code, stdout=stdout.getvalue(), stderr=stderr.getvalue(),
                             timed_out=timed_out, oom_killed=oom, ref=container_id,
                             duration=time.monotonic() - started)

@@ -1,7 +1,8 @@
-"""Delivery through real containers: bisect isolates poison, timeouts retry, partial failures, cleanup and gc."""
+"""Delivery through real containers and Swarm jobs: bisect isolates poison, timeouts retry, partial failures, gc."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from dispatcher.daemon import owner_id
 from dispatcher.events import Event
 from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER
-from tests.support import BUSYBOX, base_config, running_daemon, store_of, toml, wait_for
+from tests.support import BUSYBOX, base_config, free_port, post, running_daemon, store_of, toml, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -22,8 +23,13 @@ def engine(docker_engine):
     return docker_engine
 
 
-def config(tmp_path, script: str, **trigger: Any) -> dict[str, Any]:
-    doc = base_config(tmp_path)
+@pytest.fixture(params=["docker", "swarm"])
+def kind(request) -> str:
+    return request.param
+
+
+def config(tmp_path, script: str, kind: str = "docker", **trigger: Any) -> dict[str, Any]:
+    doc = base_config(tmp_path, executor=kind)
     doc["functions"]["f"] = {"image": BUSYBOX, "command": ["sh", "-c", script], "timeout": "30s"}
     doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t"},
                             "ordering": "none", "max_in_flight": 4,
@@ -32,16 +38,19 @@ def config(tmp_path, script: str, **trigger: Any) -> dict[str, Any]:
 
 
 def leftovers(doc) -> list[Any]:
+    """Containers, services and configs of this test's daemon still on the engine."""
     client = docker.from_env()
     try:
         owner = owner_id(doc["daemon"]["state"].removeprefix("sqlite:///"))
-        return client.containers.list(all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]})
+        labels = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
+        return (client.services.list(filters=labels) + client.configs.list(filters=labels)
+                + client.containers.list(all=True, filters=labels))
     finally:
         client.close()
 
 
-async def test_one_poison_event_in_a_batch_of_64_ends_as_exactly_one_dead_letter(tmp_path):
-    doc = config(tmp_path, "if grep -q poison; then echo poisoned >&2; exit 1; fi",
+async def test_one_poison_event_in_a_batch_of_64_ends_as_exactly_one_dead_letter(tmp_path, kind):
+    doc = config(tmp_path, 'if grep -q poison "$EVENTSWARM_INPUT"; then echo poisoned >&2; exit 1; fi', kind,
                  batch={"max_events": 64, "max_wait": "5s"})
     acks: dict[str, str] = {}
 
@@ -65,11 +74,11 @@ async def test_one_poison_event_in_a_batch_of_64_ends_as_exactly_one_dead_letter
     assert succeeded == {e.id for i, e in enumerate(events) if i != 41}
     assert acks[events[41].id] == "dead-lettered" and list(acks.values()).count("succeeded") == 63
     assert store.invocations(limit=1000)[-1].batch_size == 64  # the first try ran the whole batch
-    assert leftovers(doc) == []
+    await wait_for(lambda: leftovers(doc) == [], timeout=30, what="every container, job and config to be gone")
 
 
-async def test_a_function_past_its_timeout_is_killed_and_retried(tmp_path):
-    doc = config(tmp_path, "trap 'exit 143' TERM; sleep 60 & wait", batch={"max_events": 1},
+async def test_a_function_past_its_timeout_is_killed_and_retried(tmp_path, kind):
+    doc = config(tmp_path, "trap 'exit 143' TERM; sleep 60 & wait", kind, batch={"max_events": 1},
                  retry={"max_attempts": 2, "initial": "50ms"})
     doc["functions"]["f"]["timeout"] = "1s"
     async with running_daemon(doc) as daemon:
@@ -79,7 +88,7 @@ async def test_a_function_past_its_timeout_is_killed_and_retried(tmp_path):
     assert [r.status for r in records] == ["timed_out", "timed_out"]
     assert sorted(r.attempt for r in records) == [1, 2]
     assert all(r.finished_at - r.started_at < 10 for r in records)
-    assert leftovers(doc) == []
+    await wait_for(lambda: leftovers(doc) == [], timeout=20, what="the timed-out jobs to be gone")
 
 
 async def test_the_partial_failure_line_retries_only_the_named_events(tmp_path):
@@ -120,4 +129,46 @@ def test_gc_removes_labelled_leftovers_of_this_daemon_only(tmp_path):
         assert client.containers.get(other.id).id == other.id
     finally:
         other.remove(force=True)
+        client.close()
+
+
+async def test_a_swarm_jobs_stdout_is_in_the_invocation_record(tmp_path):
+    doc = config(tmp_path, 'echo "events=$EVENTSWARM_EVENT_COUNT"; echo note >&2', "swarm", batch={"max_events": 3, "max_wait": "2s"})
+    async with running_daemon(doc) as daemon:
+        assert daemon.executor.kind == "swarm"
+        for i in range(3):
+            await daemon.triggers["t"].emit(Event(source="test", type="t", data={"n": i}))
+        record = (await wait_for(lambda: store_of(doc).invocations(status="succeeded"), timeout=60, what="the job"))[0]
+    assert store_of(doc).logs(record.id) == (b"events=3\n", b"note\n")
+    assert record.executor_ref and record.batch_size == 3
+    await wait_for(lambda: leftovers(doc) == [], timeout=30, what="the job and its config to be gone")
+
+
+def test_kill_9_with_8_swarm_jobs_in_flight_leaves_nothing_behind_and_every_event_runs(tmp_path, daemon_process):
+    port = free_port()
+    doc = config(tmp_path, "sleep 300", "swarm", max_in_flight=8, batch={"max_events": 2, "max_wait": "10ms"})
+    doc["daemon"]["listen"] = f"127.0.0.1:{port}"
+    daemon = daemon_process(doc).start()
+    url = f"http://127.0.0.1:{port}/hooks/t"
+    accepted = {json.loads(post(url, json.dumps({"n": i}).encode())[2])["id"] for i in range(24)}
+    wait_until(lambda: len([t for s in _services(doc) for t in s.tasks() if t["Status"]["State"] == "running"]) == 8,
+               timeout=120, what="8 jobs running")
+    daemon.kill()
+    assert len(_services(doc)) == 8
+    doc["functions"]["f"]["command"] = ["sh", "-c", "cat $EVENTSWARM_INPUT >/dev/null"]
+    restarted = daemon_process(doc).start()
+    wait_until(lambda: accepted <= {i for r in store_of(doc).invocations(status="succeeded", limit=1000) for i in r.event_ids},
+               timeout=180, what="every accepted event to run")
+    assert restarted.stop() == 0
+    wait_until(lambda: leftovers(doc) == [], timeout=30, what="nothing left behind")
+    interrupted = store_of(doc).invocations(status="failed", limit=1000)
+    assert len(interrupted) == 8 and all("interrupted" in (r.error or "") for r in interrupted)
+
+
+def _services(doc) -> list[Any]:
+    client = docker.from_env()
+    try:
+        owner = owner_id(doc["daemon"]["state"].removeprefix("sqlite:///"))
+        return client.services.list(filters={"label": f"{LABEL_OWNER}={owner}"})
+    finally:
         client.close()

@@ -16,16 +16,25 @@ from dispatcher.executors import Invocation
 from dispatcher.executors.base import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TRIGGER
 from dispatcher.executors.docker import DockerExecutor
 from dispatcher.executors.process import ProcessExecutor
+from dispatcher.executors.swarm import SwarmExecutor
 from tests.support import BUSYBOX
 
 pytestmark = pytest.mark.anyio
 
-KINDS = ["process", "docker"]
+KINDS = ["process", "docker", "swarm"]
 
 
 @pytest.fixture(params=KINDS)
 def kind(request) -> str:
-    if request.param == "docker":
+    if request.param != "process":
+        request.getfixturevalue("docker_engine")
+    return request.param
+
+
+@pytest.fixture(params=["process", "docker"])
+def stdin_kind(request) -> str:
+    """The executors that also give the input on stdin (a Swarm task has no stdin)."""
+    if request.param != "process":
         request.getfixturevalue("docker_engine")
     return request.param
 
@@ -34,6 +43,8 @@ def make_executor(kind: str, tmp_path: Path, **settings: Any):
     config = ExecutorConfig(kind=kind, max_in_flight=4, **settings)
     if kind == "process":
         return ProcessExecutor(config)
+    if kind == "swarm":
+        return SwarmExecutor(config)
     return DockerExecutor(config, str(tmp_path / "inputs"))
 
 
@@ -63,23 +74,29 @@ async def run(kind: str, tmp_path: Path, inv: Invocation, **settings: Any):
 CONTRACT = ('stdin=$(cat); file=$(cat "$EVENTSWARM_INPUT"); [ "$stdin" = "$file" ] && echo same-input; '
             'echo "T=$EVENTSWARM_TRIGGER F=$EVENTSWARM_FUNCTION A=$EVENTSWARM_ATTEMPT N=$EVENTSWARM_EVENT_COUNT M=$MODE"; '
             'echo "$stdin"')
+FILE_CONTRACT = ('echo "T=$EVENTSWARM_TRIGGER F=$EVENTSWARM_FUNCTION A=$EVENTSWARM_ATTEMPT N=$EVENTSWARM_EVENT_COUNT M=$MODE"; '
+                 'cat "$EVENTSWARM_INPUT"; echo')
 
 
-async def test_the_input_document_arrives_on_stdin_and_as_the_input_file(kind, tmp_path):
+async def test_the_input_document_and_environment_arrive(kind, tmp_path):
     events = [Event(source="test", type="t", data={"n": i}) for i in range(3)]
-    inv = invocation(CONTRACT, events)
+    inv = invocation(FILE_CONTRACT, events)
     result = await run(kind, tmp_path, inv)
     lines = result.stdout.decode().splitlines()
     assert result.exit_code == 0, result.stderr
-    assert lines[0] == "same-input"
-    assert lines[1] == "T=contract F=fn A=1 N=3 M=test"
-    doc = json.loads(lines[2])
+    assert lines[0] == "T=contract F=fn A=1 N=3 M=test"
+    doc = json.loads(lines[1])
     assert doc["batch_id"] == inv.id and [e["data"]["n"] for e in doc["events"]] == [0, 1, 2]
+
+
+async def test_stdin_carries_the_same_document_as_the_input_file(stdin_kind, tmp_path):
+    result = await run(stdin_kind, tmp_path, invocation(CONTRACT))
+    assert result.stdout.decode().splitlines()[0] == "same-input"
 
 
 async def test_a_large_input_is_delivered_whole(kind, tmp_path):
     events = [Event(source="test", type="t", data={"n": i, "pad": "x" * 1000}) for i in range(400)]
-    inv = invocation("sha256sum | cut -d' ' -f1", events)
+    inv = invocation("sha256sum < \"$EVENTSWARM_INPUT\" | cut -d' ' -f1", events)
     result = await run(kind, tmp_path, inv)
     import hashlib
 
@@ -96,7 +113,8 @@ async def test_a_function_past_its_timeout_gets_sigterm_then_fails(kind, tmp_pat
     script = "trap 'echo got-term; exit 143' TERM; sleep 30 & wait"
     result = await run(kind, tmp_path, invocation(script, timeout="1s"))
     assert result.timed_out and not result.ok
-    assert b"got-term" in result.stdout
+    if kind != "swarm":  # a removed Swarm service has no logs left to read
+        assert b"got-term" in result.stdout
     assert result.duration < 15
 
 
@@ -168,3 +186,47 @@ async def test_docker_missing_image_is_a_permanent_error(docker_engine, tmp_path
     with pytest.raises(ExecutorError) as caught:
         await run("docker", tmp_path, inv)
     assert not caught.value.temporary
+
+
+# -- swarm only -----------------------------------------------------------------------------
+
+async def test_swarm_jobs_and_their_configs_are_labelled_and_removed(docker_engine, tmp_path):
+    client = docker.from_env()
+    inv = invocation("cat $EVENTSWARM_INPUT >/dev/null")
+    result = await run("swarm", tmp_path, inv, cleanup="never")
+    try:
+        service = client.services.get(result.ref)
+        assert service.attrs["Spec"]["Labels"][LABEL_INVOCATION] == inv.id
+        assert service.name == f"eventswarm-{inv.id}"
+        assert "ReplicatedJob" in service.attrs["Spec"]["Mode"]
+        config = client.configs.get(f"eventswarm-{inv.id}")
+        assert config.attrs["Spec"]["Labels"][LABEL_MANAGED] == "true"
+    finally:
+        client.services.get(result.ref).remove()
+        client.configs.get(f"eventswarm-{inv.id}").remove()
+    result = await run("swarm", tmp_path, invocation("true"))
+    assert result.ok
+    with pytest.raises(docker.errors.NotFound):
+        client.services.get(result.ref)
+    assert client.configs.list(filters={"label": f"{LABEL_INVOCATION}={inv.id}"}) == []
+    client.close()
+
+
+async def test_swarm_refuses_an_input_over_the_config_limit_with_advice(docker_engine, tmp_path):
+    from dispatcher.errors import ExecutorError
+
+    events = [Event(source="test", type="t", data={"pad": "x" * 10_000}) for _ in range(60)]
+    with pytest.raises(ExecutorError, match=r"lower batch\.max_bytes") as caught:
+        await run("swarm", tmp_path, invocation("true", events))
+    assert not caught.value.temporary
+
+
+async def test_a_swarm_job_that_cannot_be_placed_fails_after_start_timeout(docker_engine, tmp_path):
+    inv = invocation("true", placement=["node.labels.eventswarm-test-nowhere == yes"])
+    result = await run("swarm", tmp_path, inv, start_timeout="2s")
+    assert result.exit_code is None and not result.ok
+    assert b"did not start within 2s" in result.stderr
+    client = docker.from_env()
+    with pytest.raises(docker.errors.NotFound):
+        client.services.get(result.ref)
+    client.close()

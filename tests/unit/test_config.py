@@ -112,7 +112,3 @@ def test_durations_and_sizes_reach_the_models():
     batch = config.triggers["t"].batch
     assert (batch.max_bytes, batch.max_wait) == (512 * 1024, 0.05)
 
-
-def test_the_swarm_executor_is_refused_until_it_exists():
-    with pytest.raises(ConfigError, match=r"executor\.kind: the swarm executor is not available yet"):
-        parse({"executor": {"kind": "swarm"}})

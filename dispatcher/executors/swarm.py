@@ -1,0 +1,259 @@
+"""The swarm executor: one replicated-job service per batch on a Docker Swarm, through the Docker SDK.
+
+The input document travels as a Swarm config mounted at ``$EVENTSWARM_INPUT`` (Swarm tasks
+have no stdin). The exit code comes from the task status, stdout and stderr from the service
+logs. Service and config names derive from the invocation id, so an invocation is never
+launched twice. Blocking SDK calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import ServiceMode
+
+from dispatcher.config import ExecutorConfig
+from dispatcher.errors import ExecutorError
+from dispatcher.executors.base import (
+    INPUT_PATH,
+    LABEL_INVOCATION,
+    STOP_GRACE,
+    Capture,
+    Invocation,
+    Result,
+    environment,
+)
+from dispatcher.executors.docker import connect, engine_error, labels, remove_containers
+
+CONFIG_LIMIT = 500 * 1024
+"""The largest Swarm config the engine accepts: a batch's input document must fit in it."""
+
+_POLL = 0.05
+_DONE = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
+_STARTED = {"running", "complete", "failed", "shutdown"}
+_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
+class SwarmExecutor:
+    kind = "swarm"
+
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+        self._limiter = anyio.CapacityLimiter(config.max_in_flight + 2)
+        self._client: docker.DockerClient | None = None
+        self._secret_ids: dict[str, str] = {}
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise ExecutorError("the swarm executor is not started")
+        return self._client
+
+    async def start(self) -> None:
+        client = await connect(self.config)
+        state = await anyio.to_thread.run_sync(lambda: client.api.info().get("Swarm", {}))
+        if state.get("LocalNodeState") != "active" or not state.get("ControlAvailable"):
+            client.close()
+            raise ExecutorError("the Docker engine is not an active Swarm manager (docker swarm init)", temporary=False)
+        self._client = client
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await anyio.to_thread.run_sync(self.client.api.ping))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    async def gc(self, owner: str | None) -> int:
+        filters = labels(owner)
+
+        def sweep() -> int:
+            api = self.client.api
+            removed = sum(_quietly(api.remove_service, s["ID"]) for s in api.services(filters=filters))
+            removed += sum(_quietly(api.remove_config, c["ID"]) for c in api.configs(filters=filters))
+            return removed + remove_containers(api, filters)
+
+        return await anyio.to_thread.run_sync(sweep, limiter=self._limiter)
+
+    async def run(self, invocation: Invocation) -> Result:
+        if len(invocation.input) > CONFIG_LIMIT:
+            raise ExecutorError(
+                f"the batch's input document is {len(invocation.input)} bytes, over the Swarm config limit of "
+                f"{CONFIG_LIMIT} bytes: lower batch.max_bytes (to about {CONFIG_LIMIT * 9 // 10} or less)",
+                temporary=False)
+        cancelled = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(
+                self._run, invocation, cancelled, limiter=self._limiter, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    # -- in a worker thread -----------------------------------------------------------------
+
+    def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
+        api = self.client.api
+        function = invocation.function
+        name = f"eventswarm-{invocation.id}"
+        started = time.monotonic()
+        service_id: str | None = None
+        config_id: str | None = None
+        ok = False
+        try:
+            try:
+                config_id = _create_config(api, name, invocation)
+                service_id = _create_service(api, name, self._task_template(invocation, name, config_id), invocation)
+            except _ENGINE_ERRORS as exc:
+                raise engine_error(exc, f"cannot create a Swarm job for {function.image!r}") from exc
+            task, timed_out, note = self._wait(api, service_id, function.timeout, cancelled)
+            status = task.get("Status", {}) if task else {}
+            exit_code = status.get("ContainerStatus", {}).get("ExitCode")
+            if task is None or status.get("State") in ("rejected", "pending", "new", "assigned", "accepted"):
+                exit_code = None
+            stdout, stderr = self._logs(api, service_id)
+            if note:
+                stderr += f"\n[eventswarm] {note}\n".encode()
+            result = Result(exit_code=exit_code, stdout=stdout, stderr=stderr, timed_out=timed_out,
+                            oom_killed=exit_code == 137 and "OOM" in str(status.get("Err", "")),
+                            ref=service_id, duration=time.monotonic() - started)
+            if note and not timed_out:
+                result.notes.append(note)
+            ok = result.ok
+            return result
+        finally:
+            if self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok):
+                if service_id:
+                    _quietly(api.remove_service, service_id)
+                    # A job's finished task container outlives its service: remove it where it ran (here).
+                    _quietly(lambda _: remove_containers(api, {"label": [f"{LABEL_INVOCATION}={invocation.id}"]}), "")
+                if config_id:
+                    _quietly(api.remove_config, config_id)
+
+    def _task_template(self, invocation: Invocation, name: str, config_id: str) -> dict[str, Any]:
+        function = invocation.function
+        env = environment(invocation, INPUT_PATH)
+        container: dict[str, Any] = {
+            "Image": function.image,
+            "Env": [f"{k}={v}" for k, v in env.items()],
+            "Labels": invocation.labels,
+            "ReadOnly": function.read_only,
+            "CapabilityDrop": ["ALL"],
+            "StopGracePeriod": int(STOP_GRACE * 1e9),
+            "Configs": [{"File": {"Name": INPUT_PATH, "UID": "0", "GID": "0", "Mode": 0o444},
+                         "ConfigID": config_id, "ConfigName": name}],
+        }
+        if function.command:
+            container["Command"] = list(function.command)
+        if invocation.args:
+            container["Args"] = list(invocation.args)
+        if function.user:
+            container["User"] = function.user
+        if function.secrets:
+            container["Secrets"] = [{"File": {"Name": f"/run/secrets/{s}", "UID": "0", "GID": "0", "Mode": 0o444},
+                                     "SecretID": self._secret_id(s), "SecretName": s} for s in function.secrets]
+        limits: dict[str, Any] = {}
+        if function.memory:
+            limits["MemoryBytes"] = function.memory
+        if function.cpus:
+            limits["NanoCPUs"] = int(function.cpus * 1e9)
+        if function.pids_limit:
+            limits["Pids"] = function.pids_limit
+        template: dict[str, Any] = {
+            "ContainerSpec": container,
+            "Resources": {"Limits": limits},
+            "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
+        }
+        if function.placement:
+            template["Placement"] = {"Constraints": list(function.placement)}
+        if self.config.network != "none":
+            template["Networks"] = [{"Target": self.config.network}]
+        return template
+
+    def _secret_id(self, name: str) -> str:
+        if name not in self._secret_ids:
+            found = [s for s in self.client.api.secrets(filters={"name": name}) if s["Spec"]["Name"] == name]
+            if not found:
+                raise ExecutorError(f"no Swarm secret named {name!r} (docker secret create {name} FILE)", temporary=False)
+            self._secret_ids[name] = found[0]["ID"]
+        return self._secret_ids[name]
+
+    def _wait(self, api: Any, service_id: str, timeout: float, cancelled: threading.Event,
+              ) -> tuple[dict[str, Any] | None, bool, str | None]:
+        """Poll the job's task until it ends; returns (task, timed out?, why it did not run)."""
+        queued = time.monotonic()
+        running_since: float | None = None
+        task: dict[str, Any] | None = None
+        while True:
+            if cancelled.is_set():
+                _quietly(api.remove_service, service_id)
+                return task, False, "stopped: the daemon shut down"
+            try:
+                tasks = api.tasks(filters={"service": service_id})
+            except _ENGINE_ERRORS:
+                tasks = []
+            if tasks:
+                task = max(tasks, key=lambda t: t.get("CreatedAt", ""))
+                state = task.get("Status", {}).get("State", "")
+                if state in _DONE:
+                    return task, False, None
+                if state in _STARTED and running_since is None:
+                    running_since = time.monotonic()
+            now = time.monotonic()
+            if running_since is not None and now - running_since > timeout:
+                _quietly(api.remove_service, service_id)  # SIGTERM, then SIGKILL after the stop grace period
+                return task, True, None
+            if running_since is None and now - queued > self.config.start_timeout:
+                message = (task or {}).get("Status", {}).get("Err") or (task or {}).get("Status", {}).get("Message", "")
+                _quietly(api.remove_service, service_id)
+                return task, False, (f"the job did not start within {self.config.start_timeout:g}s"
+                                     f" ({message or 'no node could run it'})")
+            time.sleep(_POLL)
+
+    def _logs(self, api: Any, service_id: str) -> tuple[bytes, bytes]:
+        captures = []
+        for stdout, stderr in ((True, False), (False, True)):
+            capture = Capture(self.config.output_limit)
+            try:
+                for chunk in api.service_logs(service_id, stdout=stdout, stderr=stderr, follow=False):
+                    capture.write(chunk)
+            except _ENGINE_ERRORS:
+                pass
+            captures.append(capture.getvalue())
+        return captures[0], captures[1]
+
+
+def _create_config(api: Any, name: str, invocation: Invocation) -> str:
+    try:
+        return str(api.create_config(name, invocation.input, labels=invocation.labels)["ID"])
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+        return str(api.inspect_config(name)["ID"])  # the same invocation, created before: reuse it
+
+
+def _create_service(api: Any, name: str, template: dict[str, Any], invocation: Invocation) -> str:
+    try:
+        created = api.create_service(template, name=name, labels=invocation.labels,
+                                     mode=ServiceMode("replicated-job", concurrency=1))
+        return str(created["ID"])
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:
+            raise
+        return str(api.inspect_service(name)["ID"])  # never launch the same invocation twice
+
+
+def _quietly(remove: Any, ident: str) -> int:
+    try:
+        remove(ident)
+        return 1
+    except _ENGINE_ERRORS:
+        return 0
