@@ -51,6 +51,7 @@ class HttpServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/invocations", self._invocations)
+        app.router.add_get("/v1/invocations/{id}/logs", self._logs)
         app.router.add_get("/v1/status", self._status)
         app.router.add_post("/v1/dead-letters/replay", self._replay)
         app.router.add_route("*", "/{tail:.*}", self._source_route)
@@ -98,6 +99,13 @@ class HttpServer:
         records = await self.state.read(
             lambda s: s.invocations(trigger=query.get("trigger"), status=query.get("status"), limit=limit))
         return web.json_response([r.to_json() for r in records])
+
+    async def _logs(self, request: web.Request) -> web.Response:
+        invocation_id = request.match_info["id"]
+        found = await self.state.read(lambda s: s.logs(invocation_id))
+        if found is None:
+            return web.json_response({"error": f"no invocation {invocation_id}"}, status=404)
+        return web.json_response({"stdout": found[0].decode("utf-8", "replace"), "stderr": found[1].decode("utf-8", "replace")})
 
     async def _source_route(self, request: web.Request) -> web.StreamResponse:
         methods = self._routes.get(request.path)

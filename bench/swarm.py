@@ -1,0 +1,94 @@
+"""Swarm benchmark: time per batch through the swarm executor against a bare replicated-job service.
+
+Prints its figures and writes them to bench/results/swarm.json. Needs the Docker engine as a
+Swarm manager and the test images (`make services`). Run: `.venv/bin/python bench/swarm.py`.
+
+Both sides run the same image and command, one at a time, ROUNDS times, alternating:
+- executor: `SwarmExecutor.run` of a batch of BATCH events (Swarm config with the input, the
+  job, the task polled to its end, its logs read, job, config and task container removed);
+- bare: the Docker SDK's `services.create(..., mode=ServiceMode("replicated-job"))`, its task
+  polled to its end at the same interval, its logs read, the service removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import docker
+from docker.types import RestartPolicy, ServiceMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dispatcher.config import ExecutorConfig, FunctionConfig  # noqa: E402
+from dispatcher.dispatch import input_document  # noqa: E402
+from dispatcher.events import Event, new_id  # noqa: E402
+from dispatcher.executors import Invocation  # noqa: E402
+from dispatcher.executors.swarm import _POLL, SwarmExecutor  # noqa: E402
+
+IMAGE = "eventswarm/busybox:test"
+COMMAND = ["sh", "-c", "cat /dev/null"]
+
+
+def bare_job(client: docker.DockerClient) -> float:
+    started = time.perf_counter()
+    service = client.services.create(IMAGE, command=COMMAND, mode=ServiceMode("replicated-job"),
+                                     restart_policy=RestartPolicy(condition="none"), name=f"bench-bare-{new_id()}")
+    while True:
+        tasks = service.tasks()
+        if tasks and tasks[0]["Status"]["State"] in ("complete", "failed", "rejected"):
+            break
+        time.sleep(_POLL)
+    b"".join(service.logs(stdout=True, stderr=True))
+    service.remove()
+    return time.perf_counter() - started
+
+
+async def measure(batch: int, rounds: int) -> dict[str, float]:
+    executor = SwarmExecutor(ExecutorConfig(kind="swarm", max_in_flight=2))
+    await executor.start()
+    function = FunctionConfig(image=IMAGE, command=COMMAND, timeout="60s")
+    events = [Event(source="bench", type="bench.event", data={"n": i, "payload": "x" * 64}) for i in range(batch)]
+    client = docker.from_env()
+    ours, bare = [], []
+    try:
+        for _ in range(rounds):
+            invocation_id = new_id()
+            inv = Invocation(id=invocation_id, trigger="bench", function_name="f", function=function,
+                             input=input_document("bench", "f", invocation_id, 1, events), env={}, args=[])
+            started = time.perf_counter()
+            result = await executor.run(inv)
+            ours.append(time.perf_counter() - started)
+            assert result.ok, result
+            bare.append(await anyio.to_thread.run_sync(bare_job, client))
+    finally:
+        client.close()
+        await executor.close()
+    ours_s, bare_s = statistics.median(ours), statistics.median(bare)
+    return {"batch": batch, "rounds": rounds, "input_bytes": len(inv.input), "executor_median_s": round(ours_s, 4),
+            "bare_job_median_s": round(bare_s, 4), "ratio": round(ours_s / bare_s, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "swarm.json"))
+    args = parser.parse_args()
+    report = anyio.run(measure, args.batch, args.rounds)
+    report["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"swarm executor, batch of {report['batch']} ({report['input_bytes']} bytes of input): "
+          f"{report['executor_median_s'] * 1000:.0f} ms vs bare replicated-job {report['bare_job_median_s'] * 1000:.0f} ms"
+          f" = {report['ratio']:.2f}x (target <= 1.15x)")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
