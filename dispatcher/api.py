@@ -9,11 +9,26 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from dispatcher.errors import SourceError
-from dispatcher.events import Event, new_id
+from dispatcher.events import Event, new_id, rfc3339
+from dispatcher.units import Duration, Size
 
 __all__ = [
-    "Ack", "Checkpoints", "Event", "HttpHandler", "HttpRequest", "HttpResponse", "Inbox", "Outcome",
-    "Source", "SourceConfig", "SourceContext", "SourceError", "new_id",
+    "Ack",
+    "Checkpoints",
+    "Duration",
+    "Event",
+    "HttpHandler",
+    "HttpRequest",
+    "HttpResponse",
+    "Inbox",
+    "Outcome",
+    "Size",
+    "Source",
+    "SourceConfig",
+    "SourceContext",
+    "SourceError",
+    "new_id",
+    "rfc3339",
 ]
 
 
@@ -109,6 +124,10 @@ class SourceContext(Protocol):
         """Hand ``event`` to the trigger's pipeline; blocks while the trigger's buffer is full."""
         ...
 
+    async def offer(self, event: Event, ack: Ack | None = None) -> bool:
+        """``emit`` without waiting: False, and nothing taken, when the buffer is full."""
+        ...
+
     async def invoke(self, event: Event) -> Outcome:
         """Run ``event`` now as a batch of one, once, and return how it ended (``mode = "sync"``)."""
         ...
@@ -123,6 +142,10 @@ class SourceContext(Protocol):
 
     def set_lag(self, lag: float) -> None:
         """Report how far behind the source is (offsets, blocks, files waiting)."""
+        ...
+
+    def set_paused(self, paused: bool) -> None:
+        """Report that the source stopped reading because the buffer is full (or resumed)."""
         ...
 
 

@@ -90,6 +90,7 @@ class Trigger:
         self.stopped: str | None = None
         self.source_error: str | None = None
         self.lag = 0.0
+        self.paused = False
         self.done = anyio.Event()
         self.intake = anyio.CancelScope()
         self._handlers: set[HttpHandler] = set()
@@ -99,6 +100,9 @@ class Trigger:
 
     async def emit(self, event: Event, ack: Ack | None = None) -> None:
         await self.pipeline.emit(event, ack)
+
+    async def offer(self, event: Event, ack: Ack | None = None) -> bool:
+        return await self.pipeline.offer(event, ack)
 
     async def invoke(self, event: Event) -> Outcome:
         self.metrics.events_received.labels(self.trigger).inc()
@@ -117,6 +121,12 @@ class Trigger:
     def set_lag(self, lag: float) -> None:
         self.lag = lag
         self.metrics.source_lag.labels(self.trigger).set(lag)
+
+    def set_paused(self, paused: bool) -> None:
+        if paused != self.paused:
+            log.info("source of trigger %s %s", self.trigger, "paused: the buffer is full" if paused else "resumed")
+        self.paused = paused
+        self.metrics.source_paused.labels(self.trigger).set(1 if paused else 0)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -166,6 +176,7 @@ class Trigger:
             "buffered": self.pipeline.depth,
             "in_flight": int(self.metrics.in_flight.labels(self.trigger)._value.get()),
             "lag": self.lag,
+            "paused": self.paused,
             "last_error": self.stopped or self.dispatcher.last_error or self.source_error,
         }
 

@@ -22,7 +22,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _second: list[tuple[int, str]] = [(-1, "")]
 
 
-def _rfc3339(ts: float) -> str:
+def rfc3339(ts: float) -> str:
     """``ts`` as RFC 3339 in UTC with microseconds; the seconds part is formatted once per second."""
     second = int(ts)
     cached, prefix = _second[0]
@@ -93,7 +93,7 @@ class Event:
             "id": self.id,
             "source": self.source,
             "type": self.type,
-            "time": self.time or _rfc3339(self.received),
+            "time": self.time or rfc3339(self.received),
             "datacontenttype": self.datacontenttype,
         }
         if self.subject is not None:

@@ -22,6 +22,8 @@ class Metrics:
         self.in_flight = Gauge("eventswarm_in_flight", "Invocations running now.", ["trigger"], registry=r)
         self.buffered = Gauge("eventswarm_buffered_events", "Events waiting in the trigger's buffer.", ["trigger"], registry=r)
         self.dead_letters = Counter("eventswarm_dead_letters", "Events stored as dead letters.", ["trigger"], registry=r)
+        self.source_paused = Gauge("eventswarm_source_paused", "1 while the source is paused because the buffer is full.",
+                                   ["trigger"], registry=r)
         self.source_lag = Gauge("eventswarm_source_lag", "How far behind the source is (offsets, blocks, files).", ["trigger"], registry=r)
 
     def render(self) -> bytes:

@@ -144,13 +144,34 @@ class Pipeline:
     async def emit(self, event: Event, ack: Ack | None = None) -> None:
         """Filter ``event`` and put it in its lane, waiting while the lane is full (the backpressure)."""
         self._received.inc()
-        if self.filter is not None and not self.filter(event):
-            self.metrics.events_dropped.labels(self.trigger, "filtered").inc()
-            self.metrics.events_acked.labels(self.trigger).inc()
-            if ack is not None:
-                await ack(Outcome("dropped"))
+        if await self._filtered_out(event, ack):
             return
         await self._lane(event).send.send(Delivery(event, ack))
+
+    async def offer(self, event: Event, ack: Ack | None = None) -> bool:
+        """``emit`` without waiting: False (and nothing taken) when the event's lane is full."""
+        lane = self._lane(event)
+        stats = lane.send.statistics()
+        if stats.current_buffer_used >= stats.max_buffer_size and stats.tasks_waiting_receive == 0:
+            return False
+        self._received.inc()
+        if await self._filtered_out(event, ack):
+            return True
+        try:
+            lane.send.send_nowait(Delivery(event, ack))
+        except anyio.WouldBlock:
+            self._received.inc(-1)
+            return False
+        return True
+
+    async def _filtered_out(self, event: Event, ack: Ack | None) -> bool:
+        if self.filter is None or self.filter(event):
+            return False
+        self.metrics.events_dropped.labels(self.trigger, "filtered").inc()
+        self.metrics.events_acked.labels(self.trigger).inc()
+        if ack is not None:
+            await ack(Outcome("dropped"))
+        return True
 
     async def run(self) -> None:
         """Cut batches and deliver them until ``drain`` is called; the caller's scope bounds the rest."""

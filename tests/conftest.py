@@ -45,3 +45,16 @@ def daemon_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Daemon
             process.stop()
 
 
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> str:
+    """A Kafka-protocol broker (tansu, started by scripts/kafka.sh) on 127.0.0.1; fails, never skips, without one."""
+    import os
+    import sys
+
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "kafka.sh")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
+    if done.returncode != 0:
+        pytest.fail(f"scripts/kafka.sh failed:\n{done.stdout}\n{done.stderr}")
+    return "127.0.0.1:19092"

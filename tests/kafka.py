@@ -1,0 +1,75 @@
+"""Kafka helpers for the tests, through an independent client (confluent-kafka / librdkafka)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def new_topic(broker: str, partitions: int = 4, prefix: str = "t") -> str:
+    name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": broker})  # kept alive until the result is in
+    admin.create_topics([NewTopic(name, partitions, 1)])[name].result(timeout=30)
+    return name
+
+
+def produce(broker: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]],
+            partition: int | None = None) -> dict[int, int]:
+    """Produce (key, value) pairs; returns each partition's high watermark from the delivery reports."""
+    producer = Producer({"bootstrap.servers": broker, "linger.ms": 5, "batch.num.messages": 10000,
+                         "queue.buffering.max.messages": 1_000_000})
+    high: dict[int, int] = {}
+    errors: list[str] = []
+
+    def delivered(err, msg) -> None:
+        if err is not None:
+            errors.append(str(err))
+        else:
+            high[msg.partition()] = max(high.get(msg.partition(), 0), msg.offset() + 1)
+
+    for key, value in messages:
+        while True:
+            try:
+                if partition is None:
+                    producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                else:
+                    producer.produce(topic, value=value, key=key, partition=partition, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    assert producer.flush(60) == 0
+    assert not errors, errors[:3]
+    return high
+
+
+def committed(broker: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False})
+    try:
+        offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=30)
+        return {tp.partition: tp.offset for tp in offsets}
+    finally:
+        consumer.close()
+
+
+def consume_all(broker: str, topic: str, expected: int, timeout: float = 30) -> list[tuple[bytes | None, bytes | None, list]]:
+    """Read ``expected`` records from the start of ``topic`` with a throwaway group."""
+    import time
+
+    consumer = Consumer({"bootstrap.servers": broker, "group.id": f"reader-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out: list[tuple[bytes | None, bytes | None, list]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                out.append((msg.key(), msg.value(), msg.headers() or []))
+    finally:
+        consumer.close()
+    return out
