@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The Docker engine (a single-node Swarm manager, no default bridge) and the test function images.
-services:
+# The Docker engine (a single-node Swarm manager, no default bridge), the test function images and
+# a Kafka-protocol broker (tansu) on 127.0.0.1:19092.
+services: install
 	bash scripts/services.sh
 	bash scripts/images.sh
+	PYTHON=$(BIN)/python bash scripts/kafka.sh
 
 run: install services
 	$(BIN)/eventswarm run -c config.example.toml
@@ -39,6 +41,8 @@ lint: install
 bench: install services
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/swarm.py
+	$(BIN)/python bench/kafka.py
 
 gc: install
 	$(BIN)/eventswarm gc -c config.example.toml

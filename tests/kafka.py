@@ -6,7 +6,7 @@ import os
 import uuid
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -56,13 +56,14 @@ def committed(broker: str, group: str, topic: str, partitions: int) -> dict[int,
         consumer.close()
 
 
-def consume_all(broker: str, topic: str, expected: int, timeout: float = 30) -> list[tuple[bytes | None, bytes | None, list]]:
-    """Read ``expected`` records from the start of ``topic`` with a throwaway group."""
+def consume_all(broker: str, topic: str, expected: int, timeout: float = 30,
+                partitions: int = 1) -> list[tuple[bytes | None, bytes | None, list]]:
+    """Read ``expected`` records from the start of ``topic`` (assigned directly: no group to join)."""
     import time
 
     consumer = Consumer({"bootstrap.servers": broker, "group.id": f"reader-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     out: list[tuple[bytes | None, bytes | None, list]] = []
     deadline = time.monotonic() + timeout
     try:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.kafka import committed, consume_all, new_topic, produce
-from tests.support import base_config, running_daemon, store_of, wait_for
+from tests.support import base_config, free_port, running_daemon, store_of, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -29,10 +33,10 @@ def config(tmp_path, broker: str, topic: str, script: str = "cat", *, executor: 
 
 
 def seen_ids(doc) -> list[str]:
-    """Event ids the functions printed (one per line), over every succeeded invocation."""
+    """Event ids the functions printed (one per line), over every succeeded invocation, oldest first."""
     store = store_of(doc)
     ids: list[str] = []
-    for record in store.invocations(status="succeeded", limit=100_000):
+    for record in reversed(store.invocations(status="succeeded", limit=100_000)):
         ids += store.logs(record.id)[0].decode().split()
     return ids
 
@@ -92,3 +96,123 @@ async def test_a_poison_record_is_dead_lettered_to_the_store_and_the_topic_and_t
     assert [(k, v) for k, v, _ in produced] == [(b"k", values[7])]
     succeeded = {i for r in store_of(doc).invocations(status="succeeded") for i in r.event_ids}
     assert succeeded == {f"{topic}/0/{i}" for i in range(20) if i != 7}
+
+
+# -- through the docker executor --------------------------------------------------------------
+
+async def test_50000_records_over_4_partitions_all_reach_containers_and_commit_to_the_high_watermarks(
+        tmp_path, kafka_broker, docker_engine):
+    topic = new_topic(kafka_broker, 4)
+    high = produce(kafka_broker, topic, ((f"k{i % 97}".encode(), json.dumps({"n": i}).encode()) for i in range(50_000)))
+    assert sum(high.values()) == 50_000
+    doc = config(tmp_path, kafka_broker, topic, PRINT_IDS, executor="docker", max_in_flight=4,
+                 batch={"max_events": 1000, "max_bytes": "1MiB", "max_wait": "100ms"})
+    async with running_daemon(doc):
+        await wait_for(lambda: len(set(seen_ids(doc))) == 50_000, timeout=300, interval=1, what="all 50,000 records")
+        await wait_for(lambda: committed(kafka_broker, f"g-{topic}", topic, 4) == high, timeout=30,
+                       what="committed offsets to reach the high watermarks")
+    assert set(seen_ids(doc)) == {f"{topic}/{p}/{o}" for p, n in high.items() for o in range(n)}
+
+
+async def test_key_ordering_keeps_each_keys_order_while_different_keys_run_concurrently(tmp_path, kafka_broker, docker_engine):
+    topic = new_topic(kafka_broker, 2)
+    keys = [f"key-{k}" for k in range(8)]
+    produce(kafka_broker, topic, ((keys[i % 8].encode(), json.dumps({"n": i}).encode()) for i in range(800)))
+    script = ("input=$(cat); echo \"$input\" | grep -o '\"subject\":\"key-[0-9]*\"[^}]*\"n\":[0-9]*' "
+              "| sed 's/\"subject\":\"\\(key-[0-9]*\\)\".*\"n\":\\([0-9]*\\)/\\1 \\2/'; sleep 0.3")
+    doc = config(tmp_path, kafka_broker, topic, script, executor="docker", ordering="key", max_in_flight=4,
+                 batch={"max_events": 20, "max_wait": "20ms"})
+    async with running_daemon(doc):
+        def pairs():
+            store = store_of(doc)
+            out = []
+            for record in sorted(store.invocations(status="succeeded", limit=10_000), key=lambda r: r.started_at):
+                out += [line.split() for line in store.logs(record.id)[0].decode().splitlines()]
+            return out
+        await wait_for(lambda: len(pairs()) >= 800, timeout=180, interval=0.5, what="all 800 records")
+    by_key: dict[str, list[int]] = {}
+    for key, n in pairs():
+        by_key.setdefault(key, []).append(int(n))
+    assert sorted(by_key) == keys
+    for key, seen in by_key.items():
+        assert seen == sorted(seen) and len(seen) == len(set(seen)) == 100, key
+    # Different keys ran at the same time: some invocations' run times overlap.
+    records = sorted(store_of(doc).invocations(status="succeeded", limit=10_000), key=lambda r: r.started_at)
+    overlaps = sum(1 for a, b in itertools.pairwise(records) if b.started_at < a.finished_at)
+    assert overlaps > 0
+
+
+def test_three_kill_9s_during_a_20000_record_run_lose_nothing_and_rerun_only_uncommitted_records(
+        tmp_path, kafka_broker, docker_engine, daemon_process):
+    topic = new_topic(kafka_broker, 4)
+    high = produce(kafka_broker, topic, ((f"k{i % 31}".encode(), json.dumps({"n": i}).encode()) for i in range(20_000)))
+    doc = config(tmp_path, kafka_broker, topic, PRINT_IDS + "; sleep 0.2", executor="docker", max_in_flight=4,
+                 batch={"max_events": 250, "max_wait": "50ms"})
+    doc["daemon"]["listen"] = f"127.0.0.1:{free_port()}"
+    seen_before_kill: set[str] = set()
+    for kill in range(3):
+        daemon = daemon_process(doc).start()
+        target = (kill + 1) * 4000
+        wait_until(lambda target=target: len(set(seen_ids(doc))) >= target, timeout=120, interval=0.2,
+                   what=f"{target} records")
+        daemon.kill()
+        # What was committed when the daemon died must never run again.
+        floor = committed(kafka_broker, f"g-{topic}", topic, 4)
+        seen_before_kill = set(seen_ids(doc))
+        never_again = {f"{topic}/{p}/{o}" for p, c in floor.items() for o in range(max(c, 0))}
+        assert never_again <= seen_before_kill
+        first_seen = len(seen_ids(doc))
+        daemon = daemon_process(doc).start()
+        wait_until(lambda first_seen=first_seen: len(seen_ids(doc)) > first_seen, timeout=60,
+                   what="progress after the restart")
+        rerun = seen_ids(doc)[first_seen:]
+        assert not (set(rerun) & never_again), "a committed record ran again"
+        daemon.stop()
+    daemon = daemon_process(doc).start()
+    everything = {f"{topic}/{p}/{o}" for p, n in high.items() for o in range(n)}
+    wait_until(lambda: set(seen_ids(doc)) >= everything, timeout=300, interval=0.5, what="all 20,000 records")
+    wait_until(lambda: committed(kafka_broker, f"g-{topic}", topic, 4) == high, timeout=30, what="the final commit")
+    assert daemon.stop() == 0
+    ids = seen_ids(doc)
+    duplicates = len(ids) - len(set(ids))
+    # Duplicates come only from records past the committed offsets at a kill: at most what was in
+    # flight or buffered (4 lanes of 250-record batches, the buffer, the commit interval's worth).
+    assert duplicates <= 3 * 12_000
+    interrupted = [r for r in store_of(doc).invocations(status="failed", limit=100_000) if "interrupted" in (r.error or "")]
+    assert len(interrupted) <= 3 * 4
+
+
+def test_backpressure_pauses_the_consumer_and_memory_stays_flat_with_500000_records_waiting(
+        tmp_path, kafka_broker, docker_engine, daemon_process):
+    topic = new_topic(kafka_broker, 4)
+    value = json.dumps({"payload": "x" * 60}).encode()
+    produce(kafka_broker, topic, ((None, value) for _ in range(500_000)))
+    doc = config(tmp_path, kafka_broker, topic, "sleep 600", executor="docker", max_in_flight=2, buffer=2000,
+                 batch={"max_events": 100, "max_wait": "50ms"})
+    doc["daemon"].update({"listen": f"127.0.0.1:{free_port()}", "shutdown_grace": "1s"})
+    daemon = daemon_process(doc).start()
+    metrics_url = f"http://127.0.0.1:{daemon.port}/metrics"
+
+    def paused() -> bool:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            return 'eventswarm_source_paused{trigger="t"} 1.0' in response.read().decode()
+
+    wait_until(paused, timeout=60, what="the consumer to pause")
+    samples = []
+    for _ in range(10):
+        samples.append(rss_mb(daemon.proc.pid))
+        time.sleep(0.5)
+        assert paused()
+    status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/v1/status", timeout=5).read())
+    assert status["triggers"][0]["paused"] is True
+    assert status["triggers"][0]["buffered"] <= 2000 + 100
+    assert max(samples) < 150, samples
+    assert daemon.stop() == 0
+    assert "paused: the buffer is full" in daemon.log.read_text()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

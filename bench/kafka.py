@@ -1,0 +1,111 @@
+"""Kafka benchmark: events/s from a topic through the daemon, against the baselines measured in the same run.
+
+Prints its figures and writes them to bench/results/kafka.json. Needs the broker and the Docker
+engine (`make services`). Run: `.venv/bin/python bench/kafka.py`.
+
+(a) events/s from Kafka through docker-executor containers in batches of 2,000, against the
+    per-event `containers.run` rate (200 events, 8 threads);
+(b) events/s from Kafka through the pipeline with the process executor running a trivial command
+    per batch, against a raw aiokafka `getmany` loop reading the same topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+from aiokafka import AIOKafkaConsumer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.fanout import baseline_rate  # noqa: E402
+from dispatcher.config import parse  # noqa: E402
+from dispatcher.daemon import Daemon  # noqa: E402
+from tests.kafka import new_topic, produce  # noqa: E402
+
+BROKER = "127.0.0.1:19092"
+
+
+async def through_daemon(topic: str, total: int, executor: str, batch: int, state_dir: str) -> dict[str, float]:
+    function = ({"image": "eventswarm/busybox:test", "command": ["sh", "-c", "cat >/dev/null"]} if executor == "docker"
+                else {"command": ["true"]})
+    doc = {
+        "daemon": {"state": f"sqlite:///{state_dir}/{uuid.uuid4().hex}.db", "listen": "127.0.0.1:0"},
+        "executor": {"kind": executor, "max_in_flight": 8},
+        "functions": {"f": {**function, "timeout": "60s"}},
+        "triggers": {"t": {"function": "f", "ordering": "partition", "max_in_flight": 4, "buffer": 20_000,
+                           "source": {"kind": "kafka", "bootstrap_servers": [BROKER], "topics": [topic],
+                                      "group_id": f"bench-{uuid.uuid4().hex}"},
+                           "batch": {"max_events": batch, "max_bytes": "4MiB", "max_wait": "100ms"}}},
+    }
+    daemon = Daemon(parse(doc))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: daemon.run(handle_signals=False))
+        await daemon.started.wait()
+        acked = daemon.metrics.events_acked.labels("t")
+        while acked._value.get() < 1:
+            await anyio.sleep(0.001)
+        started = time.perf_counter()  # from the first settled event: consumer group joins are not the pipeline
+        first = acked._value.get()
+        while acked._value.get() < total:
+            await anyio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        daemon.stop()
+    count = total - first
+    return {"events": int(count), "seconds": round(elapsed, 3), "events_per_s": round(count / elapsed, 1)}
+
+
+async def raw_getmany(topic: str, total: int) -> dict[str, float]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=BROKER, group_id=f"raw-{uuid.uuid4().hex}",
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        seen = 0
+        started = 0.0
+        while seen < total:
+            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+            for records in batches.values():
+                if not started and records:
+                    started = time.perf_counter()
+                seen += len(records)
+        elapsed = time.perf_counter() - started
+    finally:
+        await consumer.stop()
+    return {"events": seen, "seconds": round(elapsed, 3), "events_per_s": round(seen / elapsed, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kafka.json"))
+    args = parser.parse_args()
+    topic = new_topic(BROKER, 4, prefix="bench")
+    value = json.dumps({"payload": "x" * 80}).encode()  # about 100 bytes, as in the broker's baseline
+    produce(BROKER, topic, ((f"k{i % 1000}".encode(), value) for i in range(args.events)))
+    with tempfile.TemporaryDirectory(prefix="eventswarm-bench-") as state_dir:
+        docker = anyio.run(through_daemon, topic, args.events, "docker", 2000, state_dir)
+        print(f"(a) Kafka -> docker executor, batches of 2000: {docker['events_per_s']:.0f} events/s")
+        baseline = baseline_rate(200, 8)
+        ratio_a = docker["events_per_s"] / baseline["events_per_s"]
+        print(f"    per-event containers.run baseline: {baseline['events_per_s']:.2f} events/s -> {ratio_a:.0f}x (target >= 1000x)")
+        process = anyio.run(through_daemon, topic, args.events, "process", 2000, state_dir)
+        raw = anyio.run(raw_getmany, topic, args.events)
+        ratio_b = process["events_per_s"] / raw["events_per_s"]
+        print(f"(b) Kafka -> pipeline -> process executor: {process['events_per_s']:.0f} events/s; raw aiokafka getmany: "
+              f"{raw['events_per_s']:.0f} events/s -> {ratio_b:.2f}x (target >= 0.5x)")
+    report = {"events": args.events, "docker": docker, "containers_run_baseline": baseline, "ratio_docker_vs_baseline": round(ratio_a, 1),
+              "process": process, "raw_getmany": raw, "ratio_process_vs_raw": round(ratio_b, 3),
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
