@@ -31,6 +31,7 @@ from dispatcher.daemon import Daemon  # noqa: E402
 from tests.kafka import new_topic, produce  # noqa: E402
 
 BROKER = "127.0.0.1:19092"
+BUFFER = 20_000
 
 
 async def through_daemon(topic: str, total: int, executor: str, batch: int, state_dir: str) -> dict[str, float]:
@@ -40,7 +41,7 @@ async def through_daemon(topic: str, total: int, executor: str, batch: int, stat
         "daemon": {"state": f"sqlite:///{state_dir}/{uuid.uuid4().hex}.db", "listen": "127.0.0.1:0"},
         "executor": {"kind": executor, "max_in_flight": 8},
         "functions": {"f": {**function, "timeout": "60s"}},
-        "triggers": {"t": {"function": "f", "ordering": "partition", "max_in_flight": 4, "buffer": 20_000,
+        "triggers": {"t": {"function": "f", "ordering": "partition", "max_in_flight": 4, "buffer": BUFFER,
                            "source": {"kind": "kafka", "bootstrap_servers": [BROKER], "topics": [topic],
                                       "group_id": f"bench-{uuid.uuid4().hex}"},
                            "batch": {"max_events": batch, "max_bytes": "4MiB", "max_wait": "100ms"}}},

@@ -123,6 +123,7 @@ class Dispatcher:
         self.limiter = limiter
         self.owner = owner
         self.draining = anyio.Event()
+        self._acked = metrics.events_acked.labels(trigger)
         self.last_error: str | None = None
 
     async def deliver(self, batch: list[Delivery]) -> None:
@@ -265,7 +266,7 @@ class Dispatcher:
         await self._ack(delivery, Outcome("dead-lettered", delivery.attempts[-1].invocation_id))
 
     async def _ack(self, delivery: Delivery, outcome: Outcome) -> None:
-        self.metrics.events_acked.labels(self.trigger).inc()
+        self._acked.inc()
         if delivery.ack is None:
             return
         try:

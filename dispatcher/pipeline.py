@@ -150,18 +150,15 @@ class Pipeline:
 
     async def offer(self, event: Event, ack: Ack | None = None) -> bool:
         """``emit`` without waiting: False (and nothing taken) when the event's lane is full."""
-        lane = self._lane(event)
-        stats = lane.send.statistics()
-        if stats.current_buffer_used >= stats.max_buffer_size and stats.tasks_waiting_receive == 0:
-            return False
-        self._received.inc()
-        if await self._filtered_out(event, ack):
+        if self.filter is not None and not self.filter(event):
+            self._received.inc()
+            await self._filtered_out(event, ack)
             return True
         try:
-            lane.send.send_nowait(Delivery(event, ack))
+            self._lane(event).send.send_nowait(Delivery(event, ack))
         except anyio.WouldBlock:
-            self._received.inc(-1)
             return False
+        self._received.inc()
         return True
 
     async def _filtered_out(self, event: Event, ack: Ack | None) -> bool:

@@ -1,5 +1,6 @@
 """The docs name every config key the models accept, so they cannot drift from the code."""
 
+from connectors.kafka import KafkaSourceConfig
 from connectors.webhook import WebhookSourceConfig
 from dispatcher.config import BatchConfig, DaemonConfig, ExecutorConfig, FunctionConfig, RetryConfig, TriggerBase
 from tests.support import ROOT
@@ -9,7 +10,8 @@ def test_the_configuration_reference_names_every_key():
     text = (ROOT / "docs" / "configuration.md").read_text()
     missing = []
     for model, prefix in [(DaemonConfig, ""), (ExecutorConfig, ""), (FunctionConfig, ""), (TriggerBase, ""),
-                          (BatchConfig, "batch."), (RetryConfig, "retry."), (WebhookSourceConfig, "")]:
+                          (BatchConfig, "batch."), (RetryConfig, "retry."), (WebhookSourceConfig, ""),
+                          (KafkaSourceConfig, "")]:
         for name in model.model_fields:
             if name not in ("kind", "batch", "retry") and f"`{prefix}{name}`" not in text:
                 missing.append(f"{model.__name__}.{name}")
