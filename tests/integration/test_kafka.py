@@ -216,3 +216,24 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+async def test_two_daemons_in_one_group_split_the_partitions_and_commit_only_their_own(tmp_path, kafka_broker):
+    topic = new_topic(kafka_broker, 4)
+    high = produce(kafka_broker, topic, ((f"k{i % 13}".encode(), json.dumps({"n": i}).encode()) for i in range(2000)))
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    docs = [config(path, kafka_broker, topic, PRINT_IDS + "; sleep 0.5", buffer=200, batch={"max_events": 50, "max_wait": "20ms"})
+            for path in (first, second)]
+    async with running_daemon(docs[0]) as one:
+        await wait_for(lambda: seen_ids(docs[0]), timeout=30, what="the first member to start")
+        async with running_daemon(docs[1]) as two:
+            await wait_for(lambda: len(set(seen_ids(docs[0])) | set(seen_ids(docs[1]))) == 2000, timeout=120,
+                           interval=0.2, what="all 2000 records between the two members")
+            await wait_for(lambda: committed(kafka_broker, f"g-{topic}", topic, 4) == high, timeout=30,
+                           what="every partition committed to its high watermark")
+            owned_one = {tp.partition for tp in one.triggers["t"].source.marks}
+            owned_two = {tp.partition for tp in two.triggers["t"].source.marks}
+    assert owned_one and owned_two and not owned_one & owned_two
+    assert seen_ids(docs[1]), "the second member took partitions over"
