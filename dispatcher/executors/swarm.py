@@ -34,6 +34,7 @@ from dispatcher.executors.docker import connect, engine_error, labels, remove_co
 CONFIG_LIMIT = 500 * 1024
 """The largest Swarm config the engine accepts: a batch's input document must fit in it."""
 
+CONFIG_REMOVE_TRIES = 15
 _POLL = 0.05
 _DONE = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
 _STARTED = {"running", "complete", "failed", "shutdown"}
@@ -136,7 +137,11 @@ class SwarmExecutor:
                     # A job's finished task container outlives its service: remove it where it ran (here).
                     _quietly(lambda _: remove_containers(api, {"label": [f"{LABEL_INVOCATION}={invocation.id}"]}), "")
                 if config_id:
-                    _quietly(api.remove_config, config_id)
+                    # Refused while the engine still counts the config in use by the job being removed.
+                    for _ in range(CONFIG_REMOVE_TRIES):
+                        if _quietly(api.remove_config, config_id) or _gone(api, config_id):
+                            break
+                        time.sleep(0.2)
 
     def _task_template(self, invocation: Invocation, name: str, config_id: str) -> dict[str, Any]:
         function = invocation.function
@@ -249,6 +254,16 @@ def _create_service(api: Any, name: str, template: dict[str, Any], invocation: I
         if exc.status_code != 409:
             raise
         return str(api.inspect_service(name)["ID"])  # never launch the same invocation twice
+
+
+def _gone(api: Any, config_id: str) -> bool:
+    try:
+        api.inspect_config(config_id)
+        return False
+    except docker.errors.NotFound:
+        return True
+    except _ENGINE_ERRORS:
+        return False
 
 
 def _quietly(remove: Any, ident: str) -> int:
