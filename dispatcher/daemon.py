@@ -92,7 +92,6 @@ class Trigger:
         self.lag = 0.0
         self.paused = False
         self.done = anyio.Event()
-        self.intake = anyio.CancelScope()
         self._handlers: set[HttpHandler] = set()
         self._sync = anyio.CapacityLimiter(config.max_in_flight)
 
@@ -149,22 +148,22 @@ class Trigger:
             self.done.set()
 
     async def _run_source(self) -> None:
+        """Run the source; restart it after a temporary error (or a bug), waiting longer each time."""
         delay = 1.0
-        with self.intake:
-            while True:
-                try:
-                    await self.source.run(self)
-                    return
-                except SourceError as exc:
-                    if not exc.temporary:
-                        raise
-                    self.set_ready(False, str(exc))
-                    log.warning("source of trigger %s failed: %s; restarting in %.0fs", self.trigger, exc, delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, SOURCE_RESTART_MAX)
-
-    def stop_intake(self) -> None:
-        self.intake.cancel()
+        while True:
+            try:
+                await self.source.run(self)
+                return
+            except SourceError as exc:
+                if not exc.temporary:
+                    raise
+                self.set_ready(False, str(exc))
+                log.warning("source of trigger %s failed: %s; restarting in %.0fs", self.trigger, exc, delay)
+            except Exception as exc:
+                self.set_ready(False, f"{type(exc).__name__}: {exc}")
+                log.exception("source of trigger %s crashed; restarting in %.0fs", self.trigger, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, SOURCE_RESTART_MAX)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -290,9 +289,11 @@ class Daemon:
     async def _shutdown(self) -> None:
         grace = self.config.daemon.shutdown_grace
         log.info("shutting down: intake stopped, waiting up to %gs for batches in flight", grace)
+        # Intake stops by backpressure: webhooks are refused, and no new batch is cut, so the buffers
+        # fill and the sources wait. Each source is cancelled (and commits) once its trigger's batches
+        # in flight are done, so that what they finished is committed too.
         self.http.accepting = False
         for trigger in self.triggers.values():
-            trigger.stop_intake()
             trigger.pipeline.drain()
         with anyio.move_on_after(grace) as scope:
             for trigger in self.triggers.values():

@@ -237,3 +237,18 @@ async def test_two_daemons_in_one_group_split_the_partitions_and_commit_only_the
             owned_two = {tp.partition for tp in two.triggers["t"].source.marks}
     assert owned_one and owned_two and not owned_one & owned_two
     assert seen_ids(docs[1]), "the second member took partitions over"
+
+
+def test_sigterm_commits_what_finished_during_the_grace_period_and_nothing_more(tmp_path, kafka_broker, daemon_process):
+    topic = new_topic(kafka_broker, 1)
+    produce(kafka_broker, topic, ((None, json.dumps({"n": i}).encode()) for i in range(300)))
+    doc = config(tmp_path, kafka_broker, topic, PRINT_IDS + "; sleep 2", batch={"max_events": 100, "max_wait": "50ms"})
+    doc["daemon"]["listen"] = f"127.0.0.1:{free_port()}"
+    daemon = daemon_process(doc).start()
+    wait_until(lambda: store_of(doc).invocations(status="running"), timeout=30, what="the first batch to run")
+    assert daemon.stop() == 0
+    seen = seen_ids(doc)
+    assert len(seen) >= 100 and len(seen) == len(set(seen))
+    # The batch in flight at SIGTERM finished within the grace period, and its offsets were committed.
+    assert committed(kafka_broker, f"g-{topic}", topic, 1) == {0: len(seen)}
+    assert seen == [f"{topic}/0/{o}" for o in range(len(seen))]
