@@ -141,8 +141,9 @@ class Dispatcher:
             deliveries, attempt = queue.popleft()
             result, error, permanent, invocation_id = await self._invoke([d.event for d in deliveries], attempt)
             failed = self._failed(deliveries, result)
+            failing = {id(d) for d in failed}
             for delivery in deliveries:
-                if delivery not in failed:
+                if id(delivery) not in failing:
                     await self._ack(delivery, Outcome("succeeded", invocation_id, result.stdout if result else b"", 0))
             if not failed:
                 continue

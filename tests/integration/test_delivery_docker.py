@@ -172,3 +172,21 @@ def _services(doc) -> list[Any]:
         return client.services.list(filters={"label": f"{LABEL_OWNER}={owner}"})
     finally:
         client.close()
+
+
+async def test_a_batch_over_the_swarm_config_limit_is_dead_lettered_with_the_advice(tmp_path):
+    doc = config(tmp_path, "true", "swarm", batch={"max_events": 100, "max_bytes": "4MiB", "max_wait": "2s"})
+    outcomes: list[str] = []
+
+    async def ack(outcome):
+        outcomes.append(outcome.status)
+
+    async with running_daemon(doc) as daemon:
+        for i in range(60):
+            await daemon.triggers["t"].emit(Event(source="test", type="t", data={"n": i, "pad": "x" * 10_000}), ack)
+        await wait_for(lambda: len(outcomes) == 60, timeout=60, what="every event settled")
+    assert set(outcomes) == {"dead-lettered"}
+    letters = store_of(doc).dead_letters()
+    assert len(letters) == 60
+    assert "lower batch.max_bytes" in letters[0].attempts[0]["error"]
+    assert len(store_of(doc).invocations()) == 1  # failed at once: no retries of a batch that cannot fit
