@@ -9,10 +9,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from dispatcher.config import parse
+from dispatcher.daemon import Daemon
 from tests.kafka import committed, consume_all, new_topic, produce
-from tests.support import base_config, free_port, running_daemon, store_of, wait_for, wait_until
+from tests.support import base_config, free_port, post, running_daemon, store_of, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -252,3 +255,21 @@ def test_sigterm_commits_what_finished_during_the_grace_period_and_nothing_more(
     # The batch in flight at SIGTERM finished within the grace period, and its offsets were committed.
     assert committed(kafka_broker, f"g-{topic}", topic, 1) == {0: len(seen)}
     assert seen == [f"{topic}/0/{o}" for o in range(len(seen))]
+
+
+async def test_an_unreachable_broker_leaves_the_daemon_up_and_not_ready(tmp_path):
+    doc = config(tmp_path, f"127.0.0.1:{free_port()}", "nowhere", "cat")
+    doc["triggers"]["hook"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/h", "mode": "sync"}}
+    daemon = Daemon(parse(doc))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: daemon.run(handle_signals=False))
+        await daemon.started.wait()
+        await wait_for(lambda: daemon.triggers["t"].source_error, timeout=30, what="the source to report its error")
+        report = await daemon._ready()
+        assert report["ready"] is False and report["sources"]["t"] is False
+        assert "Kafka" in daemon.triggers["t"].status()["last_error"]
+        await wait_for(lambda: daemon.triggers["hook"].ready, timeout=10, what="the webhook trigger")
+        url = f"http://127.0.0.1:{daemon.http.port}/hooks/h"
+        status, _, _ = await anyio.to_thread.run_sync(lambda: post(url, b"{}"))
+        assert status == 200  # the other trigger works meanwhile
+        daemon.stop()
