@@ -82,27 +82,20 @@ def engine_error(exc: Exception, what: str) -> ExecutorError:
     return ExecutorError(f"{what}: {exc}", temporary=True)
 
 
-class DockerExecutor:
-    kind = "docker"
+class EngineExecutor:
+    """What the docker and swarm executors share: the engine client, and invocations run in worker threads."""
 
-    def __init__(self, config: ExecutorConfig, scratch_dir: str) -> None:
+    kind = "engine"
+
+    def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
-        self.scratch = Path(scratch_dir)
-        self._limiter = anyio.CapacityLimiter(config.max_in_flight)
+        self._limiter = anyio.CapacityLimiter(config.max_in_flight + 2)
         self._client: docker.DockerClient | None = None
-        self._input_mode = config.input
-
-    async def start(self) -> None:
-        client = self._client = await connect(self.config)
-        if self._input_mode == "auto":
-            self._input_mode = "bind" if await anyio.to_thread.run_sync(_shares_file_system, client) else "copy"
-        if self._input_mode == "bind":
-            self.scratch.mkdir(parents=True, exist_ok=True)
 
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            raise ExecutorError("the docker executor is not started")
+            raise ExecutorError(f"the {self.kind} executor is not started")
         return self._client
 
     async def ping(self) -> bool:
@@ -115,9 +108,6 @@ class DockerExecutor:
         if self._client is not None:
             self._client.close()
 
-    async def gc(self, owner: str | None) -> int:
-        return await anyio.to_thread.run_sync(remove_containers, self.client.api, labels(owner), limiter=self._limiter)
-
     async def run(self, invocation: Invocation) -> Result:
         cancelled = threading.Event()
         try:
@@ -125,8 +115,30 @@ class DockerExecutor:
                 self._run, invocation, cancelled, limiter=self._limiter, abandon_on_cancel=True,
             )
         except anyio.get_cancelled_exc_class():
-            cancelled.set()  # the thread stops the container and cleans up on its own
+            cancelled.set()  # the thread stops what runs and cleans up on its own
             raise
+
+    def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
+        raise NotImplementedError
+
+
+class DockerExecutor(EngineExecutor):
+    kind = "docker"
+
+    def __init__(self, config: ExecutorConfig, scratch_dir: str) -> None:
+        super().__init__(config)
+        self.scratch = Path(scratch_dir)
+        self._input_mode = config.input
+
+    async def start(self) -> None:
+        client = self._client = await connect(self.config)
+        if self._input_mode == "auto":
+            self._input_mode = "bind" if await anyio.to_thread.run_sync(_shares_file_system, client) else "copy"
+        if self._input_mode == "bind":
+            self.scratch.mkdir(parents=True, exist_ok=True)
+
+    async def gc(self, owner: str | None) -> int:
+        return await anyio.to_thread.run_sync(remove_containers, self.client.api, labels(owner), limiter=self._limiter)
 
     # -- in a worker thread -----------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from dispatcher.executors.base import (
     Result,
     environment,
 )
-from dispatcher.executors.docker import connect, engine_error, labels, remove_containers
+from dispatcher.executors.docker import EngineExecutor, connect, engine_error, labels, remove_containers
 
 CONFIG_LIMIT = 500 * 1024
 """The largest Swarm config the engine accepts: a batch's input document must fit in it."""
@@ -41,20 +41,12 @@ _STARTED = {"running", "complete", "failed", "shutdown"}
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 
-class SwarmExecutor:
+class SwarmExecutor(EngineExecutor):
     kind = "swarm"
 
     def __init__(self, config: ExecutorConfig) -> None:
-        self.config = config
-        self._limiter = anyio.CapacityLimiter(config.max_in_flight + 2)
-        self._client: docker.DockerClient | None = None
+        super().__init__(config)
         self._secret_ids: dict[str, str] = {}
-
-    @property
-    def client(self) -> docker.DockerClient:
-        if self._client is None:
-            raise ExecutorError("the swarm executor is not started")
-        return self._client
 
     async def start(self) -> None:
         client = await connect(self.config)
@@ -63,16 +55,6 @@ class SwarmExecutor:
             client.close()
             raise ExecutorError("the Docker engine is not an active Swarm manager (docker swarm init)", temporary=False)
         self._client = client
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await anyio.to_thread.run_sync(self.client.api.ping))
-        except Exception:
-            return False
-
-    async def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
 
     async def gc(self, owner: str | None) -> int:
         filters = labels(owner)
@@ -91,13 +73,7 @@ class SwarmExecutor:
                 f"the batch's input document is {len(invocation.input)} bytes, over the Swarm config limit of "
                 f"{CONFIG_LIMIT} bytes: lower batch.max_bytes (to about {CONFIG_LIMIT * 9 // 10} or less)",
                 temporary=False)
-        cancelled = threading.Event()
-        try:
-            return await anyio.to_thread.run_sync(
-                self._run, invocation, cancelled, limiter=self._limiter, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            cancelled.set()
-            raise
+        return await super().run(invocation)
 
     # -- in a worker thread -----------------------------------------------------------------
 
