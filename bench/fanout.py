@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -27,11 +26,10 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.per_batch import against_bare  # noqa: E402
 from dispatcher.config import ExecutorConfig, FunctionConfig, parse  # noqa: E402
 from dispatcher.daemon import Daemon  # noqa: E402
-from dispatcher.dispatch import input_document  # noqa: E402
 from dispatcher.events import Event  # noqa: E402
-from dispatcher.executors import Invocation  # noqa: E402
 from dispatcher.executors.docker import DockerExecutor  # noqa: E402
 
 IMAGE = "eventswarm/busybox:test"
@@ -91,29 +89,19 @@ def baseline_rate(count: int, threads: int) -> dict[str, float]:
 
 
 async def per_batch(batch: int, rounds: int, state_dir: str) -> dict[str, float]:
-    executor = DockerExecutor(ExecutorConfig(kind="docker", max_in_flight=2), f"{state_dir}/inputs")
-    await executor.start()
-    function = FunctionConfig(image=IMAGE, command=COMMAND, timeout="60s")
-    batch_events = events(batch)
     client = docker.from_env()
-    ours, bare = [], []
+
+    def bare() -> float:
+        started = time.perf_counter()
+        client.containers.run(IMAGE, COMMAND, remove=True, network_mode="none")
+        return time.perf_counter() - started
+
     try:
-        for i in range(rounds):
-            inv = Invocation(id=f"bench{i:04d}{time.time_ns()}", trigger="bench", function_name="f", function=function,
-                             input=input_document("bench", "f", "b", 1, batch_events), env={}, args=[])
-            started = time.perf_counter()
-            result = await executor.run(inv)
-            ours.append(time.perf_counter() - started)
-            assert result.ok, result
-            started = time.perf_counter()
-            await anyio.to_thread.run_sync(lambda: client.containers.run(IMAGE, COMMAND, remove=True, network_mode="none"))
-            bare.append(time.perf_counter() - started)
+        return await against_bare(DockerExecutor(ExecutorConfig(kind="docker", max_in_flight=2), f"{state_dir}/inputs"),
+                                  FunctionConfig(image=IMAGE, command=COMMAND, timeout="60s"), batch, rounds, bare,
+                                  "bare_containers_run")
     finally:
         client.close()
-        await executor.close()
-    ours_s, bare_s = statistics.median(ours), statistics.median(bare)
-    return {"batch": batch, "rounds": rounds, "input_bytes": len(inv.input), "executor_median_s": round(ours_s, 4),
-            "bare_containers_run_median_s": round(bare_s, 4), "ratio": round(ours_s / bare_s, 3)}
 
 
 def main() -> None:

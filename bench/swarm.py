@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,9 @@ from docker.types import RestartPolicy, ServiceMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.per_batch import against_bare  # noqa: E402
 from dispatcher.config import ExecutorConfig, FunctionConfig  # noqa: E402
-from dispatcher.dispatch import input_document  # noqa: E402
-from dispatcher.events import Event, new_id  # noqa: E402
-from dispatcher.executors import Invocation  # noqa: E402
+from dispatcher.events import new_id  # noqa: E402
 from dispatcher.executors.swarm import _POLL, SwarmExecutor  # noqa: E402
 
 IMAGE = "eventswarm/busybox:test"
@@ -51,28 +49,13 @@ def bare_job(client: docker.DockerClient) -> float:
 
 
 async def measure(batch: int, rounds: int) -> dict[str, float]:
-    executor = SwarmExecutor(ExecutorConfig(kind="swarm", max_in_flight=2))
-    await executor.start()
-    function = FunctionConfig(image=IMAGE, command=COMMAND, timeout="60s")
-    events = [Event(source="bench", type="bench.event", data={"n": i, "payload": "x" * 64}) for i in range(batch)]
     client = docker.from_env()
-    ours, bare = [], []
     try:
-        for _ in range(rounds):
-            invocation_id = new_id()
-            inv = Invocation(id=invocation_id, trigger="bench", function_name="f", function=function,
-                             input=input_document("bench", "f", invocation_id, 1, events), env={}, args=[])
-            started = time.perf_counter()
-            result = await executor.run(inv)
-            ours.append(time.perf_counter() - started)
-            assert result.ok, result
-            bare.append(await anyio.to_thread.run_sync(bare_job, client))
+        return await against_bare(SwarmExecutor(ExecutorConfig(kind="swarm", max_in_flight=2)),
+                                  FunctionConfig(image=IMAGE, command=COMMAND, timeout="60s"), batch, rounds,
+                                  lambda: bare_job(client), "bare_job")
     finally:
         client.close()
-        await executor.close()
-    ours_s, bare_s = statistics.median(ours), statistics.median(bare)
-    return {"batch": batch, "rounds": rounds, "input_bytes": len(inv.input), "executor_median_s": round(ours_s, 4),
-            "bare_job_median_s": round(bare_s, 4), "ratio": round(ours_s / bare_s, 3)}
 
 
 def main() -> None:
