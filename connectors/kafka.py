@@ -36,6 +36,8 @@ log = logging.getLogger("eventswarm.kafka")
 
 REVOKE_WAIT = 10.0
 """How long a revoke waits for the revoked partitions' records in flight before letting go."""
+REBALANCE_TIMEOUT = REVOKE_WAIT + 20.0
+"""How long the broker waits for a member to rejoin: longer than a revoke may take, or the member is dropped."""
 LAG_EVERY = 5.0
 
 
@@ -187,6 +189,8 @@ class KafkaSource(Source[KafkaSourceConfig]):
     def __init__(self, config: KafkaSourceConfig) -> None:
         super().__init__(config)
         self.marks: dict[TopicPartition, Watermark] = {}
+        self.revocations = 0
+        """Rebalances that took partitions from this member (a count for status and tests)."""
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._commit_lock = anyio.Lock()
@@ -196,7 +200,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
         consumer = AIOKafkaConsumer(
             group_id=config.group_id, enable_auto_commit=False, auto_offset_reset=config.start,
             fetch_max_bytes=config.fetch_max_bytes, max_partition_fetch_bytes=min(config.fetch_max_bytes, 1024 * 1024),
-            **config.client_options())
+            rebalance_timeout_ms=int(REBALANCE_TIMEOUT * 1000), **config.client_options())
         if config.topics:
             consumer.subscribe(config.topics, listener=_Rebalance(self))
         else:
@@ -311,6 +315,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         owned = [tp for tp in partitions if tp in self.marks]
+        self.revocations += bool(owned)
         with anyio.move_on_after(REVOKE_WAIT):
             for tp in owned:
                 await self.marks[tp].idle()

@@ -236,11 +236,18 @@ async def test_two_daemons_in_one_group_split_the_partitions_and_commit_only_the
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
     second.mkdir()
-    docs = [config(path, kafka_broker, topic, PRINT_IDS + "; sleep 0.5", buffer=200, batch={"max_events": 50, "max_wait": "20ms"})
+    gate = tmp_path / "gate"
+    # Every batch waits for the gate, so the first member cannot finish the topic before the second joins.
+    script = f"{PRINT_IDS}; until [ -e {gate} ]; do sleep 0.05; done"
+    docs = [config(path, kafka_broker, topic, script, buffer=200, batch={"max_events": 50, "max_wait": "20ms"})
             for path in (first, second)]
     async with running_daemon(docs[0]) as one:
-        await wait_for(lambda: seen_ids(docs[0]), timeout=30, what="the first member to start")
+        await wait_for(lambda: store_of(docs[0]).invocations(status="running"), timeout=30,
+                       what="the first member to start a batch")
         async with running_daemon(docs[1]) as two:
+            await wait_for(lambda: one.triggers["t"].source.revocations, timeout=30,
+                           what="the second member's join to start a rebalance")
+            gate.touch()
             await wait_for(lambda: len(set(seen_ids(docs[0])) | set(seen_ids(docs[1]))) == 2000, timeout=120,
                            interval=0.2, what="all 2000 records between the two members")
             await wait_for(lambda: committed(kafka_broker, f"g-{topic}", topic, 4) == high, timeout=30,
