@@ -10,7 +10,7 @@ import anyio
 
 from dispatcher.config import FunctionConfig
 from dispatcher.dispatch import input_document
-from dispatcher.events import Event, new_id
+from dispatcher.events import Event, Run, new_id
 from dispatcher.executors import Executor, Invocation
 
 
@@ -25,7 +25,7 @@ async def against_bare(executor: Executor, function: FunctionConfig, batch: int,
         for _ in range(rounds):
             invocation_id = new_id()
             invocation = Invocation(id=invocation_id, trigger="bench", function_name="f", function=function,
-                                    input=input_document("bench", "f", invocation_id, 1, events), env={}, args=[])
+                                    input=input_document("bench", "f", invocation_id, 1, [Run.of(events)]), env={}, args=[])
             started = time.perf_counter()
             result = await executor.run(invocation)
             ours.append(time.perf_counter() - started)

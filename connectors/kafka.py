@@ -15,15 +15,19 @@ import json
 import logging
 import os
 import ssl
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from functools import partial
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import msgspec
 from pydantic import model_validator
 
-from dispatcher.api import Duration, Event, Outcome, Source, SourceConfig, SourceContext, SourceError, rfc3339
+from dispatcher.api import Duration, Event, Outcome, Run, Source, SourceConfig, SourceContext, SourceError, rfc3339
 
 try:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -105,54 +109,119 @@ class KafkaSourceConfig(SourceConfig):
         return options
 
 
-class Watermark:
-    """One partition's records in flight, in offset order: what may be committed is below the first unsettled.
+class Span:
+    """The records of one run in one partition, settled in parts, in any order.
 
-    Memory is bounded by the records in flight (the trigger's buffer and its batches).
+    While only parts are settled, their offsets are kept so that the settled prefix can be committed.
     """
 
-    __slots__ = ("_done", "_idle", "_pending", "committable", "committed")
+    __slots__ = ("done", "mark", "offsets", "prefix", "remaining")
+
+    def __init__(self, mark: Watermark, offsets: list[int]) -> None:
+        self.mark = mark
+        self.offsets = offsets
+        self.remaining = len(offsets)
+        self.done: set[int] = set()
+        self.prefix = 0
+        """How many of the first offsets are settled."""
+
+    def settle(self, records: list[Any]) -> None:
+        """``records`` of the run are settled (each record is settled once)."""
+        self.remaining -= len(records)
+        if self.remaining > 0:
+            prefix, count = self.prefix, len(records)
+            offsets = self.offsets
+            if (not self.done and records[0].offset == offsets[prefix]
+                    and records[-1].offset == offsets[prefix + count - 1]):
+                self.prefix = prefix + count  # the next slice of the run, in order: no set needed
+                self.mark.committable_from(self)
+                return
+            self.done.update(record.offset for record in records)
+        self.mark.advance()
+
+
+class Watermark:
+    """One partition's runs in flight, in offset order: what may be committed is below the first unsettled record.
+
+    Memory is bounded by the runs in flight (the trigger's buffer and its batches).
+    """
+
+    __slots__ = ("_idle", "_spans", "committable", "committed")
 
     def __init__(self, start: int) -> None:
         self._idle: anyio.Event | None = None
-        self._pending: deque[int] = deque()
-        self._done: set[int] = set()
+        self._spans: deque[Span] = deque()
         self.committable = start
         """The next offset to commit: every record below it is settled."""
         self.committed = start
 
-    def track(self, offset: int) -> None:
-        if not self._pending and offset > self.committable:
-            self.committable = offset  # records skipped (compacted, or transaction markers) need no settling
-        self._pending.append(offset)
+    def track(self, offsets: list[int]) -> Span:
+        """A run of records at ``offsets`` (ascending) is in flight."""
+        if not self._spans and offsets[0] > self.committable:
+            self.committable = offsets[0]  # records skipped (compacted, or transaction markers) need no settling
+        span = Span(self, offsets)
+        self._spans.append(span)
+        return span
 
-    def settle(self, offset: int) -> None:
-        self._done.add(offset)
-        while self._pending and self._pending[0] in self._done:
-            finished = self._pending.popleft()
-            self._done.discard(finished)
-            self.committable = finished + 1
-        if not self._pending and self._idle is not None:
+    def committable_from(self, span: Span) -> None:
+        """``span``'s settled prefix grew in order."""
+        if self._spans[0] is span:
+            self.committable = span.offsets[span.prefix - 1] + 1
+
+    def advance(self) -> None:
+        spans = self._spans
+        while spans:
+            span = spans[0]
+            if span.remaining <= 0:
+                self.committable = span.offsets[-1] + 1
+                spans.popleft()
+                continue
+            offsets, done, prefix = span.offsets, span.done, span.prefix
+            while offsets[prefix] in done:
+                done.discard(offsets[prefix])
+                prefix += 1
+            span.prefix = prefix
+            if prefix:
+                self.committable = offsets[prefix - 1] + 1
+            break
+        if not spans and self._idle is not None:
             self._idle.set()
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        """Records in flight."""
+        return sum(span.remaining for span in self._spans)
 
     async def idle(self) -> None:
         """Wait until no record of the partition is in flight."""
-        while self._pending:
+        while self._spans:
             self._idle = anyio.Event()
             await self._idle.wait()
 
 
-def to_event(record: Any, value_format: str) -> Event:
-    """A consumer record as a CloudEvent; a value that does not fit ``value_format`` travels as ``data_base64``."""
+_RAW_JSON = msgspec.json.Decoder(msgspec.Raw)
+
+
+def json_error(value: bytes) -> str | None:
+    """Why ``value`` is not RFC 8259 JSON in UTF-8, or None when it is."""
+    try:
+        _RAW_JSON.decode(value)  # the grammar, without building objects
+        value.decode("utf-8")
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return str(exc)
+    return None
+
+
+def to_event(record: Any, value_format: str, received: float | None = None) -> Event:
+    """A consumer record as a CloudEvent; a value that does not fit ``value_format`` travels as ``data_base64``.
+
+    A JSON value must be RFC 8259 JSON in UTF-8 (no NaN, no lone surrogates, no byte order
+    mark): what every consumer of the function's input can parse.
+    """
     topic, partition, offset = record.topic, record.partition, record.offset
     extensions: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
     if record.headers:
-        extensions["kafkaheaders"] = json.dumps(
-            {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in record.headers})
+        extensions["kafkaheaders"] = _headers_json(record.headers)
     key = record.key
     subject = None
     if key is not None:
@@ -165,22 +234,113 @@ def to_event(record: Any, value_format: str) -> Event:
         "id": f"{topic}/{partition}/{offset}", "source": f"kafka://{topic}/{partition}",
         "type": "eventswarm.kafka.record", "subject": subject, "partition": f"{topic}/{partition}",
         "time": rfc3339(record.timestamp / 1000) if record.timestamp and record.timestamp > 0 else None,
-        "extensions": extensions,
+        "extensions": extensions, "received": received,
     }
     value: bytes | None = record.value
     if value is None:
         return Event(data=None, **common)
     if value_format == "json":
-        try:
-            return Event(data=json.loads(value), **common)
-        except (ValueError, UnicodeDecodeError) as exc:
-            extensions["dataerror"] = f"not valid JSON: {exc}"[:200]
+        error = json_error(value)
+        if error is None:
+            try:
+                return Event(data=json.loads(value), **common)
+            except ValueError as exc:  # valid JSON Python cannot hold (an integer of 5000 digits)
+                error = str(exc)
+        extensions["dataerror"] = f"not valid JSON: {error}"[:200]
     elif value_format == "text":
         try:
             return Event(data=value.decode("utf-8"), datacontenttype="text/plain", **common)
         except UnicodeDecodeError as exc:
             extensions["dataerror"] = f"not valid UTF-8: {exc}"[:200]
     return Event(data_base64=value, **common)
+
+
+_KEYS: dict[bytes | None, tuple[str | None, bytes]] = {}
+"""Record keys seen lately: the event's subject, and its JSON members (with the extension saying how it is encoded)."""
+
+
+def _key(key: bytes | None) -> tuple[str | None, bytes]:
+    if key is None:
+        return None, b""
+    try:
+        subject, extra = key.decode("utf-8"), b""
+    except UnicodeDecodeError:
+        subject, extra = base64.b64encode(key).decode("ascii"), b',"keyencoding":"base64"'
+    if len(_KEYS) >= 4096:
+        _KEYS.clear()
+    known = _KEYS[key] = (subject, b',"subject":' + encode_basestring(subject).encode() + extra)
+    return known
+
+
+def _headers(record: Any) -> bytes:
+    return b',"kafkaheaders":' + encode_basestring(_headers_json(record.headers)).encode()
+
+
+def _headers_json(headers: Any) -> str:
+    return json.dumps({k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers})
+
+
+def _json_data(values: list[bytes | None]) -> list[bytes | None]:
+    """Each value as the event's data if it is JSON (else None: ``to_event`` says why)."""
+    try:
+        list(map(_RAW_JSON.decode, values))  # type: ignore[arg-type]
+        # Each value begins and ends with ASCII, so the whole is UTF-8 only if each value is.
+        b"".join(values).decode("utf-8")  # type: ignore[arg-type]
+        return values
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError):
+        return [value if value is not None and json_error(value) is None else None for value in values]
+
+
+def _text_data(values: list[bytes | None]) -> list[bytes | None]:
+    data: list[bytes | None] = []
+    for value in values:
+        try:
+            data.append(encode_basestring(value.decode("utf-8")).encode() if value is not None else None)
+        except UnicodeDecodeError:
+            data.append(None)
+    return data
+
+
+def _bytes_data(values: list[bytes | None]) -> list[bytes | None]:
+    return [b'"%s"' % base64.b64encode(value) if value is not None else None for value in values]
+
+
+_CONTENT = {"json": (b"application/json", b"data", _json_data), "text": (b"text/plain", b"data", _text_data),
+            "bytes": (b"application/octet-stream", b"data_base64", _bytes_data)}
+
+
+def encode_records(records: list[Any], value_format: str, received: float) -> tuple[list[bytes], list[str], list[str | None]]:
+    """The CloudEvents JSON, ids and subjects of consecutive records of one partition.
+
+    The same events as ``to_event`` would make (a test holds them equal), but built from a byte
+    template over whole lists, with a JSON value embedded as it came: this is the cost per record
+    of the whole source. A record without a value, or whose value does not fit ``value_format``,
+    goes through ``to_event``.
+    """
+    topic, partition = records[0].topic, records[0].partition
+    content, field, to_data = _CONTENT[value_format]
+
+    def literal(text: str) -> bytes:
+        return encode_basestring(text).encode().replace(b"%", b"%%")
+
+    prefix = f"{topic}/{partition}/"
+    template = b"".join((
+        b'{"specversion":"1.0","id":', literal(prefix)[:-1], b'%d","source":', literal(f"kafka://{topic}/{partition}"),
+        b',"type":"eventswarm.kafka.record","time":"%s","datacontenttype":"', content, b'"%s,"topic":', literal(topic),
+        b',"partition":', str(partition).encode(), b',"offset":%d,"', field, b'":%s}'))
+    offsets = [record.offset for record in records]
+    ids = [prefix + str(offset) for offset in offsets]
+    data = to_data([record.value for record in records])
+    stamps = [record.timestamp for record in records]
+    times = {stamp: rfc3339(stamp / 1000 if stamp and stamp > 0 else received).encode() for stamp in set(stamps)}
+    keys = [_KEYS.get(record.key) or _key(record.key) for record in records]
+    members = [key[1] for key in keys]  # the subject, and the extensions a record may add (their order is free)
+    if any(record.headers for record in records):
+        members = [member + _headers(record) if record.headers else member for member, record in zip(members, records, strict=True)]
+    encoded = [template % (offset, times[stamp], member, offset, value) if value is not None
+               else to_event(record, value_format, received).encode()
+               for offset, stamp, member, value, record in zip(offsets, stamps, members, data, records, strict=True)]
+    return encoded, ids, [key[0] for key in keys]
 
 
 class KafkaSource(Source[KafkaSourceConfig]):
@@ -229,7 +389,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 ctx.set_ready(False)
 
     async def _consume(self, ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
-        value_format = self.config.value_format
+        make = partial(to_event, value_format=self.config.value_format)
         while True:
             try:
                 fetched = await consumer.getmany(timeout_ms=500, max_records=2000)
@@ -237,38 +397,47 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 raise SourceError(f"Kafka fetch failed: {exc}") from exc
             for tp, records in fetched.items():
                 mark = self.marks.get(tp)
-                if mark is None:
+                if mark is None or not records:
                     continue  # revoked while the fetch was under way
-                for record in records:
-                    mark.track(record.offset)
-                    event = to_event(record, value_format)
-                    ack = self._acker(tp, mark, record)
-                    if not await ctx.offer(event, ack):
-                        await self._emit_paused(ctx, consumer, event, ack)
+                run = self._run(tp, mark, records, make)
+                if not await ctx.offer_run(run):
+                    await self._emit_paused(ctx, consumer, run)
 
-    async def _emit_paused(self, ctx: SourceContext, consumer: AIOKafkaConsumer, event: Event,
-                           ack: Callable[[Outcome], Awaitable[None]]) -> None:
+    def _run(self, tp: TopicPartition, mark: Watermark, records: list[Any], make: Callable[..., Event]) -> Run:
+        """One fetch's records of one partition as a run, tracked by the partition's watermark."""
+        received = time.time()
+        encoded, ids, subjects = encode_records(records, self.config.value_format, received)
+        span = mark.track([record.offset for record in records])
+        return Run(encoded, ids, records, partial(make, received=received), ack=self._settle, token=span,
+                   partition=f"{tp.topic}/{tp.partition}", subjects=subjects, received=received)
+
+    async def _emit_paused(self, ctx: SourceContext, consumer: AIOKafkaConsumer, run: Run) -> None:
         """The buffer is full: pause every partition, keep polling (to stay in the group) until there is room."""
         consumer.pause(*consumer.assignment())
         ctx.set_paused(True)
-        try:
+
+        async def poll() -> None:
             while True:
-                with anyio.move_on_after(1.0):
-                    await ctx.emit(event, ack)
-                    return
+                await anyio.sleep(1.0)
                 await consumer.getmany(timeout_ms=0)  # returns nothing for paused partitions
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(poll)
+                await ctx.emit_run(run)
+                tg.cancel_scope.cancel()
         finally:
             consumer.resume(*consumer.assignment())
             ctx.set_paused(False)
 
-    def _acker(self, tp: TopicPartition, mark: Watermark, record: Any) -> Callable[[Outcome], Awaitable[None]]:
-        async def ack(outcome: Outcome) -> None:
-            if outcome.status == "dead-lettered" and self._producer is not None:
+    async def _settle(self, run: Run, outcome: Outcome) -> None:
+        if outcome.status == "dead-lettered" and self._producer is not None:
+            for record in run.payloads:
                 await self._producer.send_and_wait(
                     self.config.dead_letter_topic, value=record.value, key=record.key,
-                    headers=[*(record.headers or ()), ("eventswarm-source", f"{tp.topic}/{tp.partition}/{record.offset}".encode())])
-            mark.settle(record.offset)  # a mark no longer in self.marks (revoked) changes nothing committed
-        return ack
+                    headers=[*(record.headers or ()),
+                             ("eventswarm-source", f"{record.topic}/{record.partition}/{record.offset}".encode())])
+        run.token.settle(run.payloads)  # a span of a revoked partition changes nothing committed
 
     async def commit(self, partitions: list[TopicPartition] | None = None) -> None:
         """Commit, per owned partition, every offset below its first unsettled record."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from dispatcher.errors import SourceError
-from dispatcher.events import Event, new_id, rfc3339
+from dispatcher.events import Event, Outcome, Run, RunAck, new_id, rfc3339
 from dispatcher.units import Duration, Size
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "HttpResponse",
     "Inbox",
     "Outcome",
+    "Run",
+    "RunAck",
     "Size",
     "Source",
     "SourceConfig",
@@ -40,26 +42,6 @@ class SourceConfig(BaseModel):
 
 
 ConfigT = TypeVar("ConfigT", bound=SourceConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How an event's delivery ended.
-
-    ``succeeded``: its function succeeded; ``dead-lettered``: retries were exhausted and it was
-    stored as a dead letter; ``dropped``: exhausted with ``on_exhausted = "drop"``, or filtered
-    out; ``failed``: a one-shot invocation (``SourceContext.invoke``) failed.
-    """
-
-    status: Literal["succeeded", "dead-lettered", "dropped", "failed"]
-    invocation_id: str | None = None
-    stdout: bytes = b""
-    exit_code: int | None = None
-
-    @property
-    def settled(self) -> bool:
-        """True when the source may acknowledge the event (it will not be delivered again)."""
-        return self.status != "failed"
 
 
 Ack = Callable[[Outcome], Awaitable[None]]
@@ -126,6 +108,14 @@ class SourceContext(Protocol):
 
     async def offer(self, event: Event, ack: Ack | None = None) -> bool:
         """``emit`` without waiting: False, and nothing taken, when the buffer is full."""
+        ...
+
+    async def emit_run(self, run: Run) -> None:
+        """Hand over a run of events at once (much cheaper per event than ``emit``); blocks while the buffer is full."""
+        ...
+
+    async def offer_run(self, run: Run) -> bool:
+        """``emit_run`` without waiting: False, and nothing taken, when the buffer has no room for the run."""
         ...
 
     async def invoke(self, event: Event) -> Outcome:

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Source
+from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Run, Source
 from dispatcher.config import ConfigBase, TriggerBase
 from dispatcher.dispatch import Dispatcher, TriggerStopped
 from dispatcher.errors import ExecutorError, SourceError
@@ -102,6 +102,12 @@ class Trigger:
 
     async def offer(self, event: Event, ack: Ack | None = None) -> bool:
         return await self.pipeline.offer(event, ack)
+
+    async def emit_run(self, run: Run) -> None:
+        await self.pipeline.emit_run(run)
+
+    async def offer_run(self, run: Run) -> bool:
+        return await self.pipeline.offer_run(run)
 
     async def invoke(self, event: Event) -> Outcome:
         self.metrics.events_received.labels(self.trigger).inc()

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import anyio
 
-from dispatcher.api import Ack, Outcome
+from dispatcher.api import Outcome
 from dispatcher.config import FunctionConfig, RetryConfig, TriggerBase
 from dispatcher.errors import ExecutorError
-from dispatcher.events import Event, new_id
+from dispatcher.events import Event, Run, new_id
 from dispatcher.executors import Executor, Invocation, Result
 from dispatcher.metrics import Metrics
 from dispatcher.store import (
@@ -54,14 +55,34 @@ class Attempt:
 
 
 class Delivery:
-    """An event on its way through the pipeline, with its source's ack and its failed attempts."""
+    """A run of events on its way through the dispatcher, with the failed attempts they share."""
 
-    __slots__ = ("ack", "attempts", "event")
+    __slots__ = ("attempts", "run")
 
-    def __init__(self, event: Event, ack: Ack | None) -> None:
-        self.event = event
-        self.ack = ack
-        self.attempts: list[Attempt] = []
+    def __init__(self, run: Run, attempts: list[Attempt] | None = None) -> None:
+        self.run = run
+        self.attempts = attempts if attempts is not None else []
+
+    def part(self, run: Run) -> Delivery:
+        """Some of this delivery's events, with a copy of their attempts so far."""
+        return Delivery(run, list(self.attempts))
+
+
+def halves(deliveries: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
+    """``deliveries`` cut in two with as many events on each side as can be (a run is cut if need be)."""
+    middle = sum(len(d.run) for d in deliveries) // 2
+    first: list[Delivery] = []
+    for index, delivery in enumerate(deliveries):
+        if middle == 0:
+            return first, deliveries[index:]
+        size = len(delivery.run)
+        if size <= middle:
+            first.append(delivery)
+            middle -= size
+            continue
+        return ([*first, delivery.part(delivery.run.slice(0, middle))],
+                [delivery.part(delivery.run.slice(middle)), *deliveries[index + 1:]])
+    return first, []
 
 
 def backoff(attempt: int, retry: RetryConfig, rand: random.Random | None = None) -> float:
@@ -72,8 +93,8 @@ def backoff(attempt: int, retry: RetryConfig, rand: random.Random | None = None)
     return float(delay)
 
 
-def failed_ids(stdout: bytes, batch_ids: set[str]) -> set[str] | None:
-    """The partial-failure result: ids named in a ``{"failed": [...]}`` last line of stdout, if any."""
+def failed_ids(stdout: bytes, batch_ids: Callable[[], set[str]]) -> set[str] | None:
+    """The partial-failure result: ids of the batch (``batch_ids()``) named in a ``{"failed": [...]}`` last line of stdout."""
     tail = stdout.rstrip()[-65536:]
     line = tail.rsplit(b"\n", 1)[-1].strip()
     if not line.startswith(b"{"):
@@ -84,7 +105,7 @@ def failed_ids(stdout: bytes, batch_ids: set[str]) -> set[str] | None:
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("failed"), list):
         return None
-    return {str(i) for i in doc["failed"]} & batch_ids
+    return {str(i) for i in doc["failed"]} & batch_ids()
 
 
 def render_args(args: Sequence[str], event: Event) -> list[str]:
@@ -101,10 +122,16 @@ def render_args(args: Sequence[str], event: Event) -> list[str]:
 _ABSENT = object()
 
 
-def input_document(trigger: str, function: str, batch_id: str, attempt: int, events: Sequence[Event]) -> bytes:
+def input_document(trigger: str, function: str, batch_id: str, attempt: int, runs: Sequence[Run]) -> bytes:
     head = json.dumps({"trigger": trigger, "function": function, "batch_id": batch_id, "attempt": attempt},
                       separators=(",", ":"))
-    return b"".join((head[:-1].encode(), b',"events":[', b",".join(e.encode() for e in events), b"]}"))
+    events = list(itertools.chain.from_iterable(run.encoded for run in runs))
+    if not events:
+        return head[:-1].encode() + b',"events":[]}'
+    # One join, so the document (megabytes for a big batch) is copied once: the head and tail ride on the ends.
+    events[0] = b"".join((head[:-1].encode(), b',"events":[', events[0]))
+    events[-1] = events[-1] + b"]}"
+    return b",".join(events)
 
 
 class Dispatcher:
@@ -126,7 +153,7 @@ class Dispatcher:
         self._acked = metrics.events_acked.labels(trigger)
         self.last_error: str | None = None
 
-    async def deliver(self, batch: list[Delivery]) -> None:
+    async def deliver(self, batch: list[Run]) -> None:
         """Run ``batch`` with retries and bisect until each event is acknowledged or handed back.
 
         Bisect splits a batch whose function failed into halves without using up attempts
@@ -134,17 +161,17 @@ class Dispatcher:
         of an event once it cannot be split further. Engine errors retry the whole batch.
         """
         retry = self.config.retry
-        queue: deque[tuple[list[Delivery], int]] = deque([(batch, 1)])
+        queue: deque[tuple[list[Delivery], int]] = deque([([Delivery(run) for run in batch], 1)])
         while queue:
             if self.draining.is_set():
                 return  # handed back: unacknowledged, the source delivers them again
             deliveries, attempt = queue.popleft()
-            result, error, permanent, invocation_id = await self._invoke([d.event for d in deliveries], attempt)
-            failed = self._failed(deliveries, result)
-            failing = {id(d) for d in failed}
-            for delivery in deliveries:
-                if id(delivery) not in failing:
-                    await self._ack(delivery, Outcome("succeeded", invocation_id, result.stdout if result else b"", 0))
+            result, error, permanent, invocation_id = await self._invoke([d.run for d in deliveries], attempt)
+            succeeded, failed = self._failed(deliveries, result)
+            if succeeded:
+                outcome = Outcome("succeeded", invocation_id, result.stdout if result else b"", 0)
+                for run in succeeded:
+                    await self._ack(run, outcome)
             if not failed:
                 continue
             record = Attempt(invocation_id, attempt, result.exit_code if result else None,
@@ -153,14 +180,14 @@ class Dispatcher:
             for delivery in failed:
                 delivery.attempts.append(record)
             function_failed = result is not None and not result.ok
-            if retry.bisect and function_failed and len(failed) > 1 and len(failed) == len(deliveries):
-                half = len(failed) // 2
-                queue.appendleft((failed[half:], attempt))
-                queue.appendleft((failed[:half], attempt))
+            if retry.bisect and function_failed and failed is deliveries and sum(len(d.run) for d in failed) > 1:
+                first, second = halves(failed)
+                queue.appendleft((second, attempt))
+                queue.appendleft((first, attempt))
                 continue
             now = time.time()
-            too_old = [d for d in failed if now - d.event.received > retry.max_event_age]
-            exhausted = failed if (permanent or attempt >= retry.max_attempts) else too_old
+            exhausted = failed if (permanent or attempt >= retry.max_attempts) else \
+                [d for d in failed if now - d.run.received > retry.max_event_age]
             for delivery in exhausted:
                 await self._exhaust(delivery)
             gone = {id(d) for d in exhausted}
@@ -172,19 +199,35 @@ class Dispatcher:
 
     async def invoke_once(self, event: Event) -> Outcome:
         """One attempt of ``event`` alone, no retries (a sync webhook's caller is waiting and retries itself)."""
-        result, _, _, invocation_id = await self._invoke([event], 1)
+        result, _, _, invocation_id = await self._invoke([Run.of([event])], 1)
         if result is not None and result.ok:
             self.metrics.events_acked.labels(self.trigger).inc()
             return Outcome("succeeded", invocation_id, result.stdout, 0)
         return Outcome("failed", invocation_id, result.stdout if result else b"", result.exit_code if result else None)
 
-    def _failed(self, deliveries: list[Delivery], result: Result | None) -> list[Delivery]:
+    def _failed(self, deliveries: list[Delivery], result: Result | None) -> tuple[list[Run], list[Delivery]]:
+        """What succeeded and what failed: all or nothing, unless a partial-failure line names events.
+
+        The failed list is ``deliveries`` itself when all of them failed.
+        """
         if result is None or not result.ok:
-            return deliveries
-        named = failed_ids(result.stdout, {d.event.id for d in deliveries})
+            return [], deliveries
+        named = failed_ids(result.stdout, lambda: {i for d in deliveries for i in d.run.ids})
         if not named:
-            return []
-        return [d for d in deliveries if d.event.id in named]
+            return [d.run for d in deliveries], []
+        succeeded: list[Run] = []
+        failed: list[Delivery] = []
+        for delivery in deliveries:
+            run = delivery.run
+            bad = [i for i, event_id in enumerate(run.ids) if event_id in named]
+            if not bad:
+                succeeded.append(run)
+                continue
+            good = [i for i in range(len(run)) if i not in set(bad)]
+            if good:
+                succeeded.append(run.select(good))
+            failed.append(delivery if len(bad) == len(run) else delivery.part(run.select(bad)))
+        return succeeded, failed
 
     async def _pause(self, delay: float) -> bool:
         """Wait ``delay`` before a retry; False when the daemon starts draining meanwhile."""
@@ -192,28 +235,30 @@ class Dispatcher:
             await self.draining.wait()
         return not self.draining.is_set()
 
-    async def _invoke(self, events: list[Event], attempt: int) -> tuple[Result | None, str | None, bool, str]:
+    async def _invoke(self, runs: list[Run], attempt: int) -> tuple[Result | None, str | None, bool, str]:
         """Run one invocation; returns (result, error, permanent error?, invocation id)."""
         invocation_id = new_id()
         queued = time.time()
+        ids = list(itertools.chain.from_iterable(run.ids for run in runs))
+        count = len(ids)
         await self.state.write(insert_invocation(InvocationRecord(
-            invocation_id, self.trigger, self.function_name, "queued", attempt, len(events), [e.id for e in events],
+            invocation_id, self.trigger, self.function_name, "queued", attempt, count, ids,
             None, None, queued, None, None, None)))
-        self.metrics.batch_size.labels(self.trigger).observe(len(events))
+        self.metrics.batch_size.labels(self.trigger).observe(count)
         result: Result | None = None
         error: str | None = None
         permanent = False
         try:
-            args = render_args(self.function.args, events[0]) if self.function.templated else list(self.function.args)
+            args = render_args(self.function.args, runs[0].event(0)) if self.function.templated else list(self.function.args)
         except KeyError as exc:
             error, permanent = f"cannot fill the function's args: event has no field {exc.args[0]!r}", True
         if error is None:
             invocation = Invocation(
                 id=invocation_id, trigger=self.trigger, function_name=self.function_name, function=self.function,
-                input=input_document(self.trigger, self.function_name, invocation_id, attempt, events),
+                input=input_document(self.trigger, self.function_name, invocation_id, attempt, runs),
                 env={"EVENTSWARM_TRIGGER": self.trigger, "EVENTSWARM_FUNCTION": self.function_name,
                      "EVENTSWARM_BATCH_ID": invocation_id, "EVENTSWARM_ATTEMPT": str(attempt),
-                     "EVENTSWARM_EVENT_COUNT": str(len(events))},
+                     "EVENTSWARM_EVENT_COUNT": str(count)},
                 args=args, owner=self.owner,
             )
             async with self.limiter:
@@ -239,7 +284,7 @@ class Dispatcher:
         if status != "succeeded":
             self.last_error = error
             log.warning("invocation %s of trigger %s failed (attempt %d, %d events): %s",
-                        invocation_id, self.trigger, attempt, len(events), error)
+                        invocation_id, self.trigger, attempt, count, error)
         with anyio.CancelScope(shield=True):
             await self.state.write(finish_invocation(
                 invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,
@@ -249,29 +294,32 @@ class Dispatcher:
 
     async def _exhaust(self, delivery: Delivery) -> None:
         policy = self.config.on_exhausted
+        run, tries = delivery.run, len(delivery.attempts)
+        what = f"event {run.ids[0]}" if len(run) == 1 else f"{len(run)} events (from {run.ids[0]})"
         if policy == "stop":
-            raise TriggerStopped(f"trigger {self.trigger!r} stopped: event {delivery.event.id} failed "
-                                 f"{len(delivery.attempts)} times (on_exhausted = \"stop\")")
+            raise TriggerStopped(f"trigger {self.trigger!r} stopped: {what} failed {tries} times "
+                                 f"(on_exhausted = \"stop\")")
+        last = delivery.attempts[-1].invocation_id
         if policy == "drop":
-            self.metrics.events_dropped.labels(self.trigger, "exhausted").inc()
-            log.warning("event %s of trigger %s dropped after %d attempts", delivery.event.id, self.trigger,
-                        len(delivery.attempts))
-            await self._ack(delivery, Outcome("dropped", delivery.attempts[-1].invocation_id))
+            self.metrics.events_dropped.labels(self.trigger, "exhausted").inc(len(run))
+            log.warning("%s of trigger %s dropped after %d attempts", what, self.trigger, tries)
+            await self._ack(run, Outcome("dropped", last))
             return
-        dead_letter = DeadLetter(new_id(), self.trigger, delivery.event.to_dict(),
-                                 [asdict(a) for a in delivery.attempts], time.time())
-        await self.state.write(insert_dead_letter(dead_letter))
-        self.metrics.dead_letters.labels(self.trigger).inc()
-        log.warning("event %s of trigger %s is dead letter %s after %d attempts", delivery.event.id, self.trigger,
-                    dead_letter.id, len(delivery.attempts))
-        await self._ack(delivery, Outcome("dead-lettered", delivery.attempts[-1].invocation_id))
+        attempts = [asdict(a) for a in delivery.attempts]
+        letters = [DeadLetter(new_id(), self.trigger, event.to_dict(), attempts, time.time()) for event in run.events()]
+        for letter in letters:
+            await self.state.write(insert_dead_letter(letter))
+        self.metrics.dead_letters.labels(self.trigger).inc(len(letters))
+        log.warning("%s of trigger %s stored as dead letter%s %s after %d attempts", what, self.trigger,
+                    "s" if len(letters) > 1 else "", ", ".join(letter.id for letter in letters[:3]) +
+                    (", …" if len(letters) > 3 else ""), tries)
+        await self._ack(run, Outcome("dead-lettered", last))
 
-    async def _ack(self, delivery: Delivery, outcome: Outcome) -> None:
-        self._acked.inc()
-        if delivery.ack is None:
+    async def _ack(self, run: Run, outcome: Outcome) -> None:
+        self._acked.inc(len(run))
+        if run.ack is None:
             return
         try:
-            await delivery.ack(outcome)
+            await run.ack(run, outcome)
         except Exception:
-            log.exception("acknowledging event %s of trigger %s failed", delivery.event.id, self.trigger)
-
+            log.exception("acknowledging %d events of trigger %s (from %s) failed", len(run), self.trigger, run.ids[0])

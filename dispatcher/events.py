@@ -6,8 +6,10 @@ import base64
 import json
 import os
 import time as _time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 _MISSING = object()
 _CORE = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data", "data_base64")
@@ -171,3 +173,107 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event(id={self.id!r}, source={self.source!r}, type={self.type!r})"
+
+
+def _same(payload: Any) -> Event:
+    return payload  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an event's delivery ended.
+
+    ``succeeded``: its function succeeded; ``dead-lettered``: retries were exhausted and it was
+    stored as a dead letter; ``dropped``: exhausted with ``on_exhausted = "drop"``, or filtered
+    out; ``failed``: a one-shot invocation (``SourceContext.invoke``) failed.
+    """
+
+    status: Literal["succeeded", "dead-lettered", "dropped", "failed"]
+    invocation_id: str | None = None
+    stdout: bytes = b""
+    exit_code: int | None = None
+
+    @property
+    def settled(self) -> bool:
+        """True when the source may acknowledge the event (it will not be delivered again)."""
+        return self.status != "failed"
+
+
+class Run:
+    """Events a source hands over together (say, consecutive records of one Kafka partition).
+
+    The pipeline queues, batches and acknowledges a run as one unit, so that the cost per event is
+    only its encoding. It looks at single events only to filter, to route by key, to cut a run at a
+    batch limit, or after a batch failed. ``encoded`` and ``ids`` are per event, in order;
+    ``payloads`` are what the source made them from (its records), turned into ``Event`` objects
+    by ``make`` only when one is needed. ``ack(run, outcome)`` is called for every part of the run
+    as that part is settled; parts share ``token``, the source's handle on the whole run.
+    ``subjects`` (per event, or None) route ``ordering = "key"``; ``partition`` routes
+    ``ordering = "partition"``.
+    """
+
+    __slots__ = ("_nbytes", "ack", "encoded", "ids", "make", "partition", "payloads", "received", "subjects", "token")
+
+    def __init__(self, encoded: list[bytes], ids: list[str], payloads: list[Any], make: Callable[[Any], Event] = _same,
+                 *, ack: RunAck | None = None, token: Any = None, partition: str | None = None,
+                 subjects: list[str | None] | None = None, received: float | None = None) -> None:
+        self.encoded = encoded
+        self.ids = ids
+        self.payloads = payloads
+        self.make = make
+        self.ack = ack
+        self.token = token
+        self.partition = partition
+        self.subjects = subjects
+        self.received = _time.time() if received is None else received
+        self._nbytes = -1
+
+    @classmethod
+    def of(cls, events: list[Event], ack: RunAck | None = None, token: Any = None) -> Run:
+        """A run of ready-made events (webhooks, replays); its partition is the first event's."""
+        return cls([e.encode() for e in events], [e.id for e in events], events, ack=ack, token=token,
+                   partition=events[0].partition if events else None, subjects=[e.subject for e in events],
+                   received=min((e.received for e in events), default=None))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        """What the run adds to a batch's input document: its encoded events and a separator each."""
+        if self._nbytes < 0:
+            self._nbytes = sum(map(len, self.encoded)) + len(self.encoded)
+        return self._nbytes
+
+    @nbytes.setter
+    def nbytes(self, value: int) -> None:
+        self._nbytes = value
+
+    def event(self, index: int) -> Event:
+        event = self.make(self.payloads[index])
+        event._encoded = self.encoded[index]
+        return event
+
+    def events(self) -> list[Event]:
+        return [self.event(i) for i in range(len(self.ids))]
+
+    def _part(self, encoded: list[bytes], ids: list[str], payloads: list[Any],
+              subjects: list[str | None] | None) -> Run:
+        return Run(encoded, ids, payloads, self.make, ack=self.ack, token=self.token, partition=self.partition,
+                   subjects=subjects, received=self.received)
+
+    def slice(self, start: int, stop: int | None = None) -> Run:
+        """Events ``start`` to ``stop`` as a run of their own, settled through the same ack."""
+        subjects = self.subjects[start:stop] if self.subjects is not None else None
+        return self._part(self.encoded[start:stop], self.ids[start:stop], self.payloads[start:stop], subjects)
+
+    def select(self, indexes: Sequence[int]) -> Run:
+        """The events at ``indexes`` (in that order) as a run of their own, settled through the same ack."""
+        subjects = self.subjects
+        return self._part([self.encoded[i] for i in indexes], [self.ids[i] for i in indexes],
+                          [self.payloads[i] for i in indexes],
+                          [subjects[i] for i in indexes] if subjects is not None else None)
+
+
+RunAck = Callable[[Run, Outcome], Awaitable[None]]
+"""Called for each part of a run when that part is settled; the source acknowledges it there."""

@@ -2,57 +2,131 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
+import operator
 import zlib
+from collections import defaultdict, deque
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dispatcher.api import Ack, Outcome
 from dispatcher.config import TriggerBase
-from dispatcher.dispatch import Delivery, Dispatcher
-from dispatcher.events import Event
+from dispatcher.dispatch import Dispatcher
+from dispatcher.events import Event, Run
 from dispatcher.filters import compile_filter
 from dispatcher.metrics import Metrics
 
 log = logging.getLogger("eventswarm.pipeline")
 
+STICKY_PARTITIONS = 4096
+"""Partitions given lanes in turn; later ones are hashed to a lane (the map never forgets, so a partition never moves)."""
+
 
 class BatchBuilder:
-    """Collects deliveries into one batch within ``max_events`` and ``max_bytes``.
+    """Collects runs of events into one batch within ``max_events`` and ``max_bytes``.
 
-    An event larger than ``max_bytes`` on its own still forms a batch of one: it is never stuck.
+    ``room`` says how many of a run's leading events fit; a run that does not fit whole is cut
+    there. An event larger than ``max_bytes`` on its own still forms a batch of one: it is never stuck.
     """
 
-    __slots__ = ("bytes", "items", "max_bytes", "max_events")
+    __slots__ = ("bytes", "count", "max_bytes", "max_events", "runs")
 
     def __init__(self, max_events: int, max_bytes: int) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self.items: list[Delivery] = []
+        self.runs: list[Run] = []
+        self.count = 0
         self.bytes = 0
 
-    def fits(self, delivery: Delivery) -> bool:
-        if not self.items:
-            return True
-        return len(self.items) < self.max_events and self.bytes + delivery.event.size + 1 <= self.max_bytes
+    def room(self, run: Run) -> int:
+        """How many of ``run``'s first events fit (at least 1 in an empty batch)."""
+        events = min(len(run), self.max_events - self.count)
+        space = self.max_bytes - self.bytes
+        if run.nbytes <= space:
+            return events  # all of it fits the bytes: the count decides
+        sizes = map(operator.add, map(len, run.encoded[:events]), itertools.repeat(1))  # each event and its comma
+        fits = bisect.bisect_right(list(itertools.accumulate(sizes)), space)
+        return fits if fits or self.count else 1
 
-    def add(self, delivery: Delivery) -> None:
-        self.items.append(delivery)
-        self.bytes += delivery.event.size + 1
+    def add(self, run: Run) -> None:
+        self.runs.append(run)
+        self.count += len(run)
+        self.bytes += run.nbytes
 
     @property
     def full(self) -> bool:
-        return len(self.items) >= self.max_events or self.bytes >= self.max_bytes
+        return self.count >= self.max_events or self.bytes >= self.max_bytes
 
-    def take(self) -> list[Delivery]:
-        items, self.items, self.bytes = self.items, [], 0
-        return items
+    def take(self) -> list[Run]:
+        runs, self.runs, self.count, self.bytes = self.runs, [], 0, 0
+        return runs
+
+
+class RunQueue:
+    """A lane's bounded queue of runs. Its capacity counts events; a run larger than the capacity
+    still enters an empty queue, so memory is bounded by the capacity or the largest run."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.count = 0
+        self.runs: deque[Run] = deque()
+        self.closed = False
+        self._arrived = anyio.Event()
+        self._left = anyio.Event()
+
+    def has_room(self, run: Run) -> bool:
+        return not self.count or self.count + len(run) <= self.capacity
+
+    def put_nowait(self, run: Run) -> bool:
+        if self.closed:
+            raise anyio.ClosedResourceError
+        if not self.has_room(run):
+            return False
+        self.runs.append(run)
+        self.count += len(run)
+        self._arrived.set()
+        return True
+
+    async def put(self, run: Run) -> None:
+        while not self.put_nowait(run):
+            if self._left.is_set():
+                self._left = anyio.Event()
+            await self._left.wait()
+
+    async def wait(self) -> None:
+        """Wait until a run is queued."""
+        while not self.runs:
+            if self.closed:
+                raise anyio.ClosedResourceError
+            if self._arrived.is_set():
+                self._arrived = anyio.Event()
+            await self._arrived.wait()
+
+    def take(self, count: int) -> Run:
+        """The first ``count`` events of the first run (the run itself when that is all of it)."""
+        head = self.runs[0]
+        if count >= len(head):
+            self.runs.popleft()
+            taken = head
+        else:
+            taken, rest = head.slice(0, count), head.slice(count)
+            rest.nbytes = head.nbytes - taken.nbytes
+            self.runs[0] = rest
+        self.count -= len(taken)
+        self._left.set()
+        return taken
+
+    def close(self) -> None:
+        self.closed = True
+        self._arrived.set()
+        self._left.set()
 
 
 class Lane:
-    """One bounded queue of deliveries and the batches cut from it.
+    """One bounded queue of runs and the batches cut from it.
 
     With ``ordering = "none"`` a trigger has one lane that all its workers cut batches from (one
     worker at a time); with ``key`` or ``partition``, one lane per worker, so a key or partition,
@@ -60,47 +134,36 @@ class Lane:
     """
 
     def __init__(self, capacity: int, max_events: int, max_bytes: int, max_wait: float) -> None:
-        self.send: MemoryObjectSendStream[Delivery]
-        self.receive: MemoryObjectReceiveStream[Delivery]
-        self.send, self.receive = anyio.create_memory_object_stream[Delivery](capacity)
+        self.queue = RunQueue(capacity)
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.max_wait = max_wait
-        self._carry: Delivery | None = None
         self._lock = anyio.Lock()
 
     @property
     def depth(self) -> int:
-        return self.receive.statistics().current_buffer_used + (self._carry is not None)
+        return self.queue.count
 
-    async def next_batch(self) -> list[Delivery]:
+    async def next_batch(self) -> list[Run]:
         """The next batch: waits for a first event, then up to ``max_wait`` for more, until a limit is hit."""
         async with self._lock:
+            queue = self.queue
             builder = BatchBuilder(self.max_events, self.max_bytes)
-            if self._carry is not None:
-                builder.add(self._carry)
-                self._carry = None
-            else:
-                builder.add(await self.receive.receive())
+            await queue.wait()
             deadline = anyio.current_time() + self.max_wait
-            while not builder.full:
-                try:
-                    delivery = self.receive.receive_nowait()
-                except anyio.WouldBlock:
-                    remaining = deadline - anyio.current_time()
-                    if remaining <= 0:
-                        break
-                    waited: Delivery | None = None
-                    with anyio.move_on_after(remaining):
-                        waited = await self.receive.receive()
-                    if waited is None:
-                        break
-                    delivery = waited
-                if not builder.fits(delivery):
-                    self._carry = delivery
-                    break
-                builder.add(delivery)
-            return builder.take()
+            while True:
+                while queue.runs:
+                    head = queue.runs[0]
+                    fits = builder.room(head)
+                    if fits:
+                        builder.add(queue.take(fits))
+                    if fits < len(head) or builder.full:
+                        return builder.take()
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    return builder.take()
+                with anyio.move_on_after(remaining):
+                    await queue.wait()
 
 
 class Pipeline:
@@ -124,6 +187,7 @@ class Pipeline:
             self.lanes = [Lane(capacity, max_events, batch.max_bytes, batch.max_wait) for _ in range(count)]
             self.workers_per_lane = 1
         self._round_robin = 0
+        self._sticky: dict[str, int] = {}
         self._collecting: set[anyio.CancelScope] = set()
         self._received = metrics.events_received.labels(trigger)
         metrics.buffered.labels(trigger).set_function(lambda: self.depth)
@@ -132,43 +196,84 @@ class Pipeline:
     def depth(self) -> int:
         return sum(lane.depth for lane in self.lanes)
 
-    def _lane(self, event: Event) -> Lane:
-        if len(self.lanes) == 1:
-            return self.lanes[0]
-        key = event.subject if self.config.ordering == "key" else event.partition
+    def _routed(self, run: Run) -> list[tuple[Lane, Run]]:
+        """The lanes ``run`` goes to: by partition, or split by key (each key's events in order), or the one lane."""
+        lanes = self.lanes
+        if len(lanes) == 1:
+            return [(lanes[0], run)]
+        if self.config.ordering == "partition" or run.subjects is None:
+            return [(self._partition_lane(run.partition), run)]
+        by_lane: defaultdict[int, list[int]] = defaultdict(list)
+        for index, subject in enumerate(run.subjects):
+            by_lane[self._lane_index(subject)].append(index)
+        if len(by_lane) == 1:
+            return [(lanes[next(iter(by_lane))], run)]
+        return [(lanes[lane], run.select(indexes)) for lane, indexes in by_lane.items()]
+
+    def _lane_index(self, key: str | None) -> int:
         if key is None:
             self._round_robin += 1
-            return self.lanes[self._round_robin % len(self.lanes)]
-        return self.lanes[zlib.crc32(key.encode()) % len(self.lanes)]
+            return self._round_robin % len(self.lanes)
+        return zlib.crc32(key.encode()) % len(self.lanes)
+
+    def _partition_lane(self, partition: str | None) -> Lane:
+        """A partition's lane: the next lane in turn when first seen (so 4 partitions over 4 lanes never
+        share one), then always the same; past ``STICKY_PARTITIONS`` distinct partitions, by hash."""
+        index = self._sticky.get(partition) if partition is not None else None
+        if index is None:
+            if partition is not None and len(self._sticky) < STICKY_PARTITIONS:
+                index = self._sticky[partition] = len(self._sticky) % len(self.lanes)
+            else:
+                index = self._lane_index(partition)
+        return self.lanes[index]
 
     async def emit(self, event: Event, ack: Ack | None = None) -> None:
         """Filter ``event`` and put it in its lane, waiting while the lane is full (the backpressure)."""
-        self._received.inc()
-        if await self._filtered_out(event, ack):
-            return
-        await self._lane(event).send.send(Delivery(event, ack))
+        await self.emit_run(_single(event, ack))
 
     async def offer(self, event: Event, ack: Ack | None = None) -> bool:
         """``emit`` without waiting: False (and nothing taken) when the event's lane is full."""
-        if self.filter is not None and not self.filter(event):
-            self._received.inc()
-            await self._filtered_out(event, ack)
-            return True
-        try:
-            self._lane(event).send.send_nowait(Delivery(event, ack))
-        except anyio.WouldBlock:
+        return await self.offer_run(_single(event, ack))
+
+    async def emit_run(self, run: Run) -> None:
+        """Filter ``run`` and put it in its lanes, waiting while one is full (the backpressure)."""
+        self._received.inc(len(run))
+        kept = await self._filter(run)
+        if kept is None:
+            return
+        for lane, part in self._routed(kept):
+            await lane.queue.put(part)
+
+    async def offer_run(self, run: Run) -> bool:
+        """``emit_run`` without waiting: False (and nothing taken) when a lane it may go to lacks room for it."""
+        if len(self.lanes) == 1:
+            lanes = self.lanes
+        elif self.config.ordering == "partition" and run.partition is not None:
+            lanes = [self._partition_lane(run.partition)]
+        else:
+            lanes = self.lanes  # split by key: every lane must have room for all of it
+        if not all(lane.queue.has_room(run) for lane in lanes):
             return False
-        self._received.inc()
+        await self.emit_run(run)
         return True
 
-    async def _filtered_out(self, event: Event, ack: Ack | None) -> bool:
-        if self.filter is None or self.filter(event):
-            return False
-        self.metrics.events_dropped.labels(self.trigger, "filtered").inc()
-        self.metrics.events_acked.labels(self.trigger).inc()
-        if ack is not None:
-            await ack(Outcome("dropped"))
-        return True
+    async def _filter(self, run: Run) -> Run | None:
+        """The events of ``run`` the trigger's filter keeps (None if none); the others are acknowledged as dropped."""
+        if self.filter is None:
+            return run
+        keep: list[int] = []
+        drop: list[int] = []
+        for index, event in enumerate(run.events()):
+            (keep if self.filter(event) else drop).append(index)
+        if drop:
+            dropped = run.select(drop)
+            self.metrics.events_dropped.labels(self.trigger, "filtered").inc(len(dropped))
+            self.metrics.events_acked.labels(self.trigger).inc(len(dropped))
+            if dropped.ack is not None:
+                await dropped.ack(dropped, Outcome("dropped"))
+        if not keep:
+            return None
+        return run if not drop else run.select(keep)
 
     async def run(self) -> None:
         """Cut batches and deliver them until ``drain`` is called; the caller's scope bounds the rest."""
@@ -180,8 +285,7 @@ class Pipeline:
     def close(self) -> None:
         """Release the lanes' streams (what is still in them is handed back, never acknowledged)."""
         for lane in self.lanes:
-            lane.send.close()
-            lane.receive.close()
+            lane.queue.close()
 
     def drain(self) -> None:
         """Stop cutting new batches; batches in flight finish (or are handed back at their next retry)."""
@@ -200,3 +304,13 @@ class Pipeline:
             if scope.cancelled_caught or self.dispatcher.draining.is_set():
                 return  # what was collected is handed back: never acknowledged
             await self.dispatcher.deliver(batch)
+
+
+def _single(event: Event, ack: Ack | None) -> Run:
+    """A run of one event whose ack is the per-event ``ack``."""
+    if ack is None:
+        return Run.of([event])
+
+    async def settle(_: Run, outcome: Outcome) -> None:
+        await ack(outcome)
+    return Run.of([event], settle)

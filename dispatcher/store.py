@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import msgspec
 
 from dispatcher.events import Event
 
@@ -244,7 +245,7 @@ def insert_invocation(record: InvocationRecord) -> Write:
         conn.execute(
             f"INSERT OR REPLACE INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size,
-             json.dumps(record.event_ids), record.exit_code, record.error, record.queued_at, record.started_at,
+             msgspec.json.encode(record.event_ids).decode(), record.exit_code, record.error, record.queued_at, record.started_at,
              record.finished_at, record.executor_ref),
         )
     return write

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ class ProcessExecutor:
         self.config = config
 
     async def start(self) -> None:
-        return None
+        _watch_children_with_pidfds()
 
     async def ping(self) -> bool:
         return True
@@ -41,8 +43,9 @@ class ProcessExecutor:
         argv = [*invocation.function.command, *invocation.args]
         if not argv:
             raise ExecutorError(f"function {invocation.function_name!r} has no command", temporary=False)
-        with tempfile.TemporaryDirectory(prefix="eventswarm-") as scratch:
-            input_path = Path(scratch) / "input.json"
+        scratch = tempfile.mkdtemp(prefix="eventswarm-")
+        input_path = Path(scratch) / "input.json"
+        try:
             await anyio.Path(input_path).write_bytes(invocation.input)
             env = {**os.environ, **environment(invocation, str(input_path))}
             started = time.monotonic()
@@ -54,6 +57,12 @@ class ProcessExecutor:
             except OSError as exc:
                 raise ExecutorError(f"cannot start {argv[0]!r}: {exc}", temporary=False) from exc
             return await self._supervise(process, invocation, started)
+        finally:
+            try:  # the common case, cheaper than rmtree: the function left only its input behind
+                input_path.unlink(missing_ok=True)
+                os.rmdir(scratch)
+            except OSError:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     async def _supervise(self, process: Process, invocation: Invocation, started: float) -> Result:
         stdout, stderr = Capture(self.config.output_limit), Capture(self.config.output_limit)
@@ -119,3 +128,22 @@ async def _drain(stream: ByteReceiveStream, capture: Capture) -> None:
             capture.write(chunk)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass
+
+
+def _watch_children_with_pidfds() -> None:
+    """Python 3.11's asyncio waits for each child in a thread of its own; a pidfd needs no thread (3.12 does this itself)."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+        os.close(os.pidfd_open(os.getpid()))  # refused under some seccomp profiles: then keep the default
+    except (RuntimeError, OSError):
+        return
+    watcher = asyncio.get_child_watcher()
+    if type(watcher) is asyncio.ThreadedChildWatcher:  # the default, not one the host application chose
+        watcher = asyncio.PidfdChildWatcher()
+        asyncio.set_child_watcher(watcher)
+    if isinstance(watcher, asyncio.PidfdChildWatcher) and not watcher.is_active():
+        watcher.attach_loop(loop)  # 3.11's is bound to one loop: ours, or an earlier one that has ended

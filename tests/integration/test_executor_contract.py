@@ -11,7 +11,7 @@ import pytest
 
 from dispatcher.config import ExecutorConfig, FunctionConfig
 from dispatcher.dispatch import input_document, render_args
-from dispatcher.events import Event
+from dispatcher.events import Event, Run
 from dispatcher.executors import Invocation
 from dispatcher.executors.base import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TRIGGER
 from dispatcher.executors.docker import DockerExecutor
@@ -55,7 +55,7 @@ def invocation(script: str, events: list[Event] | None = None, *, args: list[str
     inv_id = Event(source="x", type="x").id
     return Invocation(
         id=inv_id, trigger="contract", function_name="fn", function=fn,
-        input=input_document("contract", "fn", inv_id, 1, events),
+        input=input_document("contract", "fn", inv_id, 1, [Run.of(events)]),
         env={"EVENTSWARM_TRIGGER": "contract", "EVENTSWARM_FUNCTION": "fn", "EVENTSWARM_BATCH_ID": inv_id,
              "EVENTSWARM_ATTEMPT": "1", "EVENTSWARM_EVENT_COUNT": str(len(events))},
         args=render_args(args, events[0]) if args else [], owner=owner,

@@ -122,8 +122,9 @@ async def test_key_ordering_keeps_each_keys_order_while_different_keys_run_concu
     topic = new_topic(kafka_broker, 2)
     keys = [f"key-{k}" for k in range(8)]
     produce(kafka_broker, topic, ((keys[i % 8].encode(), json.dumps({"n": i}).encode()) for i in range(800)))
-    script = ("input=$(cat); echo \"$input\" | grep -o '\"subject\":\"key-[0-9]*\"[^}]*\"n\":[0-9]*' "
-              "| sed 's/\"subject\":\"\\(key-[0-9]*\\)\".*\"n\":\\([0-9]*\\)/\\1 \\2/'; sleep 0.3")
+    # The value arrives as produced, {"n": 7} with its space.
+    script = ("input=$(cat); echo \"$input\" | grep -o '\"subject\":\"key-[0-9]*\"[^}]*\"n\": *[0-9]*' "
+              "| sed 's/\"subject\":\"\\(key-[0-9]*\\)\".*\"n\": *\\([0-9]*\\)/\\1 \\2/'; sleep 0.3")
     doc = config(tmp_path, kafka_broker, topic, script, executor="docker", ordering="key", max_in_flight=4,
                  batch={"max_events": 20, "max_wait": "20ms"})
     async with running_daemon(doc):

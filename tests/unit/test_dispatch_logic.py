@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher.config import RetryConfig
-from dispatcher.dispatch import backoff, failed_ids, input_document, render_args
-from dispatcher.events import Event
+from dispatcher.dispatch import Delivery, backoff, failed_ids, halves, input_document, render_args
+from dispatcher.events import Event, Run
 from dispatcher.executors import Capture
 
 
@@ -28,12 +28,12 @@ def test_jittered_backoff_stays_between_half_and_the_full_delay(attempt, seed):
 
 def test_the_last_stdout_line_names_the_failed_events():
     stdout = b'working\n{"failed": ["b", "zzz"]}\n'
-    assert failed_ids(stdout, {"a", "b", "c"}) == {"b"}
+    assert failed_ids(stdout, lambda: {"a", "b", "c"}) == {"b"}
 
 
 @pytest.mark.parametrize("stdout", [b"", b"done\n", b'{"failed": "b"}', b'{"failed": ["b"]}\nmore output\n', b"{not json"])
 def test_without_a_failed_list_on_the_last_line_there_is_no_partial_failure(stdout):
-    assert failed_ids(stdout, {"b"}) is None
+    assert failed_ids(stdout, lambda: {"b"}) is None
 
 
 def test_args_templates_fill_from_event_fields():
@@ -45,7 +45,7 @@ def test_args_templates_fill_from_event_fields():
 
 def test_the_input_document_is_json_with_the_events_as_cloudevents():
     events = [Event(source="s", type="t", data={"n": i}) for i in range(3)]
-    doc = json.loads(input_document("votes", "record", "b1", 2, events))
+    doc = json.loads(input_document("votes", "record", "b1", 2, [Run.of(events[:1]), Run.of(events[1:])]))
     assert doc["trigger"] == "votes" and doc["function"] == "record" and doc["batch_id"] == "b1" and doc["attempt"] == 2
     assert [e["data"]["n"] for e in doc["events"]] == [0, 1, 2]
     assert all(e["specversion"] == "1.0" for e in doc["events"])
@@ -67,3 +67,14 @@ def test_event_round_trips_through_cloudevents_json():
     back = Event.decode(event.encode())
     assert back.to_dict() == event.to_dict()
     assert back.data_base64 == b"\xff\x00"
+
+
+@given(st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=12))
+def test_bisect_halves_cut_runs_into_equal_event_counts_in_order(sizes):
+    deliveries = [Delivery(Run.of([Event(source="s", type="t") for _ in range(n)])) for n in sizes]
+    first, second = halves(deliveries)
+    total = sum(sizes)
+    left, right = (sum(len(d.run) for d in side) for side in (first, second))
+    assert left == total // 2 and right == total - total // 2
+    assert [i for d in first + second for i in d.run.ids] == [i for d in deliveries for i in d.run.ids]
+    assert all(len(d.run) for d in first + second)
