@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fanout import baseline_rate  # noqa: E402
 from dispatcher.config import parse  # noqa: E402
-from dispatcher.daemon import Daemon  # noqa: E402
+from dispatcher.daemon import Daemon, tune_gc  # noqa: E402
 from tests.kafka import new_topic, produce  # noqa: E402
 
 BROKER = "127.0.0.1:19092"
@@ -88,6 +88,7 @@ async def raw_getmany(topic: str, total: int) -> dict[str, float]:
 
 
 def main() -> None:
+    tune_gc()  # as `eventswarm run` does; the raw loop below runs in this process too
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=500_000)
     parser.add_argument("--rounds", type=int, default=ROUNDS)

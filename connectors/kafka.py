@@ -21,7 +21,7 @@ from collections.abc import Callable
 from functools import partial
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import anyio
 import msgspec
@@ -109,6 +109,23 @@ class KafkaSourceConfig(SourceConfig):
         return options
 
 
+Payload = tuple[int, int, bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]
+"""What a run keeps of a record: offset, timestamp, key, value, headers. A tuple of these holds no
+object the garbage collector must track, so a full buffer costs the collector nothing."""
+
+
+class Record(NamedTuple):
+    """A record as ``to_event`` reads it (aiokafka's ``ConsumerRecord`` has the same fields)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+
 class Span:
     """The records of one run in one partition, settled in parts, in any order.
 
@@ -125,18 +142,18 @@ class Span:
         self.prefix = 0
         """How many of the first offsets are settled."""
 
-    def settle(self, records: list[Any]) -> None:
+    def settle(self, records: list[Payload]) -> None:
         """``records`` of the run are settled (each record is settled once)."""
         self.remaining -= len(records)
         if self.remaining > 0:
             prefix, count = self.prefix, len(records)
             offsets = self.offsets
-            if (not self.done and records[0].offset == offsets[prefix]
-                    and records[-1].offset == offsets[prefix + count - 1]):
+            if (not self.done and records[0][0] == offsets[prefix]
+                    and records[-1][0] == offsets[prefix + count - 1]):
                 self.prefix = prefix + count  # the next slice of the run, in order: no set needed
                 self.mark.committable_from(self)
                 return
-            self.done.update(record.offset for record in records)
+            self.done.update(record[0] for record in records)
         self.mark.advance()
 
 
@@ -309,7 +326,8 @@ _CONTENT = {"json": (b"application/json", b"data", _json_data), "text": (b"text/
             "bytes": (b"application/octet-stream", b"data_base64", _bytes_data)}
 
 
-def encode_records(records: list[Any], value_format: str, received: float) -> tuple[list[bytes], list[str], list[str | None]]:
+def encode_records(records: list[Any], value_format: str,
+                   received: float) -> tuple[list[bytes], list[str], list[str | None], list[Payload]]:
     """The CloudEvents JSON, ids and subjects of consecutive records of one partition.
 
     The same events as ``to_event`` would make (a test holds them equal), but built from a byte
@@ -330,17 +348,21 @@ def encode_records(records: list[Any], value_format: str, received: float) -> tu
         b',"partition":', str(partition).encode(), b',"offset":%d,"', field, b'":%s}'))
     offsets = [record.offset for record in records]
     ids = [prefix + str(offset) for offset in offsets]
-    data = to_data([record.value for record in records])
+    values = [record.value for record in records]
+    data = to_data(values)
     stamps = [record.timestamp for record in records]
     times = {stamp: rfc3339(stamp / 1000 if stamp and stamp > 0 else received).encode() for stamp in set(stamps)}
     keys = [_KEYS.get(record.key) or _key(record.key) for record in records]
     members = [key[1] for key in keys]  # the subject, and the extensions a record may add (their order is free)
+    headers: list[tuple[tuple[str, bytes], ...]] = [()] * len(records)
     if any(record.headers for record in records):
         members = [member + _headers(record) if record.headers else member for member, record in zip(members, records, strict=True)]
+        headers = [tuple(record.headers) for record in records]
     encoded = [template % (offset, times[stamp], member, offset, value) if value is not None
                else to_event(record, value_format, received).encode()
                for offset, stamp, member, value, record in zip(offsets, stamps, members, data, records, strict=True)]
-    return encoded, ids, [key[0] for key in keys]
+    payloads = list(zip(offsets, stamps, [record.key for record in records], values, headers, strict=True))
+    return encoded, ids, [key[0] for key in keys], payloads
 
 
 class KafkaSource(Source[KafkaSourceConfig]):
@@ -406,9 +428,12 @@ class KafkaSource(Source[KafkaSourceConfig]):
     def _run(self, tp: TopicPartition, mark: Watermark, records: list[Any], make: Callable[..., Event]) -> Run:
         """One fetch's records of one partition as a run, tracked by the partition's watermark."""
         received = time.time()
-        encoded, ids, subjects = encode_records(records, self.config.value_format, received)
-        span = mark.track([record.offset for record in records])
-        return Run(encoded, ids, records, partial(make, received=received), ack=self._settle, token=span,
+        encoded, ids, subjects, payloads = encode_records(records, self.config.value_format, received)
+        span = mark.track([payload[0] for payload in payloads])
+
+        def event(payload: Payload) -> Event:
+            return make(Record(tp.topic, tp.partition, *payload), received=received)
+        return Run(encoded, ids, payloads, event, ack=self._settle, token=span,
                    partition=f"{tp.topic}/{tp.partition}", subjects=subjects, received=received)
 
     async def _emit_paused(self, ctx: SourceContext, consumer: AIOKafkaConsumer, run: Run) -> None:
@@ -432,11 +457,10 @@ class KafkaSource(Source[KafkaSourceConfig]):
 
     async def _settle(self, run: Run, outcome: Outcome) -> None:
         if outcome.status == "dead-lettered" and self._producer is not None:
-            for record in run.payloads:
+            for offset, _, key, value, headers in run.payloads:
                 await self._producer.send_and_wait(
-                    self.config.dead_letter_topic, value=record.value, key=record.key,
-                    headers=[*(record.headers or ()),
-                             ("eventswarm-source", f"{record.topic}/{record.partition}/{record.offset}".encode())])
+                    self.config.dead_letter_topic, value=value, key=key,
+                    headers=[*headers, ("eventswarm-source", f"{run.partition}/{offset}".encode())])
         run.token.settle(run.payloads)  # a span of a revoked partition changes nothing committed
 
     async def commit(self, partitions: list[TopicPartition] | None = None) -> None:

@@ -89,10 +89,11 @@ def main() -> None:
 def run(config_path: str | None) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     from dispatcher import logs
-    from dispatcher.daemon import Daemon
+    from dispatcher.daemon import Daemon, tune_gc
 
     config = _load(config_path)
     logs.configure(config.daemon.log_level, config.daemon.log_format)
+    tune_gc()
     try:
         daemon = Daemon(config)
         anyio.run(daemon.run)

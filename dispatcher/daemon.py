@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import signal
@@ -184,6 +185,19 @@ class Trigger:
             "paused": self.paused,
             "last_error": self.stopped or self.dispatcher.last_error or self.source_error,
         }
+
+
+GC_THRESHOLDS = (10_000, 10, 10)
+"""The collector's thresholds in the daemon process. With the interpreter's default (700 new objects
+start a collection) a busy trigger runs hundreds of collections a second, each walking the lists
+that hold the buffered events: measured at up to a fifth of the event loop's time with 50,000 Kafka
+records buffered. Garbage without cycles is freed at once either way."""
+
+
+def tune_gc() -> None:
+    """Set ``GC_THRESHOLDS`` unless the process already chose its own (``eventswarm run`` calls this)."""
+    if gc.get_threshold()[0] == 700:
+        gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Daemon:
