@@ -241,9 +241,12 @@ class Dispatcher:
         queued = time.time()
         ids = list(itertools.chain.from_iterable(run.ids for run in runs))
         count = len(ids)
-        await self.state.write(insert_invocation(InvocationRecord(
-            invocation_id, self.trigger, self.function_name, "queued", attempt, count, ids,
-            None, None, queued, None, None, None)))
+        record = insert_invocation(InvocationRecord(invocation_id, self.trigger, self.function_name, "queued", attempt,
+                                                    count, ids, None, None, queued, None, None, None))
+        if self.limiter.available_tokens:
+            self.state.write_soon(record)  # committed with the start just below: one transaction less per batch
+        else:
+            await self.state.write(record)  # it waits for a slot: visible as queued meanwhile
         self.metrics.batch_size.labels(self.trigger).observe(count)
         result: Result | None = None
         error: str | None = None

@@ -326,6 +326,10 @@ class StateStore:
     async def read(self, fn: Callable[[Store], T]) -> T:
         return await anyio.to_thread.run_sync(fn, self.store, limiter=self._thread)
 
+    def write_soon(self, *writes: Write) -> None:
+        """Queue ``writes`` for the next transaction (the next ``write`` commits them first, in order)."""
+        self._pending.extend(writes)
+
     async def write(self, *writes: Write) -> None:
         """Run ``writes`` in a transaction shared with every write waiting at the same time; return once committed."""
         self._pending.extend(writes)

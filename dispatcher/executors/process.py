@@ -26,6 +26,7 @@ class ProcessExecutor:
 
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
+        self._environ = dict(os.environ)  # functions inherit the daemon's environment as it started
 
     async def start(self) -> None:
         _watch_children_with_pidfds()
@@ -47,13 +48,14 @@ class ProcessExecutor:
         input_path = Path(scratch) / "input.json"
         try:
             await anyio.Path(input_path).write_bytes(invocation.input)
-            env = {**os.environ, **environment(invocation, str(input_path))}
+            env = {**self._environ, **environment(invocation, str(input_path))}
             started = time.monotonic()
             try:
-                process = await anyio.open_process(
-                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    env=env, cwd=scratch, start_new_session=True,
-                )
+                with input_path.open("rb") as stdin:  # the document on stdin straight from its file: no pipe to feed
+                    process = await anyio.open_process(
+                        argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        env=env, cwd=scratch, start_new_session=True,
+                    )
             except OSError as exc:
                 raise ExecutorError(f"cannot start {argv[0]!r}: {exc}", temporary=False) from exc
             return await self._supervise(process, invocation, started)
@@ -78,7 +80,6 @@ class ProcessExecutor:
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_feed, process, invocation.input)
                 tg.start_soon(drain_both)
                 with anyio.move_on_after(invocation.function.timeout) as scope:
                     await process.wait()
@@ -110,16 +111,6 @@ def _signal(process: Process, sig: int) -> None:
         os.killpg(process.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-async def _feed(process: Process, data: bytes) -> None:
-    assert process.stdin is not None
-    try:
-        await process.stdin.send(data)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError, ConnectionResetError):
-        pass  # the function did not read its stdin: fine, it has the file
-    finally:
-        await process.stdin.aclose()
 
 
 async def _drain(stream: ByteReceiveStream, capture: Capture) -> None:
