@@ -102,6 +102,24 @@ async def test_a_poison_record_is_dead_lettered_to_the_store_and_the_topic_and_t
     assert succeeded == {f"{topic}/0/{i}" for i in range(20) if i != 7}
 
 
+async def test_a_partial_failure_retries_only_the_named_records_of_a_fetch_and_commits_past_them(tmp_path, kafka_broker):
+    topic = new_topic(kafka_broker, 1)
+    high = produce(kafka_broker, topic, [(b"k", json.dumps({"n": i}).encode()) for i in range(300)])
+    # The first try of each batch names its records whose offset ends in 3 as failed; the second try succeeds.
+    script = ("if [ \"$EVENTSWARM_ATTEMPT\" = 1 ]; then "
+              "ids=$(grep -o '\"id\":\"[^\"]*3\"' | cut -d'\"' -f4 | sed 's/.*/\"&\"/' | paste -sd, -); "
+              "echo \"{\\\"failed\\\":[$ids]}\"; else cat >/dev/null; fi")
+    doc = config(tmp_path, kafka_broker, topic, script, batch={"max_events": 64, "max_wait": "20ms"})
+    async with running_daemon(doc):
+        await wait_for(lambda: committed(kafka_broker, f"g-{topic}", topic, 1) == high, timeout=60,
+                       what="the partition committed to its high watermark")
+    records = store_of(doc).invocations(status="succeeded", limit=1000)
+    retried = [i for r in records if r.attempt == 2 for i in r.event_ids]
+    assert sorted(retried) == sorted(f"{topic}/0/{o}" for o in range(300) if o % 10 == 3)
+    assert {i for r in records if r.attempt == 1 for i in r.event_ids} == {f"{topic}/0/{o}" for o in range(300)}
+    assert not [r for r in records if r.attempt > 2] and not store_of(doc).dead_letters()
+
+
 # -- through the docker executor --------------------------------------------------------------
 
 async def test_50000_records_over_4_partitions_all_reach_containers_and_commit_to_the_high_watermarks(
