@@ -17,8 +17,6 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
-from functools import partial
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -151,9 +149,8 @@ class Span:
             if (not self.done and records[0][0] == offsets[prefix]
                     and records[-1][0] == offsets[prefix + count - 1]):
                 self.prefix = prefix + count  # the next slice of the run, in order: no set needed
-                self.mark.committable_from(self)
-                return
-            self.done.update(record[0] for record in records)
+            else:
+                self.done.update(record[0] for record in records)
         self.mark.advance()
 
 
@@ -179,11 +176,6 @@ class Watermark:
         span = Span(self, offsets)
         self._spans.append(span)
         return span
-
-    def committable_from(self, span: Span) -> None:
-        """``span``'s settled prefix grew in order."""
-        if self._spans[0] is span:
-            self.committable = span.offsets[span.prefix - 1] + 1
 
     def advance(self) -> None:
         spans = self._spans
@@ -411,7 +403,6 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 ctx.set_ready(False)
 
     async def _consume(self, ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
-        make = partial(to_event, value_format=self.config.value_format)
         while True:
             try:
                 fetched = await consumer.getmany(timeout_ms=500, max_records=2000)
@@ -421,18 +412,19 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 mark = self.marks.get(tp)
                 if mark is None or not records:
                     continue  # revoked while the fetch was under way
-                run = self._run(tp, mark, records, make)
+                run = self._run(tp, mark, records)
                 if not await ctx.offer_run(run):
                     await self._emit_paused(ctx, consumer, run)
 
-    def _run(self, tp: TopicPartition, mark: Watermark, records: list[Any], make: Callable[..., Event]) -> Run:
+    def _run(self, tp: TopicPartition, mark: Watermark, records: list[Any]) -> Run:
         """One fetch's records of one partition as a run, tracked by the partition's watermark."""
         received = time.time()
-        encoded, ids, subjects, payloads = encode_records(records, self.config.value_format, received)
+        value_format = self.config.value_format
+        encoded, ids, subjects, payloads = encode_records(records, value_format, received)
         span = mark.track([payload[0] for payload in payloads])
 
         def event(payload: Payload) -> Event:
-            return make(Record(tp.topic, tp.partition, *payload), received=received)
+            return to_event(Record(tp.topic, tp.partition, *payload), value_format, received)
         return Run(encoded, ids, payloads, event, ack=self._settle, token=span,
                    partition=f"{tp.topic}/{tp.partition}", subjects=subjects, received=received)
 

@@ -223,7 +223,8 @@ class Dispatcher:
             if not bad:
                 succeeded.append(run)
                 continue
-            good = [i for i in range(len(run)) if i not in set(bad)]
+            failing = set(bad)
+            good = [i for i in range(len(run)) if i not in failing]
             if good:
                 succeeded.append(run.select(good))
             failed.append(delivery if len(bad) == len(run) else delivery.part(run.select(bad)))
