@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from dispatcher.errors import SourceError
-from dispatcher.events import Event, Outcome, Run, RunAck, new_id, rfc3339
+from dispatcher.events import Event, Outcome, Run, RunAck, new_id, rfc3339, rfc3339_ms
 from dispatcher.units import Duration, Size
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "SourceError",
     "new_id",
     "rfc3339",
+    "rfc3339_ms",
 ]
 
 

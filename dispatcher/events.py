@@ -24,14 +24,24 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _second: list[tuple[int, str]] = [(-1, "")]
 
 
-def rfc3339(ts: float) -> str:
-    """``ts`` as RFC 3339 in UTC with microseconds; the seconds part is formatted once per second."""
-    second = int(ts)
+def _seconds(second: int) -> str:
     cached, prefix = _second[0]
     if cached != second:
         prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
         _second[0] = (second, prefix)
-    return f"{prefix}.{int((ts - second) * 1_000_000):06d}Z"
+    return prefix
+
+
+def rfc3339(ts: float) -> str:
+    """``ts`` as RFC 3339 in UTC with microseconds; the seconds part is formatted once per second."""
+    second = int(ts)
+    return f"{_seconds(second)}.{int((ts - second) * 1_000_000):06d}Z"
+
+
+def rfc3339_ms(ms: int) -> str:
+    """A time in integer milliseconds (Kafka's) as ``rfc3339`` writes it, exactly: no float on the way."""
+    second, milli = divmod(ms, 1000)
+    return f"{_seconds(second)}.{milli:03d}000Z"
 
 
 class Event:

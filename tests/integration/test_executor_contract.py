@@ -15,9 +15,10 @@ from dispatcher.events import Event, Run
 from dispatcher.executors import Invocation
 from dispatcher.executors.base import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TRIGGER
 from dispatcher.executors.docker import DockerExecutor
+from dispatcher.executors import process
 from dispatcher.executors.process import ProcessExecutor
 from dispatcher.executors.swarm import SwarmExecutor
-from tests.support import BUSYBOX
+from tests.support import BUSYBOX, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -232,3 +233,34 @@ async def test_a_swarm_job_that_cannot_be_placed_fails_after_start_timeout(docke
     with pytest.raises(docker.errors.NotFound):
         client.services.get(result.ref)
     client.close()
+
+
+@pytest.fixture(params=["pidfd", "polled"])
+def exit_watch(request, monkeypatch) -> str:
+    """The process executor watches a child's exit through a pidfd, or polls where the kernel has none."""
+    if request.param == "polled":
+        monkeypatch.setattr(process, "_pidfd", lambda pid: None)
+    return request.param
+
+
+async def test_the_process_executor_sees_exits_and_timeouts_with_and_without_pidfds(exit_watch, tmp_path):
+    result = await run("process", tmp_path, invocation("sleep 0.2; echo bye; exit 5"))
+    assert (result.exit_code, result.stdout, result.timed_out) == (5, b"bye\n", False)
+    result = await run("process", tmp_path, invocation("trap 'exit 143' TERM; sleep 30 & wait", timeout="300ms"))
+    assert result.timed_out and result.exit_code == 143
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+async def test_what_a_process_function_leaves_running_ends_with_it(tmp_path):
+    # The background sleep keeps stdout open: the invocation still ends, and takes the sleep with it.
+    result = await run("process", tmp_path, invocation("sleep 60 & echo $!"))
+    assert result.ok and result.duration < 10
+    left = int(result.stdout.split()[0])
+    await wait_for(lambda: not _alive(left), timeout=10, what=f"the function's leftover process {left} to end")
