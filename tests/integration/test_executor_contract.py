@@ -12,10 +12,9 @@ import pytest
 from dispatcher.config import ExecutorConfig, FunctionConfig
 from dispatcher.dispatch import input_document, render_args
 from dispatcher.events import Event, Run
-from dispatcher.executors import Invocation
+from dispatcher.executors import Invocation, process
 from dispatcher.executors.base import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TRIGGER
 from dispatcher.executors.docker import DockerExecutor
-from dispatcher.executors import process
 from dispatcher.executors.process import ProcessExecutor
 from dispatcher.executors.swarm import SwarmExecutor
 from tests.support import BUSYBOX, wait_for
