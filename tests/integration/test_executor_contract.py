@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from dispatcher.config import ExecutorConfig, FunctionConfig
 from dispatcher.dispatch import input_document, render_args
+from dispatcher.errors import ExecutorError
 from dispatcher.events import Event, Run
 from dispatcher.executors import Invocation, process
 from dispatcher.executors.base import LABEL_INVOCATION, LABEL_MANAGED, LABEL_OWNER, LABEL_TRIGGER
@@ -179,7 +181,6 @@ async def test_docker_containers_are_labelled_unprivileged_and_removed(docker_en
 
 
 async def test_docker_missing_image_is_a_permanent_error(docker_engine, tmp_path):
-    from dispatcher.errors import ExecutorError
 
     inv = invocation("true")
     inv = Invocation(**{**{f: getattr(inv, f) for f in inv.__slots__}, "function": inv.function.model_copy(update={"image": "eventswarm/nope:none"})})
@@ -215,7 +216,6 @@ async def test_swarm_jobs_and_their_configs_are_labelled_and_removed(docker_engi
 
 
 async def test_swarm_refuses_an_input_over_the_config_limit_with_advice(docker_engine, tmp_path):
-    from dispatcher.errors import ExecutorError
 
     events = [Event(source="test", type="t", data={"pad": "x" * 10_000}) for _ in range(60)]
     with pytest.raises(ExecutorError, match=r"lower batch\.max_bytes") as caught:
@@ -263,3 +263,11 @@ async def test_what_a_process_function_leaves_running_ends_with_it(tmp_path):
     assert result.ok and result.duration < 10
     left = int(result.stdout.split()[0])
     await wait_for(lambda: not _alive(left), timeout=10, what=f"the function's leftover process {left} to end")
+
+
+async def test_a_process_function_whose_program_is_missing_fails_for_good(tmp_path):
+    inv = invocation("true")
+    inv = dataclasses.replace(inv, function=inv.function.model_copy(update={"command": ["/nonexistent/eventswarm-function"]}))
+    with pytest.raises(ExecutorError, match="cannot start '/nonexistent/eventswarm-function'") as caught:
+        await run("process", tmp_path, inv)
+    assert not caught.value.temporary
