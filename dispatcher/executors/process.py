@@ -125,11 +125,12 @@ async def _supervise(process: subprocess.Popen[bytes], allowed: float, output_li
                 await _exited(process, pidfd)
         with anyio.move_on_after(DRAIN_WAIT):
             await drained.wait()
-        _signal(process, signal.SIGKILL)  # what the function left running in its session ends with it, as in a container
     finally:
-        if process.returncode is None:  # cancelled: the function goes with the invocation
+        # What the function left running in its session ends with it, as in a container; and when
+        # the invocation is cancelled, so does the function.
+        _signal(process, signal.SIGKILL)
+        if process.returncode is None:
             with anyio.CancelScope(shield=True):
-                _signal(process, signal.SIGKILL)
                 await _exited(process, pidfd)
         for fd in pipes:
             loop.remove_reader(fd)
