@@ -10,6 +10,7 @@ partitions' records, commits what finished and lets go.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -502,10 +503,11 @@ class KafkaSource(Source[KafkaSourceConfig]):
 
     async def _settle(self, run: Run, outcome: Outcome) -> None:
         if outcome.status == "dead-lettered" and self._producer is not None:
-            for offset, _, key, value, headers in run.payloads:
-                await self._producer.send_and_wait(
-                    self.config.dead_letter_topic, value=value, key=key,
-                    headers=[*headers, ("eventswarm-source", f"{run.partition}/{offset}".encode())])
+            producer, topic = self._producer, self.config.dead_letter_topic
+            sent = [await producer.send(topic, value=value, key=key,
+                                        headers=[*headers, ("eventswarm-source", f"{run.partition}/{offset}".encode())])
+                    for offset, _, key, value, headers in run.payloads]
+            await asyncio.gather(*sent)  # produced together, all acknowledged before the records settle
         run.token.settle(run.payloads)  # a span of a revoked partition changes nothing committed
 
     async def commit(self, partitions: list[TopicPartition] | None = None) -> None:

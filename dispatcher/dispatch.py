@@ -171,7 +171,7 @@ class Dispatcher:
             if succeeded:
                 outcome = Outcome("succeeded", invocation_id, result.stdout if result else b"", 0)
                 for run in succeeded:
-                    await self._ack(run, outcome)
+                    await self.ack(run, outcome)
             if not failed:
                 continue
             record = Attempt(invocation_id, attempt, result.exit_code if result else None,
@@ -201,7 +201,7 @@ class Dispatcher:
         """One attempt of ``event`` alone, no retries (a sync webhook's caller is waiting and retries itself)."""
         result, _, _, invocation_id = await self._invoke([Run.of([event])], 1)
         if result is not None and result.ok:
-            self.metrics.events_acked.labels(self.trigger).inc()
+            self._acked.inc()
             return Outcome("succeeded", invocation_id, result.stdout, 0)
         return Outcome("failed", invocation_id, result.stdout if result else b"", result.exit_code if result else None)
 
@@ -219,12 +219,13 @@ class Dispatcher:
         failed: list[Delivery] = []
         for delivery in deliveries:
             run = delivery.run
-            bad = [i for i, event_id in enumerate(run.ids) if event_id in named]
+            good: list[int] = []
+            bad: list[int] = []
+            for index, event_id in enumerate(run.ids):
+                (bad if event_id in named else good).append(index)
             if not bad:
                 succeeded.append(run)
                 continue
-            failing = set(bad)
-            good = [i for i in range(len(run)) if i not in failing]
             if good:
                 succeeded.append(run.select(good))
             failed.append(delivery if len(bad) == len(run) else delivery.part(run.select(bad)))
@@ -307,19 +308,19 @@ class Dispatcher:
         if policy == "drop":
             self.metrics.events_dropped.labels(self.trigger, "exhausted").inc(len(run))
             log.warning("%s of trigger %s dropped after %d attempts", what, self.trigger, tries)
-            await self._ack(run, Outcome("dropped", last))
+            await self.ack(run, Outcome("dropped", last))
             return
         attempts = [asdict(a) for a in delivery.attempts]
         letters = [DeadLetter(new_id(), self.trigger, event.to_dict(), attempts, time.time()) for event in run.events()]
-        for letter in letters:
-            await self.state.write(insert_dead_letter(letter))
+        await self.state.write(*map(insert_dead_letter, letters))  # one transaction
         self.metrics.dead_letters.labels(self.trigger).inc(len(letters))
         log.warning("%s of trigger %s stored as dead letter%s %s after %d attempts", what, self.trigger,
                     "s" if len(letters) > 1 else "", ", ".join(letter.id for letter in letters[:3]) +
                     (", …" if len(letters) > 3 else ""), tries)
-        await self._ack(run, Outcome("dead-lettered", last))
+        await self.ack(run, Outcome("dead-lettered", last))
 
-    async def _ack(self, run: Run, outcome: Outcome) -> None:
+    async def ack(self, run: Run, outcome: Outcome) -> None:
+        """Count ``run`` as acknowledged and hand ``outcome`` to its source (an error there is logged)."""
         self._acked.inc(len(run))
         if run.ack is None:
             return

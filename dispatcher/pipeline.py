@@ -268,9 +268,7 @@ class Pipeline:
         if drop:
             dropped = run.select(drop)
             self.metrics.events_dropped.labels(self.trigger, "filtered").inc(len(dropped))
-            self.metrics.events_acked.labels(self.trigger).inc(len(dropped))
-            if dropped.ack is not None:
-                await dropped.ack(dropped, Outcome("dropped"))
+            await self.dispatcher.ack(dropped, Outcome("dropped"))
         if not keep:
             return None
         return run if not drop else run.select(keep)
