@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import os
+import re
 import ssl
 import time
 from collections import OrderedDict, deque
@@ -87,6 +88,11 @@ class KafkaSourceConfig(SourceConfig):
     def _check(self) -> KafkaSourceConfig:
         if bool(self.topics) == bool(self.topic_pattern):
             raise ValueError("give exactly one of topics or topic_pattern")
+        if self.topic_pattern:
+            try:
+                re.compile(self.topic_pattern)
+            except re.error as exc:
+                raise ValueError(f"topic_pattern: not a regular expression: {exc}") from None
         if not self.bootstrap_servers:
             raise ValueError("bootstrap_servers: name at least one broker (host:port)")
         if self.security.startswith("SASL"):

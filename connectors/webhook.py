@@ -16,15 +16,17 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from dispatcher.api import Event, HttpRequest, HttpResponse, Outcome, Source, SourceConfig, SourceContext
+from dispatcher.api import Event, HttpRequest, HttpResponse, Outcome, Source, SourceConfig, SourceContext, StoreError
 from dispatcher.units import Duration, Size
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1")
+STORE_RETRY_AFTER = "5"
+"""Retry-After, in seconds, when the state store cannot take an event (a full disk)."""
 
 
 class SignatureConfig(BaseModel):
@@ -32,7 +34,7 @@ class SignatureConfig(BaseModel):
 
     scheme: Literal["github", "standard-webhooks", "hmac-sha256"]
     secret_env: str = ""
-    """Environment variable holding the secret; several, separated by spaces, during a rotation."""
+    """Environment variable holding the secret (spaces are part of it); during a rotation, one per line."""
     secret_file: str = ""
     """File holding the secret(s), one per line, instead of ``secret_env``."""
     header: str = ""
@@ -48,12 +50,15 @@ class SignatureConfig(BaseModel):
             raise ValueError(f"secret_env: environment variable {self.secret_env} is not set")
         if self.secret_file and not Path(self.secret_file).is_file():
             raise ValueError(f"secret_file: {self.secret_file} is not a readable file")
+        self.secrets()  # a standard-webhooks secret that is not base64 is a config error, found by validate
         return self
 
     def secrets(self) -> list[bytes]:
         text = os.environ.get(self.secret_env, "") if self.secret_env else Path(self.secret_file).read_text()
         secrets = []
-        for word in text.split():
+        for word in (line.strip("\r") for line in text.split("\n")):
+            if not word.strip():
+                continue
             if self.scheme == "standard-webhooks":
                 try:
                     secrets.append(base64.b64decode(word.removeprefix("whsec_"), validate=True))
@@ -77,6 +82,9 @@ class WebhookSourceConfig(SourceConfig):
     """A header with a delivery id (e.g. ``X-GitHub-Delivery``): a repeated id is answered ``200`` and not run again."""
     enqueue_timeout: Duration = 2.0
     """While the buffer stays full this long, requests are answered ``503`` with ``Retry-After``."""
+
+    def exclusive(self) -> list[str]:
+        return [f"{method} {self.path}" for method in self.methods]
 
     @field_validator("path")
     @classmethod
@@ -109,7 +117,7 @@ def verify(config: SignatureConfig, secrets: list[bytes], headers: dict[str, str
         given = headers.get("x-hub-signature-256", "")
         if not given.startswith("sha256="):
             raise SignatureError("missing X-Hub-Signature-256")
-        candidates = [given.removeprefix("sha256=").strip().lower().encode()]
+        candidates = [_utf8(given.removeprefix("sha256=").strip().lower())]
         expected = [hmac.new(s, body, hashlib.sha256).hexdigest().encode() for s in secrets]
     elif config.scheme == "hmac-sha256":
         given = headers.get((config.header or "X-Signature").lower(), "").strip()
@@ -117,7 +125,7 @@ def verify(config: SignatureConfig, secrets: list[bytes], headers: dict[str, str
             raise SignatureError(f"missing {config.header or 'X-Signature'}")
         given = given.removeprefix("sha256=")
         digests = [hmac.new(s, body, hashlib.sha256).digest() for s in secrets]
-        candidates = [given.lower().encode(), given.encode()]
+        candidates = [_utf8(given.lower()), _utf8(given)]
         expected = [d.hex().encode() for d in digests] + [base64.b64encode(d) for d in digests]
     else:
         msg_id = headers.get("webhook-id", "")
@@ -125,21 +133,33 @@ def verify(config: SignatureConfig, secrets: list[bytes], headers: dict[str, str
         given = headers.get("webhook-signature", "")
         if not (msg_id and stamp and given):
             raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature")
-        try:
-            sent = int(stamp)
-        except ValueError:
-            raise SignatureError("webhook-timestamp is not a number") from None
-        if abs((time.time() if now is None else now) - sent) > config.tolerance:
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+            raise SignatureError("webhook-timestamp is not a number of seconds")
+        if abs((time.time() if now is None else now) - int(stamp)) > config.tolerance:
             raise SignatureError("webhook-timestamp is outside the tolerance")
-        signed = f"{msg_id}.{stamp}.".encode() + body
+        signed = _utf8(f"{msg_id}.{stamp}.") + body
         expected = [base64.b64encode(hmac.new(s, signed, hashlib.sha256).digest()) for s in secrets]
-        candidates = [part.split(",", 1)[1].encode() for part in given.split() if part.startswith("v1,")]
+        candidates = [_utf8(part.split(",", 1)[1]) for part in given.split() if part.startswith("v1,")]
     ok = False
     for candidate in candidates:
         for want in expected:
             ok |= hmac.compare_digest(candidate, want)
     if not ok:
         raise SignatureError("signature does not match")
+
+
+def _utf8(text: str) -> bytes:
+    """A header value as bytes; characters that cannot be encoded (a non-UTF-8 header) only make it not match."""
+    return text.encode("utf-8", "replace")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(body: bytes) -> Any:
+    """``body`` parsed as strict JSON (no NaN or Infinity, which would make the function's input invalid)."""
+    return json.loads(body, parse_constant=_reject_constant)
 
 
 def _is_json(content_type: str) -> bool:
@@ -180,13 +200,13 @@ class WebhookSource(Source[WebhookSourceConfig]):
         if not body:
             return Event(**common)  # type: ignore[arg-type]
         if _is_json(content_type):
-            return Event(data=json.loads(body), **common)  # type: ignore[arg-type]
+            return Event(data=_json(body), **common)  # type: ignore[arg-type]
         media = content_type.split(";", 1)[0].strip().lower()
         if media in ("", "text/plain", "application/x-www-form-urlencoded") and body.lstrip()[:1] in (b"{", b"["):
             # `curl -d '{...}'` sends JSON labelled as a form: take it as JSON when it parses as JSON.
             try:
-                return Event(data=json.loads(body), **common)  # type: ignore[arg-type]
-            except ValueError:
+                return Event(data=_json(body), **common)  # type: ignore[arg-type]
+            except (ValueError, RecursionError):
                 pass
         if media.startswith("text/") or media in ("", "application/x-www-form-urlencoded"):
             try:
@@ -205,18 +225,28 @@ class WebhookSource(Source[WebhookSourceConfig]):
                 return HttpResponse.json(401, {"error": f"bad signature: {exc}"})
         try:
             event = self.to_event(request, headers)
+            event.encode()  # here, so that a document too deep to encode is the client's 400, not our 500
         except ValueError as exc:
             return HttpResponse.json(400, {"error": f"malformed JSON body: {exc}"})
+        except RecursionError:
+            return HttpResponse.json(400, {"error": "JSON body nested too deeply"})
         if config.mode == "sync":
             return await self._run_now(event)
         dedupe_key = headers.get(config.dedupe_header.lower()) if config.dedupe_header else None
-        earlier = await self._ctx.inbox.put(event, dedupe_key or None)
+        try:
+            earlier = await self._ctx.inbox.put(event, dedupe_key or None)
+        except StoreError as exc:  # not stored, so not accepted: the sender tries again later
+            return HttpResponse.json(503, {"error": f"cannot store the event: {exc}"}, {"Retry-After": STORE_RETRY_AFTER})
         if earlier is not None:
             return HttpResponse.json(200, {"id": earlier, "duplicate": True})
         with anyio.move_on_after(config.enqueue_timeout) as scope:
             await self._ctx.emit(event, ack=self._settled(event.id))
         if scope.cancelled_caught:
-            await self._ctx.inbox.remove(event.id, forget_dedupe=True)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._ctx.inbox.remove(event.id, forget_dedupe=True)
+                except StoreError:
+                    pass  # it stays stored and runs after the next start: at least once, never lost
             retry = str(max(1, math.ceil(config.enqueue_timeout)))
             return HttpResponse.json(503, {"error": "the trigger's buffer is full"}, {"Retry-After": retry})
         return HttpResponse.json(202, {"id": event.id})

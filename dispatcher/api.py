@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from dispatcher.errors import SourceError
+from dispatcher.errors import SourceError, StoreError
 from dispatcher.events import Event, Outcome, Run, RunAck, new_id, rfc3339, rfc3339_ms
 from dispatcher.units import Duration, Size
 
@@ -29,6 +29,7 @@ __all__ = [
     "SourceConfig",
     "SourceContext",
     "SourceError",
+    "StoreError",
     "new_id",
     "rfc3339",
     "rfc3339_ms",
@@ -40,6 +41,10 @@ class SourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
+
+    def exclusive(self) -> list[str]:
+        """What no two triggers may share, e.g. a webhook's ``"POST /hooks/x"``: ``validate`` refuses a second claim."""
+        return []
 
 
 ConfigT = TypeVar("ConfigT", bound=SourceConfig)

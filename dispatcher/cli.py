@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import urllib.error
 import urllib.request
@@ -14,7 +15,7 @@ import anyio
 import click
 
 from dispatcher import config as configuration
-from dispatcher.errors import ConfigError, EventswarmError, ExecutorError
+from dispatcher.errors import ConfigError, EventswarmError, StoreError
 from dispatcher.store import Store
 
 T = TypeVar("T")
@@ -31,6 +32,13 @@ config_option = click.option(
 def _fail(message: str, code: int = EXIT_RUNTIME) -> NoReturn:
     click.echo(f"eventswarm: {message}", err=True)
     sys.exit(code)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _load(config_path: str | None) -> configuration.ConfigBase:
@@ -78,7 +86,19 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
         _fail(str(exc))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Every command: a failing state store is one line and exit 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            _fail(str(exc))
+        except sqlite3.Error as exc:
+            _fail(f"the state store failed: {exc}")
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="eventswarm")
 def main() -> None:
     """Connect event streams to container functions on Docker Swarm."""
@@ -97,12 +117,10 @@ def run(config_path: str | None) -> None:
     try:
         daemon = Daemon(config)
         anyio.run(daemon.run)
-    except ExecutorError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"cannot start: {exc}")
-    except EventswarmError as exc:
-        _fail(str(exc))
+    except* OSError as group:
+        _fail(f"cannot start: {_first(group)}")
+    except* EventswarmError as group:
+        _fail(str(_first(group)))
 
 
 @main.command()

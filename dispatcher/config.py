@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from dispatcher.errors import ConfigError
 from dispatcher.filters import FilterSyntaxError, compile_filter
@@ -49,6 +49,11 @@ class DaemonConfig(Section):
     """On SIGTERM/SIGINT: how long in-flight batches may take to finish before they are handed back."""
     keep_invocations: Duration = 7 * 86400.0
     """Invocation records (and their logs) older than this are deleted."""
+    client_timeout: Duration = 30.0
+    """An HTTP client has this long to send a request's headers (from connecting, or from its last
+    answer on a kept-alive connection), and again its body; then the connection is closed."""
+    max_connections: int = Field(1000, ge=1, le=1_000_000)
+    """Open HTTP connections at most; past it, a new connection is answered 503 and closed."""
 
     @property
     def state_path(self) -> str:
@@ -182,6 +187,12 @@ class ConfigBase(BaseSettings):
 
     @model_validator(mode="after")
     def _check_references(self) -> ConfigBase:
+        claimed: dict[str, str] = {}
+        for name, trigger in self.triggers.items():
+            for item in trigger.source.exclusive():
+                if item in claimed:
+                    raise _PathError(("triggers", name, "source"), f"{item} is already served by trigger {claimed[item]!r}")
+                claimed[item] = name
         for name, trigger in self.triggers.items():
             if trigger.function not in self.functions:
                 known = ", ".join(sorted(self.functions)) or "none defined"
@@ -249,6 +260,12 @@ def parse(document: dict[str, Any], file: str | None = None) -> ConfigBase:
     kinds = set(connectors())
     try:
         return model(**document)
+    except SettingsError as exc:  # an environment override that is not JSON where JSON is expected
+        found = re.search(r'field "([^"]+)"', str(exc))
+        key = found.group(1) if found else ""
+        variable = f"{ENV_PREFIX}{key.upper()}" if key else "an EVENTSWARM_* variable"
+        raise ConfigError([(key, f"the environment variable {variable} is not valid JSON for this table: {exc}")],
+                          file) from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

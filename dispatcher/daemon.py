@@ -17,7 +17,7 @@ from anyio.abc import TaskGroup
 from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Run, Source
 from dispatcher.config import ConfigBase, TriggerBase
 from dispatcher.dispatch import Dispatcher, TriggerStopped
-from dispatcher.errors import ExecutorError, SourceError
+from dispatcher.errors import ExecutorError, SourceError, StoreError
 from dispatcher.executors import Executor, create
 from dispatcher.http import HttpServer
 from dispatcher.metrics import Metrics
@@ -161,7 +161,7 @@ class Trigger:
             try:
                 await self.source.run(self)
                 return
-            except SourceError as exc:
+            except (SourceError, StoreError) as exc:
                 if not exc.temporary:
                     raise
                 self.set_ready(False, str(exc))
@@ -169,6 +169,10 @@ class Trigger:
             except Exception as exc:
                 self.set_ready(False, f"{type(exc).__name__}: {exc}")
                 log.exception("source of trigger %s crashed; restarting in %.0fs", self.trigger, delay)
+            finally:
+                # Its routes answer 503 until it serves them again: nothing is accepted without a live source.
+                self.http.remove_routes(self._handlers)
+                self._handlers.clear()
             await anyio.sleep(delay)
             delay = min(delay * 2, SOURCE_RESTART_MAX)
 
@@ -207,12 +211,13 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.owner = owner_id(config.daemon.state_path)
-        self.store = Store(config.daemon.state_path)
+        self.store = Store(config.daemon.state_path, check=True)
         self.state = StateStore(self.store)
-        self.executor: Executor = create(config)
+        self.executor: Executor = create(config, self.owner)
         host, port = config.daemon.host_port
         self.http = HttpServer(host, port, metrics=self.metrics, state=self.state, status=self._status, ready=self._ready,
-                               replay=self._replay)
+                               replay=self._replay, client_timeout=config.daemon.client_timeout,
+                               max_connections=config.daemon.max_connections)
         self.triggers: dict[str, Trigger] = {}
         self.limiter = anyio.CapacityLimiter(config.executor.max_in_flight)
         self.started = anyio.Event()
@@ -245,7 +250,9 @@ class Daemon:
     async def _ready(self) -> dict[str, Any]:
         executor_ok = await self.executor.ping()
         sources = {name: t.ready for name, t in self.triggers.items() if not t.stopped}
-        return {"ready": executor_ok and all(sources.values()), "executor": executor_ok, "sources": sources}
+        store = await self.state.probe()
+        return {"ready": executor_ok and all(sources.values()) and store is None, "executor": executor_ok,
+                "sources": sources, "store": store or "ok"}
 
     async def _replay(self, ids: list[str], trigger: str | None) -> dict[str, Any]:
         """Send dead letters back through their trigger; each is deleted once its event is settled again."""
@@ -280,7 +287,7 @@ class Daemon:
             # from their sources and run again as new invocations (never under an old invocation id).
             removed = await self.executor.gc(self.owner)
             if removed:
-                log.info("removed %d containers, services or configs left behind by an earlier run", removed)
+                log.info("removed %d containers, services, configs or processes left behind by an earlier run", removed)
             await self.state.write(abandon_unfinished(time.time()))
             self.build_triggers()
             await self.http.start()
@@ -334,8 +341,8 @@ class Daemon:
             try:
                 await self.state.write(prune(invocations_before=now - self.config.daemon.keep_invocations,
                                              dedupe_before=now - DEDUPE_WINDOW))
-            except Exception:
-                log.exception("housekeeping failed")
+            except StoreError:
+                pass  # the store said why, once; the next round tries again
             await anyio.sleep(HOUSEKEEPING_EVERY)
 
     async def close(self) -> None:

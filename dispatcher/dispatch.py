@@ -11,12 +11,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import anyio
 
 from dispatcher.api import Outcome
 from dispatcher.config import FunctionConfig, RetryConfig, TriggerBase
-from dispatcher.errors import ExecutorError
+from dispatcher.errors import ExecutorError, StoreError
 from dispatcher.events import Event, Run, new_id
 from dispatcher.executors import Executor, Invocation, Result
 from dispatcher.metrics import Metrics
@@ -24,6 +25,7 @@ from dispatcher.store import (
     DeadLetter,
     InvocationRecord,
     StateStore,
+    Write,
     finish_invocation,
     insert_dead_letter,
     insert_invocation,
@@ -34,12 +36,22 @@ log = logging.getLogger("eventswarm.dispatch")
 
 STDERR_TAIL = 2048
 """Bytes of stderr kept with each attempt of a dead letter."""
+STORE_RETRY = (0.5, 10.0)
+"""While the state store fails (a full disk): the first and the longest wait before a write is tried again."""
 
 _TEMPLATE = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 
 
 class TriggerStopped(Exception):
     """Retries ran out with ``on_exhausted = "stop"``: the trigger stops, its events unacknowledged."""
+
+
+Fault = Literal["", "permanent", "unavailable"]
+"""How an invocation's executor error counts: an ordinary try, retries are pointless, or nothing could start."""
+
+
+class HandedBack(Exception):
+    """The daemon is draining while the state store fails: the batch goes back to its source, unacknowledged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +172,25 @@ class Dispatcher:
         (like AWS Lambda's bisect), so one poison event ends alone; attempts count the tries
         of an event once it cannot be split further. Engine errors retry the whole batch.
         """
+        try:
+            await self._deliver(batch)
+        except HandedBack:
+            log.warning("a batch of trigger %s is handed back to its source: the daemon stops while the state "
+                        "store fails", self.trigger)
+
+    async def _deliver(self, batch: list[Run]) -> None:
         retry = self.config.retry
         queue: deque[tuple[list[Delivery], int]] = deque([([Delivery(run) for run in batch], 1)])
         while queue:
             if self.draining.is_set():
                 return  # handed back: unacknowledged, the source delivers them again
             deliveries, attempt = queue.popleft()
-            result, error, permanent, invocation_id = await self._invoke([d.run for d in deliveries], attempt)
+            result, error, fault, invocation_id = await self._invoke([d.run for d in deliveries], attempt)
+            if fault == "unavailable":  # nothing ran: wait for the executor, without using up an attempt
+                if not await self._pause(backoff(attempt + 1, retry)):
+                    return
+                queue.appendleft((deliveries, attempt))
+                continue
             succeeded, failed = self._failed(deliveries, result)
             if succeeded:
                 outcome = Outcome("succeeded", invocation_id, result.stdout if result else b"", 0)
@@ -186,7 +210,7 @@ class Dispatcher:
                 queue.appendleft((first, attempt))
                 continue
             now = time.time()
-            exhausted = failed if (permanent or attempt >= retry.max_attempts) else \
+            exhausted = failed if (fault == "permanent" or attempt >= retry.max_attempts) else \
                 [d for d in failed if now - d.run.received > retry.max_event_age]
             for delivery in exhausted:
                 await self._exhaust(delivery)
@@ -237,26 +261,28 @@ class Dispatcher:
             await self.draining.wait()
         return not self.draining.is_set()
 
-    async def _invoke(self, runs: list[Run], attempt: int) -> tuple[Result | None, str | None, bool, str]:
-        """Run one invocation; returns (result, error, permanent error?, invocation id)."""
+    async def _invoke(self, runs: list[Run], attempt: int) -> tuple[Result | None, str | None, Fault, str]:
+        """Run one invocation; returns (result, error, what kind of executor error, invocation id)."""
         invocation_id = new_id()
         queued = time.time()
         ids = list(itertools.chain.from_iterable(run.ids for run in runs))
         count = len(ids)
         record = insert_invocation(InvocationRecord(invocation_id, self.trigger, self.function_name, "queued", attempt,
                                                     count, ids, None, None, queued, None, None, None))
-        if self.limiter.available_tokens:
-            self.state.write_soon(record)  # committed with the start just below: one transaction less per batch
-        else:
-            await self.state.write(record)  # it waits for a slot: visible as queued meanwhile
+        # Without a free slot the record is stored now, visible as queued while it waits; with one, it is
+        # stored in one transaction with the start (or the finish) below: one transaction less per batch.
+        pending: tuple[Write, ...] = (record,)
+        if not self.limiter.available_tokens:
+            await self.durably(record)
+            pending = ()
         self.metrics.batch_size.labels(self.trigger).observe(count)
         result: Result | None = None
         error: str | None = None
-        permanent = False
+        fault: Fault = ""
         try:
             args = render_args(self.function.args, runs[0].event(0)) if self.function.templated else list(self.function.args)
         except KeyError as exc:
-            error, permanent = f"cannot fill the function's args: event has no field {exc.args[0]!r}", True
+            error, fault = f"cannot fill the function's args: event has no field {exc.args[0]!r}", "permanent"
         if error is None:
             invocation = Invocation(
                 id=invocation_id, trigger=self.trigger, function_name=self.function_name, function=self.function,
@@ -267,13 +293,15 @@ class Dispatcher:
                 args=args, owner=self.owner,
             )
             async with self.limiter:
-                await self.state.write(start_invocation(invocation_id, time.time()))
+                await self.durably(*pending, start_invocation(invocation_id, time.time()))
+                pending = ()
                 gauge = self.metrics.in_flight.labels(self.trigger)
                 gauge.inc()
                 try:
                     result = await self.executor.run(invocation)
                 except ExecutorError as exc:
-                    error, permanent = str(exc), not exc.temporary
+                    error = str(exc)
+                    fault = "unavailable" if exc.unavailable else ("" if exc.temporary else "permanent")
                 finally:
                     gauge.dec()
         status = "succeeded" if result is not None and result.ok else ("timed_out" if result and result.timed_out else "failed")
@@ -291,11 +319,31 @@ class Dispatcher:
             log.warning("invocation %s of trigger %s failed (attempt %d, %d events): %s",
                         invocation_id, self.trigger, attempt, count, error)
         with anyio.CancelScope(shield=True):
-            await self.state.write(finish_invocation(
+            await self.durably(*pending, finish_invocation(
                 invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,
                 finished_at=time.time(), executor_ref=result.ref if result else None,
                 stdout=result.stdout if result else b"", stderr=result.stderr if result else (error or "").encode()))
-        return result, error, permanent, invocation_id
+        return result, error, fault, invocation_id
+
+    async def durably(self, *writes: Write) -> None:
+        """Commit ``writes``; while the state store fails (a full disk), wait and try again.
+
+        The batch waits meanwhile, so its trigger's buffer fills and its source pauses: nothing is
+        lost, and everything resumes once the store works. The waits double up to ``STORE_RETRY``'s
+        cap; a daemon that starts draining meanwhile hands the batch back (``HandedBack``).
+        """
+        delay = STORE_RETRY[0]
+        while True:
+            try:
+                await self.state.write(*writes)
+                return
+            except StoreError as exc:
+                self.last_error = str(exc)
+                if self.draining.is_set():
+                    raise HandedBack from None
+            with anyio.move_on_after(delay):
+                await self.draining.wait()
+            delay = min(delay * 2, STORE_RETRY[1])
 
     async def _exhaust(self, delivery: Delivery) -> None:
         policy = self.config.on_exhausted
@@ -312,7 +360,7 @@ class Dispatcher:
             return
         attempts = [asdict(a) for a in delivery.attempts]
         letters = [DeadLetter(new_id(), self.trigger, event.to_dict(), attempts, time.time()) for event in run.events()]
-        await self.state.write(*map(insert_dead_letter, letters))  # one transaction
+        await self.durably(*map(insert_dead_letter, letters))  # one transaction
         self.metrics.dead_letters.labels(self.trigger).inc(len(letters))
         log.warning("%s of trigger %s stored as dead letter%s %s after %d attempts", what, self.trigger,
                     "s" if len(letters) > 1 else "", ", ".join(letter.id for letter in letters[:3]) +
@@ -320,11 +368,27 @@ class Dispatcher:
         await self.ack(run, Outcome("dead-lettered", last))
 
     async def ack(self, run: Run, outcome: Outcome) -> None:
-        """Count ``run`` as acknowledged and hand ``outcome`` to its source (an error there is logged)."""
+        """Count ``run`` as acknowledged and hand ``outcome`` to its source (an error there is logged).
+
+        An acknowledgement that needs the state store (the webhook inbox) is tried again while the
+        store fails, as ``durably`` does; if the daemon stops meanwhile, the events stay unacknowledged
+        and run again after the restart.
+        """
         self._acked.inc(len(run))
         if run.ack is None:
             return
-        try:
-            await run.ack(run, outcome)
-        except Exception:
-            log.exception("acknowledging %d events of trigger %s (from %s) failed", len(run), self.trigger, run.ids[0])
+        delay = STORE_RETRY[0]
+        while True:
+            try:
+                await run.ack(run, outcome)
+                return
+            except StoreError as exc:
+                self.last_error = str(exc)
+                if self.draining.is_set():
+                    raise HandedBack from None
+            except Exception:
+                log.exception("acknowledging %d events of trigger %s (from %s) failed", len(run), self.trigger, run.ids[0])
+                return
+            with anyio.move_on_after(delay):
+                await self.draining.wait()
+            delay = min(delay * 2, STORE_RETRY[1])

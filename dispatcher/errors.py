@@ -20,6 +20,18 @@ class ConfigError(EventswarmError):
         return [f"{prefix}{path}: {message}" if path else f"{prefix}{message}" for path, message in self.problems]
 
 
+class StoreError(EventswarmError):
+    """The state store cannot be read or written: disk full, a damaged file, no permission.
+
+    A temporary one (the disk is full) means: wait and try again; nothing was stored. A permanent
+    one (the file is damaged, the directory unreadable) stops the daemon at start with one line.
+    """
+
+    def __init__(self, message: str, *, temporary: bool = True) -> None:
+        self.temporary = temporary
+        super().__init__(message)
+
+
 class SourceError(EventswarmError):
     """A source cannot read events. ``temporary`` ones are retried by the daemon."""
 
@@ -32,10 +44,13 @@ class ExecutorError(EventswarmError):
     """The executor could not run an invocation (engine down, image missing, input too large).
 
     A temporary error means: wait and try again; a permanent one means: dead-letter now.
+    ``unavailable`` means that nothing could start (the disk for the input file is full): the batch
+    waits and tries again without using up an attempt.
     """
 
-    def __init__(self, message: str, *, temporary: bool = True) -> None:
-        self.temporary = temporary
+    def __init__(self, message: str, *, temporary: bool = True, unavailable: bool = False) -> None:
+        self.temporary = temporary or unavailable
+        self.unavailable = unavailable
         super().__init__(message)
 
 

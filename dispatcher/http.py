@@ -2,17 +2,86 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from dispatcher.api import HttpHandler, HttpRequest, HttpResponse
 from dispatcher.metrics import CONTENT_TYPE, Metrics
 from dispatcher.store import StateStore
 
 log = logging.getLogger("eventswarm.http")
+
+API_MAX_BODY = 1024 * 1024
+"""The largest request body the /v1 API reads."""
+STATUSES = ("queued", "running", "succeeded", "failed", "timed_out")
+ROUTE_DOWN_RETRY_AFTER = "5"
+LINGER = 5.0
+"""At most this long is a body left unread after an early answer (413, 408) still read, so the client sees the answer."""
+_FULL = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections``: answered 503 and closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_FULL)
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted from its creation to its end (for ``max_connections``).
+
+    Counting at creation, not at ``connection_made``, matters: asyncio accepts a burst of connections
+    and creates all their protocols before any of them is told it is connected.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, gone: Callable[[], None]) -> None:
+        self.inner = inner
+        self.gone = gone
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone()
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs every malformed request at ERROR with a traceback: a client's mistake is one line at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            what = " ".join(str(error.message or type(error).__name__).split())  # aiohttp's own spans lines
+            record.msg, record.args = "bad request from %s: %s", (peer, what[:300])
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_QuietBadRequests())
 
 Probe = Callable[[], Awaitable[dict[str, Any]]]
 Replay = Callable[[list[str], str | None], Awaitable[dict[str, Any]]]
@@ -22,7 +91,7 @@ class HttpServer:
     """Serves the daemon's endpoints and the routes sources add (``SourceContext.add_route``)."""
 
     def __init__(self, host: str, port: int, *, metrics: Metrics, state: StateStore, status: Probe, ready: Probe,
-                 replay: Replay) -> None:
+                 replay: Replay, client_timeout: float = 30.0, max_connections: int = 1000) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
@@ -31,19 +100,27 @@ class HttpServer:
         self.ready = ready
         self.replay = replay
         self.accepting = True
-        self._routes: dict[str, dict[str, tuple[HttpHandler, int]]] = {}
+        self.client_timeout = client_timeout
+        self.max_connections = max_connections
+        self._routes: dict[str, dict[str, tuple[HttpHandler | None, int]]] = {}
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.connections = 0
+        """Open HTTP connections."""
 
     def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int) -> None:
         methods = self._routes.setdefault(path, {})
-        if method.upper() in methods:
+        current = methods.get(method.upper())
+        if current is not None and current[0] is not None:
             raise ValueError(f"two triggers serve {method.upper()} {path}")
         methods[method.upper()] = (handler, max_body)
 
     def remove_routes(self, handlers: set[HttpHandler]) -> None:
+        """Take ``handlers`` off their routes: those paths answer 503 until a source serves them again."""
         for methods in self._routes.values():
-            for method in [m for m, (h, _) in methods.items() if h in handlers]:
-                del methods[method]
+            for method, (handler, _) in list(methods.items()):
+                if handler is not None and handler in handlers:
+                    methods[method] = (None, 0)
 
     async def start(self) -> None:
         app = web.Application(client_max_size=1024**3)
@@ -55,16 +132,31 @@ class HttpServer:
         app.router.add_get("/v1/status", self._status)
         app.router.add_post("/v1/dead-letters/replay", self._replay)
         app.router.add_route("*", "/{tail:.*}", self._source_route)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # keepalive_timeout closes a connection that has not sent a whole request's headers in time, from
+        # its start or since its last answer: idle and slowloris clients alike (aiohttp >= 3.10).
+        # lingering_time: how long a body left unread after an early answer (413, 408) is still drained.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=self.client_timeout,
+                                     lingering_time=min(self.client_timeout, LINGER))
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:
-            server: Any = site._server
-            if server is not None and getattr(server, "sockets", None):
-                self.port = int(server.sockets[0].getsockname()[1])
+        server = self._runner.server
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            if self.connections >= self.max_connections:
+                return _Refused()
+            self.connections += 1
+            return _Counted(server(), self._gone)
+
+        self._listener = await asyncio.get_running_loop().create_server(
+            connection, self.host, self.port, reuse_address=True, backlog=128)
+        self.port = int(self._listener.sockets[0].getsockname()[1])
+
+    def _gone(self) -> None:
+        self.connections -= 1
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -81,13 +173,22 @@ class HttpServer:
     async def _status(self, _request: web.Request) -> web.Response:
         return web.json_response(await self.status())
 
-    async def _replay(self, request: web.Request) -> web.Response:
+    async def _replay(self, request: web.Request) -> web.StreamResponse:
+        usage = 'expected {"ids": ["…", …]} or {"trigger": "…"}'
+        body = await self._body(request, API_MAX_BODY)
+        if isinstance(body, web.StreamResponse):
+            return body
         try:
-            doc = await request.json()
-            ids = [str(i) for i in doc.get("ids") or []]
-            trigger = doc.get("trigger")
-        except (ValueError, AttributeError):
-            return web.json_response({"error": "expected {\"ids\": [...], \"trigger\": ...}"}, status=400)
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            return _error(400, f"the body is not JSON: {usage}")
+        ids = doc.get("ids", []) if isinstance(doc, dict) else None
+        trigger = doc.get("trigger") if isinstance(doc, dict) else None
+        if (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)
+                or not (trigger is None or isinstance(trigger, str))):
+            return _error(400, usage)
+        if not ids and not trigger:
+            return _error(400, f"name the dead letters to replay: {usage}")
         return web.json_response(await self.replay(ids, trigger))
 
     async def _invocations(self, request: web.Request) -> web.Response:
@@ -96,6 +197,8 @@ class HttpServer:
             limit = max(1, min(int(query.get("limit", "50")), 1000))
         except ValueError:
             return web.json_response({"error": "limit must be a number"}, status=400)
+        if query.get("status") and query["status"] not in STATUSES:
+            return _error(400, f"status must be one of {', '.join(STATUSES)}")
         records = await self.state.read(
             lambda s: s.invocations(trigger=query.get("trigger"), status=query.get("status"), limit=limit))
         return web.json_response([r.to_json() for r in records])
@@ -118,16 +221,35 @@ class HttpServer:
         if not self.accepting:
             return web.json_response({"error": "shutting down"}, status=503, headers={"Retry-After": "5"})
         handler, max_body = entry
-        if request.content_length is not None and request.content_length > max_body:
-            return web.json_response({"error": f"body larger than {max_body} bytes"}, status=413)
-        body = bytearray()
-        async for chunk in request.content.iter_any():
-            body += chunk
-            if len(body) > max_body:
-                return web.json_response({"error": f"body larger than {max_body} bytes"}, status=413)
+        if handler is None:
+            return web.json_response({"error": "the trigger serving this path is not running"}, status=503,
+                                     headers={"Retry-After": ROUTE_DOWN_RETRY_AFTER})
+        body = await self._body(request, max_body)
+        if isinstance(body, web.StreamResponse):
+            return body
         response: HttpResponse = await handler(HttpRequest(
-            method=request.method, path=request.path, headers=request.headers, body=bytes(body),
+            method=request.method, path=request.path, headers=request.headers, body=body,
             query=dict(request.query)))
         return web.Response(status=response.status, body=response.body, headers=dict(response.headers))
+
+    async def _body(self, request: web.Request, max_body: int) -> bytes | web.StreamResponse:
+        """The request's body, read within ``client_timeout`` and ``max_body``; or the 4xx answer saying why not."""
+        if request.content_length is not None and request.content_length > max_body:
+            return _error(413, f"body larger than {max_body} bytes")
+        body = bytearray()
+        with anyio.move_on_after(self.client_timeout):
+            try:
+                async for chunk in request.content.iter_any():
+                    body += chunk
+                    if len(body) > max_body:
+                        return _error(413, f"body larger than {max_body} bytes")
+            except HttpProcessingError as exc:
+                return _error(400, f"malformed body: {exc.message}")
+            return bytes(body)
+        return _error(408, f"the body did not arrive within {self.client_timeout:g}s", {"Connection": "close"})
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 

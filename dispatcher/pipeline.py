@@ -14,7 +14,7 @@ import anyio
 
 from dispatcher.api import Ack, Outcome
 from dispatcher.config import TriggerBase
-from dispatcher.dispatch import Dispatcher
+from dispatcher.dispatch import Dispatcher, HandedBack
 from dispatcher.events import Event, Run
 from dispatcher.filters import compile_filter
 from dispatcher.metrics import Metrics
@@ -268,7 +268,10 @@ class Pipeline:
         if drop:
             dropped = run.select(drop)
             self.metrics.events_dropped.labels(self.trigger, "filtered").inc(len(dropped))
-            await self.dispatcher.ack(dropped, Outcome("dropped"))
+            try:
+                await self.dispatcher.ack(dropped, Outcome("dropped"))
+            except HandedBack:
+                return None  # the daemon stops while the store fails: unacknowledged, they come again
         if not keep:
             return None
         return run if not drop else run.select(keep)

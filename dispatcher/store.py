@@ -7,7 +7,10 @@ goes into one transaction), so a burst of events costs one commit, not one each.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -18,7 +21,10 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 
+from dispatcher.errors import StoreError
 from dispatcher.events import Event
+
+log = logging.getLogger("eventswarm.store")
 
 T = TypeVar("T")
 Write = Callable[[sqlite3.Connection], None]
@@ -126,38 +132,85 @@ _INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, even
                        "queued_at, started_at, finished_at, executor_ref")
 
 
+def describe(exc: BaseException, path: str) -> str:
+    """One line for a failed SQLite or file operation, with what the user can do about it."""
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in lowered or "not a database" in lowered):
+        return f"{text}: the file is damaged; move it away to start with an empty one, or put back a copy"
+    if "readonly" in lowered or "unable to open" in lowered or isinstance(exc, PermissionError):
+        return f"{text} (can this user create and write files in {Path(path).parent}?)"
+    if "full" in lowered or getattr(exc, "errno", None) == errno.ENOSPC:
+        return f"{text} (the disk holding {Path(path).parent} is full)"
+    return text
+
+
+def _script(script: str) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    return write
+
+
+def _set_version(number: int) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA user_version={number}")
+    return write
+
+
 def _invocation(row: tuple[Any, ...]) -> InvocationRecord:
     values = list(row)
     values[6] = json.loads(values[6])
     return InvocationRecord(*values)
 
 
-class Store:
-    """The SQLite database, opened and migrated; synchronous."""
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+"""After a checkpoint the write-ahead log is cut back to this size: a burst does not keep its disk space."""
 
-    def __init__(self, path: str) -> None:
+
+class Store:
+    """The SQLite database, opened and migrated; synchronous.
+
+    Every commit is durable (``synchronous=FULL``): a 202 or an acknowledgement that follows a
+    commit survives a power loss or an OS crash, not only a crash of the daemon. ``check`` runs
+    ``PRAGMA quick_check`` first, so that the daemon refuses a damaged file at start instead of
+    half running on it. Any failure to open is a permanent ``StoreError`` saying what to do.
+    """
+
+    def __init__(self, path: str, *, check: bool = False) -> None:
         self.path = path
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            try:
+                if check:
+                    self._check()
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+                self.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+                self.conn.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+            except BaseException:
+                self.conn.close()
+                raise
+        except StoreError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open the state store {path}: {describe(exc, path)}", temporary=False) from None
+
+    def _check(self) -> None:
+        rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
+        if rows != [("ok",)]:
+            found = "; ".join(str(row[0]) for row in rows)
+            raise StoreError(f"the state store {self.path} is damaged ({found}): move it away to start with an empty one, "
+                             "or put back a copy", temporary=False)
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version={number}")
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
+            self.transaction([_script(script), _set_version(number)])
 
     def close(self) -> None:
         self.conn.close()
@@ -169,7 +222,10 @@ class Store:
                 write(self.conn)
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (SQLITE_FULL): a ROLLBACK then would
+            # fail with "no transaction is active" and hide the error that matters.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
 
     # -- invocations ------------------------------------------------------------------------
@@ -312,36 +368,81 @@ def prune(*, invocations_before: float, dedupe_before: float) -> Write:
     return write
 
 
+class _Group:
+    """The writes of one group commit, and how their transaction ended (for every writer in it)."""
+
+    __slots__ = ("done", "error", "writes")
+
+    def __init__(self) -> None:
+        self.writes: list[Write] = []
+        self.done = False
+        self.error: StoreError | None = None
+
+
 class StateStore:
-    """The daemon's async access to ``Store``: reads in a worker thread, writes group-committed."""
+    """The daemon's async access to ``Store``: reads in a worker thread, writes group-committed.
+
+    Group commit: writers add their writes to the open group, then queue for the commit lock. The
+    first of them to get it takes the whole group (opening a new one for later writers) and commits
+    it in one transaction; the others find their group done and return, or raise the same error:
+    a write is reported stored only if the transaction that held it committed.
+
+    ``error`` says why the store failed last, until a transaction succeeds again (``/readyz``).
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.error: str | None = None
         self._thread = anyio.CapacityLimiter(1)
         self._commit_lock = anyio.Lock()
-        self._pending: list[Write] = []
-        self._queued = 0
-        self._committed = 0
+        self._open = _Group()
 
     async def read(self, fn: Callable[[Store], T]) -> T:
-        return await anyio.to_thread.run_sync(fn, self.store, limiter=self._thread)
+        try:
+            return await anyio.to_thread.run_sync(fn, self.store, limiter=self._thread)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
 
     def write_soon(self, *writes: Write) -> None:
         """Queue ``writes`` for the next transaction (the next ``write`` commits them first, in order)."""
-        self._pending.extend(writes)
+        self._open.writes.extend(writes)
 
     async def write(self, *writes: Write) -> None:
-        """Run ``writes`` in a transaction shared with every write waiting at the same time; return once committed."""
-        self._pending.extend(writes)
-        self._queued += 1
-        mine = self._queued
+        """Run ``writes`` in a transaction shared with every write waiting at the same time; return once committed.
+
+        Raises ``StoreError`` when that transaction failed: then none of its writes is stored.
+        """
+        group = self._open
+        group.writes.extend(writes)
         async with self._commit_lock:
-            if self._committed >= mine:
-                return
-            batch, self._pending = self._pending, []
-            upto = self._queued
-            await anyio.to_thread.run_sync(self.store.transaction, batch, limiter=self._thread)
-            self._committed = upto
+            if not group.done:
+                self._open = _Group()
+                try:
+                    await anyio.to_thread.run_sync(self.store.transaction, group.writes, limiter=self._thread)
+                except sqlite3.Error as exc:
+                    group.error = self._failed(exc)
+                else:
+                    if self.error is not None:
+                        log.warning("the state store works again")
+                        self.error = None
+                finally:
+                    group.done = True
+        if group.error is not None:
+            raise group.error
+
+    async def probe(self) -> str | None:
+        """``error``, after a small write has tried whether the store works again (an idle daemon writes nothing)."""
+        if self.error is not None:
+            with contextlib.suppress(StoreError):
+                await self.write(put_checkpoints("", {"store-probe": str(time.time())}))
+        return self.error
+
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
+        message = f"the state store failed: {describe(exc, self.store.path)}"
+        if message != self.error:
+            log.error("%s", message)  # once per kind of failure, not once per write
+            self.error = message
+        return StoreError(message)
 
     # -- the inbox, for sources that must keep accepted events across a crash ---------------
 

@@ -12,14 +12,14 @@ from dispatcher.executors.base import Capture, Executor, Invocation, Result
 __all__ = ["Capture", "Executor", "Invocation", "Result", "create"]
 
 
-def create(config: ConfigBase) -> Executor:
-    """The executor that ``executor.kind`` names; ``auto`` decides when it starts."""
+def create(config: ConfigBase, owner: str = "") -> Executor:
+    """The executor that ``executor.kind`` names; ``auto`` decides when it starts. ``owner`` names the daemon."""
     kind = config.executor.kind
     scratch = config.executor.scratch_dir or str(Path(config.daemon.state_path).resolve().parent / "eventswarm-inputs")
     if kind == "process":
         from dispatcher.executors.process import ProcessExecutor
 
-        return ProcessExecutor(config.executor)
+        return ProcessExecutor(config.executor, owner)
     if kind == "swarm":
         from dispatcher.executors.swarm import SwarmExecutor
 

@@ -8,11 +8,15 @@ those were most of the executor's cost per batch.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +24,11 @@ import anyio
 
 from dispatcher.config import ExecutorConfig
 from dispatcher.errors import ExecutorError
+from dispatcher.events import new_id
+from dispatcher.executors import reaper
 from dispatcher.executors.base import STOP_GRACE, Capture, Invocation, Result, environment
+
+log = logging.getLogger("eventswarm.executor")
 
 INLINE_WRITE = 1 << 20
 """An input document up to this size is written from the event loop (into the page cache, faster
@@ -30,41 +38,80 @@ DRAIN_WAIT = 1.0
 """How long output is still read after the function exited (a child it left may hold its stdout)."""
 EXIT_POLL = (0.001, 0.05)
 """Without pidfds (Linux < 5.3, or refused): the first and the longest wait between checks for the exit."""
+ORPHAN_PASSES = 5
+"""Rounds of ending what a function left behind: killing an orphan hands its own children to the daemon."""
+PR_SET_CHILD_SUBREAPER = 36
+HAS_PROC = os.path.isdir("/proc")
 
 
 class ProcessExecutor:
-    """Runs ``function.command + args`` as a subprocess in its own session; ``image`` is ignored."""
+    """Runs ``function.command + args`` as a subprocess in its own session; ``image`` is ignored.
+
+    Nothing a function starts outlives it, nor the daemon:
+    - its session is killed when it exits (``_supervise``);
+    - what escaped the session (``setsid``, a double fork) is adopted by the daemon, a child
+      subreaper, and killed when its invocation ends (``_end_orphans``, by ``EVENTSWARM_BATCH_ID``);
+    - when the daemon dies, even by ``kill -9``, its reaper (``reaper.py``) kills every process that
+      carries the daemon's ``EVENTSWARM_OWNER`` mark;
+    - and at start, ``gc`` kills what an earlier run of the same daemon left, had its reaper died too.
+    """
 
     kind = "process"
 
-    def __init__(self, config: ExecutorConfig) -> None:
+    def __init__(self, config: ExecutorConfig, owner: str = "") -> None:
         self.config = config
+        self.owner = owner or "none"
+        self.mark = f"{self.owner}.{new_id()[:12]}"
+        """This run's ``EVENTSWARM_OWNER``: the owner (which state store), then this incarnation."""
         self._environ = dict(os.environ)  # functions inherit the daemon's environment as it started
+        self._running: set[int] = set()
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
-        return None
+        if self._reaper is not None or not HAS_PROC:
+            return
+        _become_subreaper()
+        self._reaper = subprocess.Popen(  # noqa: ASYNC220 (it starts at once; nothing to wait for)
+            [sys.executable, "-I", "-S", reaper.__file__, self.mark], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        log.debug("process functions' reaper: pid %d", self._reaper.pid)
 
     async def ping(self) -> bool:
         return True
 
     async def gc(self, owner: str | None) -> int:
-        return 0
+        """Kill what process functions of an earlier run left running (of ``owner``'s, or of every daemon)."""
+        prefix = f"{owner}." if owner is not None else ""
+        return await anyio.to_thread.run_sync(
+            reaper.sweep, lambda mark: mark.startswith(prefix) and mark != self.mark)
 
     async def close(self) -> None:
-        return None
+        if self._reaper is None:
+            return
+        process, self._reaper = self._reaper, None
+        assert process.stdin is not None
+        process.stdin.close()  # the reaper sweeps (nothing should be left) and exits
+        with anyio.move_on_after(5):
+            await anyio.to_thread.run_sync(process.wait)
 
     async def run(self, invocation: Invocation) -> Result:
         argv = [*invocation.function.command, *invocation.args]
         if not argv:
             raise ExecutorError(f"function {invocation.function_name!r} has no command", temporary=False)
-        scratch = tempfile.mkdtemp(prefix="eventswarm-")
+        try:
+            scratch = tempfile.mkdtemp(prefix="eventswarm-")
+        except OSError as exc:
+            raise _unavailable(exc) from None
         input_path = Path(scratch) / "input.json"
         try:
-            if len(invocation.input) <= INLINE_WRITE:
-                input_path.write_bytes(invocation.input)
-            else:
-                await anyio.Path(input_path).write_bytes(invocation.input)
-            env = {**self._environ, **environment(invocation, str(input_path))}
+            try:
+                if len(invocation.input) <= INLINE_WRITE:
+                    input_path.write_bytes(invocation.input)
+                else:
+                    await anyio.Path(input_path).write_bytes(invocation.input)
+            except OSError as exc:
+                raise _unavailable(exc) from None
+            env = {**self._environ, **environment(invocation, str(input_path)), reaper.OWNER_VARIABLE: self.mark}
             started = time.monotonic()
             try:
                 with input_path.open("rb") as stdin:  # the document on stdin straight from its file: no pipe to feed
@@ -73,13 +120,100 @@ class ProcessExecutor:
                                                env=env, cwd=scratch, start_new_session=True)
             except OSError as exc:
                 raise ExecutorError(f"cannot start {argv[0]!r}: {exc}", temporary=False) from exc
-            return await _supervise(process, invocation.function.timeout, self.config.output_limit, started)
+            self._running.add(process.pid)
+            try:
+                return await _supervise(process, invocation.function.timeout, self.config.output_limit, started)
+            finally:
+                self._running.discard(process.pid)
+                with anyio.CancelScope(shield=True):
+                    await self._end_orphans(invocation.id)
         finally:
             try:  # the common case, cheaper than rmtree: the function left only its input behind
                 input_path.unlink(missing_ok=True)
                 os.rmdir(scratch)
             except OSError:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+    async def _end_orphans(self, invocation_id: str) -> None:
+        """Kill what invocation ``invocation_id`` left outside its session (the daemon adopted it), and reap
+        the daemon's zombie children; a running invocation's processes are left alone."""
+        for _ in range(ORPHAN_PASSES):
+            ended = []
+            for pid in _children() - self._running:
+                state, batch = _state_and_batch(pid)
+                if state is None:
+                    continue
+                if state == "Z" or batch == invocation_id:
+                    _kill(pid)
+                    ended.append(pid)
+            if not ended:
+                return
+            for pid in ended:
+                await _reap(pid)
+
+
+def _become_subreaper() -> None:
+    """Orphans of the daemon's descendants come to the daemon instead of PID 1 (Linux): so it can end them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("cannot become a child subreaper (errno %d): what process functions leave running in a new "
+                        "session is ended only by the reaper", ctypes.get_errno())
+    except (OSError, AttributeError):
+        pass
+
+
+def _children() -> set[int]:
+    """The daemon's child processes (those of the loop's thread, which starts the functions and adopts orphans)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/children") as file:
+            return {int(pid) for pid in file.read().split()}
+    except OSError:
+        return set()
+
+
+def _state_and_batch(pid: int) -> tuple[str | None, str | None]:
+    """A process's state letter (``Z`` for a zombie) and its ``EVENTSWARM_BATCH_ID``; (None, None) once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            state = file.read().rsplit(b")", 1)[1].split()[0].decode()
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            environ = file.read()
+    except (OSError, IndexError):
+        return None, None
+    for entry in environ.split(b"\0"):
+        if entry.startswith(b"EVENTSWARM_BATCH_ID="):
+            return state, entry.split(b"=", 1)[1].decode(errors="replace")
+    return state, None
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _reap(pid: int) -> None:
+    """Collect the exit of child ``pid`` (killed, so about to exit), waiting a little at most."""
+    delay = EXIT_POLL[0]
+    with anyio.move_on_after(1.0):
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: it never blocks)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            await anyio.sleep(delay)
+            delay = min(delay * 2, EXIT_POLL[1])
+
+
+def _unavailable(exc: OSError) -> ExecutorError:
+    """The scratch directory or input file could not be written (a full disk): nothing started, try again later."""
+    return ExecutorError(f"cannot write the function's input file in {tempfile.gettempdir()}: {exc.strerror or exc}",
+                         unavailable=True)
 
 
 async def _supervise(process: subprocess.Popen[bytes], allowed: float, output_limit: int, started: float) -> Result:

@@ -114,3 +114,40 @@ def test_commands_reading_the_store_say_so_when_there_is_none(tmp_path, command)
     (tmp_path / "eventswarm.toml").write_text(toml(config(tmp_path, "cat")))
     done = cli(tmp_path, *command, check=False)
     assert done.returncode == 1 and "no state store" in done.stderr
+
+
+def _validate(tmp_path: Path, doc: dict[str, Any], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    (tmp_path / "eventswarm.toml").write_text(toml(doc))
+    return subprocess.run([sys.executable, "-m", "dispatcher", "validate", "-c", str(tmp_path / "eventswarm.toml")],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def _webhook(doc: dict[str, Any], name: str, **source: Any) -> None:
+    doc["triggers"][name] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t", **source}}
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("two triggers on one route", "triggers.second.source: POST /hooks/t is already served by trigger 't'"),
+    ("a standard-webhooks secret that is not base64", "triggers.t.source.signature: a standard-webhooks secret is base64"),
+    ("a topic_pattern that is not a regular expression", "triggers.k.source: topic_pattern: not a regular expression"),
+    ("an environment override that is not JSON", "daemon: the environment variable EVENTSWARM_DAEMON is not valid JSON"),
+])
+def test_validate_refuses_configs_that_could_not_run_with_the_key_path(tmp_path, case, expected):
+    doc = config(tmp_path, "cat")
+    env: dict[str, str] = {}
+    if case == "two triggers on one route":
+        _webhook(doc, "second")
+    elif case.startswith("a standard-webhooks"):
+        env["HOOK_SECRET"] = "whsec_not*base64!"
+        _webhook(doc, "t", signature={"scheme": "standard-webhooks", "secret_env": "HOOK_SECRET"})
+    elif case.startswith("a topic_pattern"):
+        doc["triggers"]["k"] = {"function": "f", "source": {"kind": "kafka", "bootstrap_servers": ["127.0.0.1:1"],
+                                                            "topic_pattern": "votes-(", "group_id": "g"}}
+    else:
+        env["EVENTSWARM_DAEMON"] = "garbage{"
+    done = _validate(tmp_path, doc, env)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert expected in done.stderr, done.stderr

@@ -152,3 +152,50 @@ def test_accepted_webhooks_survive_kill_9_and_run_after_restart(tmp_path, docker
         assert client.containers.list(all=True, filters={"label": f"io.eventswarm.owner={owner}"}) == []
     finally:
         client.close()
+
+
+
+async def test_a_crashed_source_answers_503_on_its_routes_until_it_serves_them_again(tmp_path, monkeypatch):
+    """Nothing is accepted with a 202 while no live source stands behind the route."""
+    from dispatcher.api import HttpResponse
+    from dispatcher.daemon import Daemon
+    from dispatcher.errors import StoreError
+
+    fail = anyio.Event()
+    crashed = anyio.Event()
+    runs = []
+
+    class CrashesOnce:
+        """Serves the route, then fails as a source whose backlog read hit a damaged store; works when restarted."""
+
+        async def run(self, ctx):
+            runs.append(1)
+
+            async def accept(_request):
+                return HttpResponse.json(202, {"id": "accepted"})
+            ctx.add_route("POST", "/hooks/t", accept, max_body=1024)
+            ctx.set_ready(True)
+            if len(runs) == 1:
+                await fail.wait()
+                crashed.set()
+                raise StoreError("the inbox cannot be read")
+            await anyio.sleep_forever()
+
+    build = Daemon.build_triggers
+
+    def build_with_crashing_source(self):
+        build(self)
+        self.triggers["t"].source = CrashesOnce()
+    monkeypatch.setattr(Daemon, "build_triggers", build_with_crashing_source)
+
+    async with running_daemon(config(tmp_path)) as daemon:
+        assert (await call(daemon, b"{}"))[0] == 202
+        fail.set()
+        await crashed.wait()
+        status, headers, body = await call(daemon, b"{}")
+        assert status == 503, body
+        assert headers.get("Retry-After")
+        # Restarted (after a second), the source serves its route again, without "two triggers serve" errors.
+        await wait_for(lambda: len(runs) == 2, timeout=10, what="the source to restart")
+        assert (await call(daemon, b"{}"))[0] == 202
+
