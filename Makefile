@@ -43,6 +43,8 @@ bench: install services
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/swarm.py
 	$(BIN)/python bench/kafka.py
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	$(BIN)/python bench/webhook.py
 
 gc: install
 	$(BIN)/eventswarm gc -c config.example.toml

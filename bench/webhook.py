@@ -4,7 +4,7 @@ against a bare aiohttp handler answering 202 on the same machine, in the same ru
 Load: wrk, 32 connections, 2 threads, a 100-byte JSON body, DURATION seconds per run; the median of ROUNDS
 runs of each, alternating. The daemon runs as `eventswarm run` (a process of its own, as users run it) with
 the process executor and a function that discards its input; after each run the bench waits until every
-accepted event has run and checks that their number equals the 2xx answers wrk counted.
+accepted event has run: the inbox is empty, and at least as many events ran as wrk counted 2xx answers.
 
 Prints its figures and writes them to bench/results/webhook.json. Needs wrk (`apt-get install wrk`).
 Run: `.venv/bin/python bench/webhook.py`.
@@ -133,8 +133,9 @@ batch = {{ max_events = 1000, max_wait = "50ms" }}
             if ran >= accepted and not waiting:
                 break
             time.sleep(0.2)
-        if ran != accepted:
-            raise SystemExit(f"accepted {accepted} events but {ran} ran")
+        # wrk does not count the answers still on their way when it stops: the daemon may have accepted a few more.
+        if ran < accepted or waiting:
+            raise SystemExit(f"accepted {accepted} events but {ran} ran ({waiting} still waiting)")
         return rate, accepted
     finally:
         process.terminate()

@@ -239,6 +239,8 @@ class WebhookSource(Source[WebhookSourceConfig]):
             return HttpResponse.json(503, {"error": f"cannot store the event: {exc}"}, {"Retry-After": STORE_RETRY_AFTER})
         if earlier is not None:
             return HttpResponse.json(200, {"id": earlier, "duplicate": True})
+        if await self._ctx.offer(event, ack=self._settled(event.id)):
+            return HttpResponse.json(202, {"id": event.id})  # room in the buffer: no timer needed
         with anyio.move_on_after(config.enqueue_timeout) as scope:
             await self._ctx.emit(event, ack=self._settled(event.id))
         if scope.cancelled_caught:

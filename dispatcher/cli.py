@@ -291,7 +291,7 @@ def gc(config_path: str | None, everything: bool) -> None:
             await executor.close()
 
     removed = _run(sweep)
-    click.echo(f"removed {removed} containers")
+    click.echo(f"removed {removed} containers, services, configs or processes")
 
 
 if __name__ == "__main__":

@@ -236,6 +236,8 @@ class HttpServer:
         """The request's body, read within ``client_timeout`` and ``max_body``; or the 4xx answer saying why not."""
         if request.content_length is not None and request.content_length > max_body:
             return _error(413, f"body larger than {max_body} bytes")
+        if request.content_length is not None and request.content.is_eof():
+            return await request.read()  # it came with the headers (the common case): no timer needed
         body = bytearray()
         with anyio.move_on_after(self.client_timeout):
             try:

@@ -123,7 +123,7 @@ def test_gc_removes_labelled_leftovers_of_this_daemon_only(tmp_path):
         done = subprocess.run([sys.executable, "-m", "dispatcher", "gc", "-c", str(config_file)],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert "removed 1 containers" in done.stdout
+        assert "removed 1 containers, services, configs or processes" in done.stdout
         with pytest.raises(docker.errors.NotFound):
             client.containers.get(mine.id)
         assert client.containers.get(other.id).id == other.id
