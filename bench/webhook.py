@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUNDS = 3
+ROUNDS = 5
 DURATION = 8
 CONNECTIONS = 32
 BODY = json.dumps({"event": "vote.cast", "voter_id": 1234567, "choice": "b", "padding": "x" * 40})

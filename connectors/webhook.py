@@ -15,16 +15,19 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import msgspec
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from dispatcher.api import Event, HttpRequest, HttpResponse, Outcome, Source, SourceConfig, SourceContext, StoreError
 from dispatcher.units import Duration, Size
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1")
+JSON = {"Content-Type": "application/json"}
 STORE_RETRY_AFTER = "5"
 """Retry-After, in seconds, when the state store cannot take an event (a full disk)."""
 
@@ -110,7 +113,7 @@ class SignatureError(Exception):
     """The request's signature is missing, malformed, stale or wrong."""
 
 
-def verify(config: SignatureConfig, secrets: list[bytes], headers: dict[str, str], body: bytes,
+def verify(config: SignatureConfig, secrets: list[bytes], headers: Mapping[str, str], body: bytes,
            now: float | None = None) -> None:
     """Check ``body``'s signature against every secret (constant-time); raise ``SignatureError`` if none matches."""
     if config.scheme == "github":
@@ -158,8 +161,17 @@ def _reject_constant(name: str) -> Any:
 
 
 def _json(body: bytes) -> Any:
-    """``body`` parsed as strict JSON (no NaN or Infinity, which would make the function's input invalid)."""
-    return json.loads(body, parse_constant=_reject_constant)
+    """``body`` parsed as strict JSON (no NaN or Infinity, which would make the function's input invalid).
+
+    msgspec first (several times faster than ``json``); ``json`` for what msgspec cannot hold, integers
+    beyond 64 bits. Either raises a ``ValueError`` (or ``RecursionError``) for what is not JSON.
+    """
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.ValidationError:  # an integer out of msgspec's range: valid JSON all the same
+        return json.loads(body, parse_constant=_reject_constant)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _is_json(content_type: str) -> bool:
@@ -188,7 +200,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
                 await self._ctx.inbox.remove(event_id)
         return ack
 
-    def to_event(self, request: HttpRequest, headers: dict[str, str]) -> Event:
+    def to_event(self, request: HttpRequest, headers: Mapping[str, str]) -> Event:
         """The request as a CloudEvent; raises ``ValueError`` for a malformed JSON body."""
         content_type = headers.get("content-type", "")
         body = request.body
@@ -217,7 +229,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         config = self.config
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = request.headers  # case-insensitive
         if config.signature is not None:
             try:
                 verify(config.signature, self._secrets, headers, request.body)
@@ -240,7 +252,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
         if earlier is not None:
             return HttpResponse.json(200, {"id": earlier, "duplicate": True})
         if await self._ctx.offer(event, ack=self._settled(event.id)):
-            return HttpResponse.json(202, {"id": event.id})  # room in the buffer: no timer needed
+            return HttpResponse(202, b'{"id": "%s"}' % event.id.encode(), JSON)  # room in the buffer: no timer needed
         with anyio.move_on_after(config.enqueue_timeout) as scope:
             await self._ctx.emit(event, ack=self._settled(event.id))
         if scope.cancelled_caught:

@@ -56,6 +56,8 @@ Ack = Callable[[Outcome], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
+    """A request to a source's route. ``headers`` is case-insensitive: ``headers.get("content-type")``."""
+
     method: str
     path: str
     headers: Mapping[str, str]

@@ -367,17 +367,20 @@ class Dispatcher:
         await self.ack(run, Outcome("dead-lettered", last))
 
     async def ack_all(self, runs: list[Run], outcome: Outcome) -> None:
-        """Acknowledge ``runs`` at once, so that acknowledgements that write (the webhook inbox deletes each
-        of its events) share a group commit instead of waiting for one commit after another."""
+        """Acknowledge ``runs``, committing what their acknowledgements write (the webhook inbox deletes each
+        of its events) in one transaction after them, instead of one commit after another.
+
+        Those writes are about events already settled: should the daemon crash before they are stored,
+        the events run again after the restart (at least once).
+        """
         if len(runs) == 1:
             await self.ack(runs[0], outcome)
             return
-        try:
-            async with anyio.create_task_group() as tg:
-                for run in runs:
-                    tg.start_soon(self.ack, run, outcome)
-        except* HandedBack:
-            raise HandedBack from None
+        with self.state.collecting() as writes:
+            for run in runs:
+                await self.ack(run, outcome)
+        if writes:
+            await self.durably(*writes)
 
     async def ack(self, run: Run, outcome: Outcome) -> None:
         """Count ``run`` as acknowledged and hand ``outcome`` to its source (an error there is logged).

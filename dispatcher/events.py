@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import msgspec
+
 _MISSING = object()
 _CORE = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data", "data_base64")
 
@@ -20,7 +22,6 @@ def new_id() -> str:
     return os.urandom(16).hex()
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _second: list[tuple[int, str]] = [(-1, "")]
 
 
@@ -122,7 +123,7 @@ class Event:
     def encode(self) -> bytes:
         """The event in CloudEvents JSON format, encoded once and kept."""
         if self._encoded is None:
-            self._encoded = _ENCODER.encode(self.to_dict()).encode()
+            self._encoded = msgspec.json.encode(self.to_dict())
         return self._encoded
 
     @property

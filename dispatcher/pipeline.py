@@ -72,10 +72,12 @@ class RunQueue:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.count = 0
+        self.bytes = 0
         self.runs: deque[Run] = deque()
         self.closed = False
         self._arrived = anyio.Event()
         self._left = anyio.Event()
+        self._wanted = (1, 1)
 
     def has_room(self, run: Run) -> bool:
         return not self.count or self.count + len(run) <= self.capacity
@@ -87,7 +89,9 @@ class RunQueue:
             return False
         self.runs.append(run)
         self.count += len(run)
-        self._arrived.set()
+        self.bytes += run.nbytes
+        if self.count >= self._wanted[0] or self.bytes >= self._wanted[1]:
+            self._arrived.set()
         return True
 
     async def put(self, run: Run) -> None:
@@ -96,14 +100,23 @@ class RunQueue:
                 self._left = anyio.Event()
             await self._left.wait()
 
-    async def wait(self) -> None:
-        """Wait until a run is queued."""
-        while not self.runs:
+    async def wait(self, count: int = 1, nbytes: int = 1) -> None:
+        """Wait until ``count`` events, or ``nbytes`` bytes of them, are queued.
+
+        A batcher that waits for more events to fill its batch is woken once they are there (or at its
+        deadline), not at every single event: with events arriving one at a time (webhooks), waking per
+        event was most of the pipeline's cost.
+        """
+        while self.count < count and self.bytes < nbytes:
             if self.closed:
+                if self.count:
+                    break
                 raise anyio.ClosedResourceError
+            self._wanted = (count, nbytes)
             if self._arrived.is_set():
                 self._arrived = anyio.Event()
             await self._arrived.wait()
+        self._wanted = (1, 1)
 
     def take(self, count: int) -> Run:
         """The first ``count`` events of the first run (the run itself when that is all of it)."""
@@ -116,6 +129,7 @@ class RunQueue:
             rest.nbytes = head.nbytes - taken.nbytes
             self.runs[0] = rest
         self.count -= len(taken)
+        self.bytes -= taken.nbytes
         self._left.set()
         return taken
 
@@ -163,7 +177,7 @@ class Lane:
                 if remaining <= 0:
                     return builder.take()
                 with anyio.move_on_after(remaining):
-                    await queue.wait()
+                    await queue.wait(builder.max_events - builder.count, builder.max_bytes - builder.bytes)
 
 
 class Pipeline:
@@ -238,7 +252,7 @@ class Pipeline:
     async def emit_run(self, run: Run) -> None:
         """Filter ``run`` and put it in its lanes, waiting while one is full (the backpressure)."""
         self._received.inc(len(run))
-        kept = await self._filter(run)
+        kept = run if self.filter is None else await self._filter(run)
         if kept is None:
             return
         for lane, part in self._routed(kept):

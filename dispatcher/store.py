@@ -8,12 +8,13 @@ goes into one transaction), so a burst of events costs one commit, not one each.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -368,24 +369,29 @@ def prune(*, invocations_before: float, dedupe_before: float) -> Write:
     return write
 
 
+_COLLECTING: contextvars.ContextVar[list[Write] | None] = contextvars.ContextVar("eventswarm_collecting", default=None)
+
+
 class _Group:
     """The writes of one group commit, and how their transaction ended (for every writer in it)."""
 
-    __slots__ = ("done", "error", "writes")
+    __slots__ = ("done", "error", "led", "writes")
 
     def __init__(self) -> None:
         self.writes: list[Write] = []
-        self.done = False
+        self.led = False
+        self.done = anyio.Event()
         self.error: StoreError | None = None
 
 
 class StateStore:
     """The daemon's async access to ``Store``: reads in a worker thread, writes group-committed.
 
-    Group commit: writers add their writes to the open group, then queue for the commit lock. The
-    first of them to get it takes the whole group (opening a new one for later writers) and commits
-    it in one transaction; the others find their group done and return, or raise the same error:
-    a write is reported stored only if the transaction that held it committed.
+    Group commit: writers add their writes to the open group. The first writer of a group leads it:
+    it waits for the commit lock (the previous group's transaction), takes the group (opening a new
+    one for later writers) and commits it in one transaction; the others wait for that, and return,
+    or raise the same error: a write is reported stored only if the transaction that held it
+    committed. The leader is shielded from cancellation, so that a group always ends.
 
     ``error`` says why the store failed last, until a transaction succeeds again (``/readyz``).
     """
@@ -407,26 +413,45 @@ class StateStore:
         """Queue ``writes`` for the next transaction (the next ``write`` commits them first, in order)."""
         self._open.writes.extend(writes)
 
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[list[Write]]:
+        """Within it, ``write`` only collects its writes in the list given, for the caller to commit them all
+        at once (``Dispatcher.ack_all``: a thousand acknowledgements, one transaction instead of a thousand)."""
+        writes: list[Write] = []
+        token = _COLLECTING.set(writes)
+        try:
+            yield writes
+        finally:
+            _COLLECTING.reset(token)
+
     async def write(self, *writes: Write) -> None:
         """Run ``writes`` in a transaction shared with every write waiting at the same time; return once committed.
 
         Raises ``StoreError`` when that transaction failed: then none of its writes is stored.
         """
+        collected = _COLLECTING.get()
+        if collected is not None:
+            collected.extend(writes)
+            return
         group = self._open
         group.writes.extend(writes)
-        async with self._commit_lock:
-            if not group.done:
-                self._open = _Group()
-                try:
-                    await anyio.to_thread.run_sync(self.store.transaction, group.writes, limiter=self._thread)
-                except sqlite3.Error as exc:
-                    group.error = self._failed(exc)
-                else:
-                    if self.error is not None:
-                        log.warning("the state store works again")
-                        self.error = None
-                finally:
-                    group.done = True
+        if group.led:
+            await group.done.wait()
+        else:
+            group.led = True
+            with anyio.CancelScope(shield=True):
+                async with self._commit_lock:
+                    self._open = _Group()
+                    try:
+                        await anyio.to_thread.run_sync(self.store.transaction, group.writes, limiter=self._thread)
+                    except sqlite3.Error as exc:
+                        group.error = self._failed(exc)
+                    else:
+                        if self.error is not None:
+                            log.warning("the state store works again")
+                            self.error = None
+                    finally:
+                        group.done.set()
         if group.error is not None:
             raise group.error
 
