@@ -35,7 +35,7 @@ integration: install services
 
 lint: install
 	$(BIN)/ruff check dispatcher connectors tests bench
-	$(BIN)/mypy dispatcher
+	$(BIN)/mypy dispatcher connectors
 	$(BIN)/lint-imports
 
 bench: install services

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import logging
-import os
 import re
 import ssl
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from json.encoder import encode_basestring
 from pathlib import Path
@@ -32,7 +32,9 @@ from dispatcher.api import (
     Duration,
     Event,
     Outcome,
+    Progress,
     Run,
+    Secret,
     Source,
     SourceConfig,
     SourceContext,
@@ -97,22 +99,20 @@ class KafkaSourceConfig(SourceConfig):
             raise ValueError("bootstrap_servers: name at least one broker (host:port)")
         if self.security.startswith("SASL"):
             for key in ("username", "password"):
-                env, file = getattr(self, f"{key}_env"), getattr(self, f"{key}_file")
-                if not env and not file:
+                secret = self.secret(key)
+                if not secret.given:
                     raise ValueError(f"{key}_env or {key}_file is required with security = {self.security!r}")
-                if env and not os.environ.get(env):
-                    raise ValueError(f"{key}_env: environment variable {env} is not set")
-                if file and not Path(file).is_file():
-                    raise ValueError(f"{key}_file: {file} is not a readable file")
+                problem = secret.problem(key)
+                if problem:
+                    raise ValueError(problem)
         for key in ("ca_file", "cert_file", "key_file"):
             value = getattr(self, key)
             if value and not Path(value).is_file():
                 raise ValueError(f"{key}: {value} is not a readable file")
         return self
 
-    def secret(self, key: str) -> str:
-        env, file = getattr(self, f"{key}_env"), getattr(self, f"{key}_file")
-        return os.environ.get(env, "") if env else Path(file).read_text().strip()
+    def secret(self, key: str) -> Secret:
+        return Secret.of(getattr(self, f"{key}_env"), getattr(self, f"{key}_file"))
 
     def client_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers, "security_protocol": self.security}
@@ -122,8 +122,8 @@ class KafkaSourceConfig(SourceConfig):
                 context.load_cert_chain(self.cert_file, self.key_file or None)
             options["ssl_context"] = context
         if self.security.startswith("SASL"):
-            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.secret("username"),
-                           sasl_plain_password=self.secret("password"))
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.secret("username").value(),
+                           sasl_plain_password=self.secret("password").value())
         return options
 
 
@@ -149,7 +149,7 @@ class _PayloadBuffer(OrderedDict):  # type: ignore[type-arg]
     def __setitem__(self, tp: Any, result: Any) -> None:
         records = getattr(result, "_partition_records", None)
         if isinstance(records, PartitionRecords):
-            records._consumer_record = _payload  # type: ignore[method-assign]
+            records._consumer_record = _payload
         super().__setitem__(tp, result)
 
 
@@ -164,13 +164,24 @@ def fetch_payloads(consumer: AIOKafkaConsumer) -> bool:
     """
     fetcher = getattr(consumer, "_fetcher", None)
     buffered = getattr(fetcher, "_records", None)
-    if type(buffered) is not OrderedDict or not callable(getattr(PartitionRecords, "_consumer_record", None)):
+    if type(buffered) is not OrderedDict or not _consumer_record_as_expected():
         return False
     replacement = _PayloadBuffer()
     for tp, result in buffered.items():
         replacement[tp] = result
     fetcher._records = replacement  # type: ignore[union-attr]
     return True
+
+
+def _consumer_record_as_expected() -> bool:
+    """aiokafka's ``PartitionRecords._consumer_record(self, tp, record)``, the method the fast path replaces."""
+    method = getattr(PartitionRecords, "_consumer_record", None)
+    if not callable(method):
+        return False
+    try:
+        return list(inspect.signature(method).parameters) == ["self", "tp", "record"]
+    except (TypeError, ValueError):
+        return False
 
 
 class Record(NamedTuple):
@@ -185,88 +196,13 @@ class Record(NamedTuple):
     headers: tuple[tuple[str, bytes], ...]
 
 
-class Span:
-    """The records of one run in one partition, settled in parts, in any order.
-
-    While only parts are settled, their offsets are kept so that the settled prefix can be committed.
-    """
-
-    __slots__ = ("done", "mark", "offsets", "prefix", "remaining")
-
-    def __init__(self, mark: Watermark, offsets: Sequence[int]) -> None:
-        self.mark = mark
-        self.offsets = offsets
-        self.remaining = len(offsets)
-        self.done: set[int] = set()
-        self.prefix = 0
-        """How many of the first offsets are settled."""
-
-    def settle(self, records: list[Payload]) -> None:
-        """``records`` of the run are settled (each record is settled once)."""
-        self.remaining -= len(records)
-        if self.remaining > 0:
-            prefix, count = self.prefix, len(records)
-            offsets = self.offsets
-            if (not self.done and records[0][0] == offsets[prefix]
-                    and records[-1][0] == offsets[prefix + count - 1]):
-                self.prefix = prefix + count  # the next slice of the run, in order: no set needed
-            else:
-                self.done.update(record[0] for record in records)
-        self.mark.advance()
+def _next(offset: int) -> int:
+    """Where a partition resumes after the record at ``offset``."""
+    return offset + 1
 
 
-class Watermark:
-    """One partition's runs in flight, in offset order: what may be committed is below the first unsettled record.
-
-    Memory is bounded by the runs in flight (the trigger's buffer and its batches).
-    """
-
-    __slots__ = ("_idle", "_spans", "committable", "committed")
-
-    def __init__(self, start: int) -> None:
-        self._idle: anyio.Event | None = None
-        self._spans: deque[Span] = deque()
-        self.committable = start
-        """The next offset to commit: every record below it is settled."""
-        self.committed = start
-
-    def track(self, offsets: Sequence[int]) -> Span:
-        """A run of records at ``offsets`` (ascending) is in flight."""
-        if not self._spans and offsets[0] > self.committable:
-            self.committable = offsets[0]  # records skipped (compacted, or transaction markers) need no settling
-        span = Span(self, offsets)
-        self._spans.append(span)
-        return span
-
-    def advance(self) -> None:
-        spans = self._spans
-        while spans:
-            span = spans[0]
-            if span.remaining <= 0:
-                self.committable = span.offsets[-1] + 1
-                spans.popleft()
-                continue
-            offsets, done, prefix = span.offsets, span.done, span.prefix
-            while offsets[prefix] in done:
-                done.discard(offsets[prefix])
-                prefix += 1
-            span.prefix = prefix
-            if prefix:
-                self.committable = offsets[prefix - 1] + 1
-            break
-        if not spans and self._idle is not None:
-            self._idle.set()
-
-    @property
-    def in_flight(self) -> int:
-        """Records in flight."""
-        return sum(span.remaining for span in self._spans)
-
-    async def idle(self) -> None:
-        """Wait until no record of the partition is in flight."""
-        while self._spans:
-            self._idle = anyio.Event()
-            await self._idle.wait()
+def _offset(payload: Payload) -> int:
+    return payload[0]
 
 
 _RAW_JSON = msgspec.json.Decoder(msgspec.Raw)
@@ -350,7 +286,7 @@ def _headers_json(headers: Any) -> str:
     return json.dumps({k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers})
 
 
-def _json_data(values: list[bytes | None]) -> list[bytes | None]:
+def _json_data(values: Sequence[bytes | None]) -> Sequence[bytes | None]:
     """Each value as the event's data if it is JSON (else None: ``to_event`` says why)."""
     try:
         list(map(_RAW_JSON.decode, values))  # type: ignore[arg-type]
@@ -361,7 +297,7 @@ def _json_data(values: list[bytes | None]) -> list[bytes | None]:
         return [value if value is not None and json_error(value) is None else None for value in values]
 
 
-def _text_data(values: list[bytes | None]) -> list[bytes | None]:
+def _text_data(values: Sequence[bytes | None]) -> list[bytes | None]:
     data: list[bytes | None] = []
     for value in values:
         try:
@@ -371,7 +307,7 @@ def _text_data(values: list[bytes | None]) -> list[bytes | None]:
     return data
 
 
-def _bytes_data(values: list[bytes | None]) -> list[bytes | None]:
+def _bytes_data(values: Sequence[bytes | None]) -> list[bytes | None]:
     return [b'"%s"' % base64.b64encode(value) if value is not None else None for value in values]
 
 
@@ -417,7 +353,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
 
     def __init__(self, config: KafkaSourceConfig) -> None:
         super().__init__(config)
-        self.marks: dict[TopicPartition, Watermark] = {}
+        self.marks: dict[TopicPartition, Progress[int]] = {}
         self.revocations = 0
         """Rebalances that took partitions from this member (a count for status and tests)."""
         self._consumer: AIOKafkaConsumer | None = None
@@ -476,12 +412,12 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 if not await ctx.offer_run(run):
                     await self._emit_paused(ctx, consumer, run)
 
-    def _run(self, tp: TopicPartition, mark: Watermark, payloads: list[Payload]) -> Run:
+    def _run(self, tp: TopicPartition, mark: Progress[int], payloads: list[Payload]) -> Run:
         """One fetch's records of one partition as a run, tracked by the partition's watermark."""
         received = time.time()
         value_format = self.config.value_format
         encoded, ids, subjects, offsets = encode_records(tp.topic, tp.partition, payloads, value_format, received)
-        span = mark.track(offsets)
+        span = mark.track_nowait(offsets, begin=offsets[0])  # records below it (compacted) need no settling
 
         def event(payload: Payload) -> Event:
             return to_event(Record(tp.topic, tp.partition, *payload), value_format, received)
@@ -514,7 +450,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
                                         headers=[*headers, ("eventswarm-source", f"{run.partition}/{offset}".encode())])
                     for offset, _, key, value, headers in run.payloads]
             await asyncio.gather(*sent)  # produced together, all acknowledged before the records settle
-        run.token.settle(run.payloads)  # a span of a revoked partition changes nothing committed
+        run.token.settle(run.payloads, key=_offset)  # a span of a revoked partition changes nothing committed
 
     async def commit(self, partitions: list[TopicPartition] | None = None) -> None:
         """Commit, per owned partition, every offset below its first unsettled record."""
@@ -557,7 +493,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
             if tp not in self.marks:
                 committed = await consumer.committed(tp) if consumer is not None else None
                 position = committed if committed is not None else await consumer.position(tp) if consumer else 0
-                self.marks[tp] = Watermark(position)
+                self.marks[tp] = Progress(position, after=_next)
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         owned = [tp for tp in partitions if tp in self.marks]

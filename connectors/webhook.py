@@ -13,18 +13,27 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 import msgspec
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from dispatcher.api import Event, HttpRequest, HttpResponse, Outcome, Source, SourceConfig, SourceContext, StoreError
-from dispatcher.units import Duration, Size
+from dispatcher.api import (
+    Duration,
+    Event,
+    HttpRequest,
+    HttpResponse,
+    Outcome,
+    Secret,
+    Size,
+    Source,
+    SourceConfig,
+    SourceContext,
+    StoreError,
+)
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1")
 JSON = {"Content-Type": "application/json"}
@@ -36,8 +45,8 @@ class SignatureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scheme: Literal["github", "standard-webhooks", "hmac-sha256"]
-    secret_env: str = ""
-    """Environment variable holding the secret (spaces are part of it); during a rotation, one per line."""
+    secret_env: str | list[str] = ""
+    """Environment variable holding the secret (spaces are part of it); during a rotation, a list of them."""
     secret_file: str = ""
     """File holding the secret(s), one per line, instead of ``secret_env``."""
     header: str = ""
@@ -47,26 +56,22 @@ class SignatureConfig(BaseModel):
 
     @model_validator(mode="after")
     def _secret(self) -> SignatureConfig:
-        if bool(self.secret_env) == bool(self.secret_file):
-            raise ValueError("give exactly one of secret_env or secret_file")
-        if self.secret_env and not os.environ.get(self.secret_env, "").strip():
-            raise ValueError(f"secret_env: environment variable {self.secret_env} is not set")
-        if self.secret_file and not Path(self.secret_file).is_file():
-            raise ValueError(f"secret_file: {self.secret_file} is not a readable file")
+        problem = Secret.of(self.secret_env, self.secret_file).problem("secret")
+        if problem:
+            raise ValueError(problem)
         self.secrets()  # a standard-webhooks secret that is not base64 is a config error, found by validate
         return self
 
     def secrets(self) -> list[bytes]:
-        text = os.environ.get(self.secret_env, "") if self.secret_env else Path(self.secret_file).read_text()
         secrets = []
-        for word in (line.strip("\r") for line in text.split("\n")):
-            if not word.strip():
-                continue
+        for word in Secret.of(self.secret_env, self.secret_file).values():
             if self.scheme == "standard-webhooks":
                 try:
-                    secrets.append(base64.b64decode(word.removeprefix("whsec_"), validate=True))
+                    secrets.append(base64.b64decode(word.strip().removeprefix("whsec_"), validate=True))
                 except binascii.Error:
-                    raise ValueError(f"a standard-webhooks secret is base64 after whsec_: {self.secret_env or self.secret_file}") from None
+                    where = self.secret_file or ", ".join([self.secret_env] if isinstance(self.secret_env, str)
+                                                          else self.secret_env)
+                    raise ValueError(f"a standard-webhooks secret is base64 after whsec_: {where}") from None
             else:
                 secrets.append(word.encode())
         return secrets

@@ -1,4 +1,28 @@
-"""What connectors may use: the event model, the source base classes and the context a source runs in."""
+"""What connectors may use: the event model, the source base classes and the context a source runs in.
+
+A connector imports the daemon only through this module (import-linter checks it).
+
+Runs and their acknowledgements (``Run``, ``RunAck``), the contract every source can rely on:
+
+- A source hands over events one at a time (``emit``, with a per-event ``Ack``) or as a ``Run``
+  (``emit_run``). A run's events are queued, batched and settled in order of ``run.ids``.
+- ``run.ack(part, outcome)`` is called once for every *part* of the run when that part is settled:
+  the whole run, or slices of it (a batch limit cut it, bisect split a failed batch, a partial
+  failure named some of its events). ``part.ids`` and ``part.payloads`` say exactly which events
+  the call covers; together, the parts cover every event of the run exactly once, in no given
+  order. ``outcome.status`` is ``succeeded``, ``dead-lettered`` or ``dropped``: each means the
+  event is done with, and the source may acknowledge it at its origin (commit the offset,
+  checkpoint the block, move the file).
+- ``part.token`` is the run's ``token``, shared by all its parts: the source's own handle on the
+  run (a Kafka span), so that it can find what a part belongs to without a lookup.
+- Nothing is acknowledged before it is settled, and an event handed back at shutdown is never
+  acknowledged: it must come again from its origin.
+- An acknowledgement that raises ``StoreError`` is tried again while the store fails; any other
+  exception is logged, and the events it covers stay unacknowledged at their origin.
+
+Checkpoints (``ctx.checkpoints``) are kept per trigger; name their keys after what they hold, as
+``<what>/<where>``: ``offset/<topic>/<partition>``, ``file/<device>:<inode>``, ``block/<chain id>``.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +34,14 @@ from pydantic import BaseModel, ConfigDict
 
 from dispatcher.errors import SourceError, StoreError
 from dispatcher.events import Event, Outcome, Run, RunAck, new_id, rfc3339, rfc3339_ms
+from dispatcher.progress import Committer, Progress, Span
+from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
 
 __all__ = [
     "Ack",
     "Checkpoints",
+    "Committer",
     "Duration",
     "Event",
     "HttpHandler",
@@ -22,13 +49,16 @@ __all__ = [
     "HttpResponse",
     "Inbox",
     "Outcome",
+    "Progress",
     "Run",
     "RunAck",
+    "Secret",
     "Size",
     "Source",
     "SourceConfig",
     "SourceContext",
     "SourceError",
+    "Span",
     "StoreError",
     "new_id",
     "rfc3339",

@@ -199,3 +199,21 @@ async def test_a_crashed_source_answers_503_on_its_routes_until_it_serves_them_a
         await wait_for(lambda: len(runs) == 2, timeout=10, what="the source to restart")
         assert (await call(daemon, b"{}"))[0] == 202
 
+
+
+async def test_githubs_test_vector_verifies_through_the_config_and_the_server_a_secret_with_spaces(tmp_path, monkeypatch):
+    """GitHub's documented vector, end to end: the secret has spaces, set in the environment as a user sets it;
+    during a rotation ``secret_env`` lists both variables, and either secret verifies."""
+    monkeypatch.setenv("GITHUB_OLD_SECRET", "It's a Secret to Everybody")
+    monkeypatch.setenv("GITHUB_NEW_SECRET", "a new secret, with spaces too")
+    doc = config(tmp_path, signature={"scheme": "github", "secret_env": ["GITHUB_NEW_SECRET", "GITHUB_OLD_SECRET"]})
+    async with running_daemon(doc) as daemon:
+        vector = {"X-Hub-Signature-256": "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+                  "Content-Type": "text/plain"}
+        assert (await call(daemon, b"Hello, World!", vector))[0] == 202
+        new = hmac.new(b"a new secret, with spaces too", b"Hello, World!", hashlib.sha256).hexdigest()
+        assert (await call(daemon, b"Hello, World!", {"X-Hub-Signature-256": f"sha256={new}",
+                                                      "Content-Type": "text/plain"}))[0] == 202
+        wrong = hmac.new(b"It's", b"Hello, World!", hashlib.sha256).hexdigest()  # the first word alone
+        assert (await call(daemon, b"Hello, World!", {"X-Hub-Signature-256": f"sha256={wrong}",
+                                                      "Content-Type": "text/plain"}))[0] == 401

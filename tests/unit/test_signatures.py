@@ -49,7 +49,9 @@ def test_standard_webhooks_published_vector_verifies(monkeypatch):
 
 
 def test_standard_webhooks_accepts_any_of_several_signatures_and_secrets(monkeypatch):
-    config = sw_config(monkeypatch, "whsec_" + base64.b64encode(b"rotated-away").decode() + "\n" + SW_SECRET)
+    monkeypatch.setenv("SW_OLD_SECRET", "whsec_" + base64.b64encode(b"rotated-away").decode())
+    monkeypatch.setenv("SW_SECRET", SW_SECRET)
+    config = SignatureConfig(scheme="standard-webhooks", secret_env=["SW_OLD_SECRET", "SW_SECRET"])
     verify(config, config.secrets(), sw_headers("v1,bm9wZQ== " + SW_SIGNATURE), SW_BODY, now=SW_TIMESTAMP)
 
 

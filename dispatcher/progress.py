@@ -1,0 +1,190 @@
+"""Ordered progress: a source commits its position only below its first unsettled item, in bounded memory.
+
+Every source that acknowledges at its origin by position needs this: a Kafka partition (offsets), a
+tailed file (byte offsets), a chain (``(block, logIndex)``). Items are tracked in source order, in
+spans (the items of one run); they settle in any order and in parts of any size; ``committable`` is
+where to resume once every item before it is settled. The caller says where to resume after each
+item (``after``), so the tracker knows nothing of offsets or blocks.
+
+The cap: ``track`` waits (backpressure) while ``limit`` items are in flight behind the first
+unsettled one, settled or not. Without it, one stuck batch followed by many settled runs would keep
+every span in memory while nothing could be committed; with it, the source stops reading instead.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+P = TypeVar("P", bound=Hashable)
+
+DEFAULT_LIMIT = 100_000
+"""Items in flight per tracker before ``track`` waits: a few trigger buffers' worth."""
+
+
+class Span(Generic[P]):
+    """The items of one run, at ``positions`` (ascending), settled in parts, in any order."""
+
+    __slots__ = ("_done", "_progress", "counted", "positions", "prefix", "remaining")
+
+    def __init__(self, progress: Progress[P], positions: Sequence[P]) -> None:
+        self._progress = progress
+        self.positions = positions
+        self.remaining = len(positions)
+        self._done: set[P] = set()
+        self.prefix = 0
+        """How many of the first positions are settled (and no longer held in ``_done``)."""
+        self.counted = 0
+        """How many of the first positions the tracker no longer counts in flight."""
+
+    def settle(self, items: Sequence[Any], key: Callable[[Any], P] | None = None) -> None:
+        """The items ``items`` (ascending, each settled once) are settled: positions, or things whose
+        position ``key`` gives (a Kafka source passes its record tuples, without building a list)."""
+        count = len(items)
+        if not count:
+            return
+        self.remaining -= count
+        if self.remaining > 0:
+            prefix, mine = self.prefix, self.positions
+            first, last = (items[0], items[-1]) if key is None else (key(items[0]), key(items[-1]))
+            if not self._done and first == mine[prefix] and last == mine[prefix + count - 1]:
+                self.prefix = prefix + count  # the next slice, in order (the common case): no set needed
+            else:
+                self._done.update(items if key is None else map(key, items))
+        self._progress._advance()
+
+
+class Progress(Generic[P]):
+    """One ordered stream's items in flight (one partition, one file, one chain) and its committable position.
+
+    ``committable`` only moves forward: every item before it is settled. ``committed`` is for the
+    caller's bookkeeping (what it saved last); ``Committer`` keeps it.
+    """
+
+    def __init__(self, start: P, *, after: Callable[[P], P], limit: int = DEFAULT_LIMIT) -> None:
+        self.committable: P = start
+        self.committed: P = start
+        self.limit = limit
+        self._after = after
+        self._spans: deque[Span[P]] = deque()
+        self._count = 0
+        self._changed: anyio.Event | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Items tracked behind the first unsettled one, settled or not: what the tracker holds in memory."""
+        return self._count
+
+    @property
+    def unsettled(self) -> int:
+        return sum(span.remaining for span in self._spans)
+
+    def has_room(self, count: int = 1) -> bool:
+        """Whether ``count`` more items may be tracked now (a run larger than the cap still may, alone)."""
+        return not self._spans or self._count + count <= self.limit
+
+    def track_nowait(self, positions: Sequence[P], *, begin: P | None = None) -> Span[P]:
+        """A run of items at ``positions`` is in flight (whatever the cap). ``begin``: where the run starts,
+        when items before it need no settling (Kafka offsets of compacted records): with nothing in flight,
+        ``committable`` moves there."""
+        if begin is not None and not self._spans and _later(begin, self.committable):
+            self.committable = begin
+        span = Span(self, positions)
+        self._spans.append(span)
+        self._count += len(positions)
+        return span
+
+    async def track(self, positions: Sequence[P], *, begin: P | None = None) -> Span[P]:
+        """``track_nowait``, after waiting while the cap is reached (the source stops reading meanwhile)."""
+        while not self.has_room(len(positions)):
+            await self._wait_for_change()
+        return self.track_nowait(positions, begin=begin)
+
+    async def idle(self) -> None:
+        """Wait until no item is in flight (a revoked partition, a stopping source)."""
+        while self._spans:
+            await self._wait_for_change()
+
+    async def _wait_for_change(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def _advance(self) -> None:
+        spans, after = self._spans, self._after
+        before = self._count
+        while spans:
+            span = spans[0]
+            if span.remaining <= 0:
+                self.committable = after(span.positions[-1])
+                self._count -= len(span.positions) - span.counted
+                spans.popleft()
+                continue
+            positions, done, prefix = span.positions, span._done, span.prefix
+            while positions[prefix] in done:
+                done.discard(positions[prefix])
+                prefix += 1
+            span.prefix = prefix
+            if prefix > span.counted:
+                self._count -= prefix - span.counted
+                span.counted = prefix
+                self.committable = after(positions[prefix - 1])
+            break
+        if self._count != before and self._changed is not None:
+            self._changed.set()
+            self._changed = None
+        if not spans and self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
+def _later(a: Any, b: Any) -> bool:
+    return bool(a > b)
+
+
+Save = Callable[[Mapping[Any, Any]], Awaitable[None]]
+
+
+class Committer:
+    """Saves the committable positions of several ``Progress`` trackers (by key): every ``interval``,
+    under one lock, and once more, shielded, when the source stops (``close``) or gives some up
+    (``save(keys)``, as a Kafka partition is revoked). ``save`` hands ``save_fn`` only what moved."""
+
+    def __init__(self, save_fn: Save, interval: float) -> None:
+        self.trackers: dict[Any, Progress[Any]] = {}
+        self._save = save_fn
+        self.interval = interval
+        self._lock = anyio.Lock()
+
+    async def save(self, keys: Iterable[Any] | None = None) -> None:
+        """Save the committable position of each tracker (of ``keys``) that moved since it was last saved."""
+        async with self._lock:
+            chosen = self.trackers if keys is None else {k: self.trackers[k] for k in keys if k in self.trackers}
+            moved = {k: p for k, p in chosen.items() if p.committable != p.committed}
+            if not moved:
+                return
+            positions = {k: p.committable for k, p in moved.items()}
+            await self._save(positions)
+            for key, progress in moved.items():
+                progress.committed = positions[key]
+
+    async def run(self) -> None:
+        """Save every ``interval`` until cancelled; then save once more, shielded."""
+        try:
+            while True:
+                await anyio.sleep(self.interval)
+                await self.save()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.save()
+
+    async def drain(self, keys: Iterable[Any] | None = None, *, wait: float) -> None:
+        """Wait (up to ``wait`` seconds) until nothing of ``keys`` is in flight, then save them."""
+        chosen = list(self.trackers) if keys is None else [k for k in keys if k in self.trackers]
+        with anyio.move_on_after(wait):
+            for key in chosen:
+                await self.trackers[key].idle()
+        await self.save(chosen)

@@ -1,0 +1,135 @@
+"""The ordered-progress tracker: the committable position is always just past the settled prefix, for any
+kind of position, any split and any order of settlements; with its cap, what it holds stays within it."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatcher.progress import Committer, Progress
+
+KINDS = {
+    # a Kafka offset: resume at the next one
+    "offset": (lambda n: n * 3, lambda p: p + 1, 0),
+    # a byte range of a file, by its end: resume right there
+    "bytes": (lambda n: (n + 1) * 100, lambda p: p, 0),
+    # a log by (block, logIndex): resume at the next log of the block
+    "log": (lambda n: (n // 4, n % 4), lambda p: (p[0], p[1] + 1), (0, 0)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_the_committable_position_is_just_past_the_settled_prefix(kind, data):
+    position, after, start = KINDS[kind]
+    count = data.draw(st.integers(min_value=1, max_value=60))
+    positions = [position(n) for n in range(count)]
+    cuts = sorted(set(data.draw(st.lists(st.integers(min_value=1, max_value=count - 1), max_size=10)))) if count > 1 else []
+    runs = [positions[a:b] for a, b in zip([0, *cuts], [*cuts, count], strict=True)]
+    limit = data.draw(st.integers(min_value=1, max_value=80))
+    progress = Progress(start, after=after, limit=limit)
+    parts = []
+    spans = []
+    settled: set = set()
+
+    def check() -> None:
+        unsettled = [p for p in positions[:sum(len(r) for r in runs[:len(spans)])] if p not in settled]
+        tracked = positions[:sum(len(r) for r in runs[:len(spans)])]
+        prefix = tracked[:tracked.index(unsettled[0])] if unsettled else tracked
+        assert progress.committable == (after(prefix[-1]) if prefix else start)
+        largest = max(len(r) for r in runs)
+        assert progress.in_flight <= max(limit, largest)  # the cap (a run larger than it goes alone)
+
+    # The source tracks runs while there is room, and settles parts of any of them in any order meanwhile.
+    pending = list(runs)
+    while pending or parts:
+        if pending and progress.has_room(len(pending[0])) and (not parts or data.draw(st.booleans())):
+            run = pending.pop(0)
+            i = len(spans)
+            spans.append(progress.track_nowait(run))
+            shuffled = run if data.draw(st.booleans()) else data.draw(st.permutations(run))
+            sizes = data.draw(st.lists(st.integers(min_value=1, max_value=5), min_size=len(run), max_size=len(run)))
+            while shuffled:
+                parts.append((i, shuffled[:sizes[0]]))
+                shuffled, sizes = shuffled[sizes[0]:], sizes[1:]
+        else:
+            assert parts, "the cap stopped the source with nothing left to settle"
+            i, part = parts.pop(data.draw(st.integers(min_value=0, max_value=len(parts) - 1)))
+            part = sorted(part)
+            spans[i].settle(part)
+            settled.update(part)
+        check()
+    assert progress.committable == after(positions[-1])
+    assert progress.in_flight == 0 and progress.unsettled == 0
+
+
+def test_one_stuck_item_holds_the_commit_and_the_cap_stops_the_source():
+    """One unsettled run and many settled ones behind it: the commit stays put, and memory with it."""
+    progress = Progress(0, after=lambda p: p + 1, limit=10_000)
+    stuck = progress.track_nowait(list(range(0, 2000)))
+    offset = 2000
+    while progress.has_room(2000):
+        span = progress.track_nowait(list(range(offset, offset + 2000)))
+        span.settle(list(range(offset, offset + 2000)))
+        offset += 2000
+    assert progress.committable == 0
+    assert progress.in_flight <= 10_000
+    stuck.settle(list(range(0, 2000)))
+    assert progress.committable == offset and progress.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_track_waits_at_the_cap_until_the_first_unsettled_item_settles():
+    progress = Progress(0, after=lambda p: p + 1, limit=4)
+    first = await progress.track([0, 1])
+    second = await progress.track([2, 3])
+    second.settle([2, 3])
+    tracked = anyio.Event()
+
+    async def source() -> None:
+        await progress.track([4, 5])
+        tracked.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(source)
+        await anyio.wait_all_tasks_blocked()
+        assert not tracked.is_set(), "tracked past the cap"
+        first.settle([0, 1])
+        await tracked.wait()
+    assert progress.committable == 4
+
+
+@pytest.mark.anyio
+async def test_the_committer_saves_what_moved_and_once_more_when_stopped():
+    saved: list[dict] = []
+
+    async def save(positions):
+        saved.append(dict(positions))
+
+    committer = Committer(save, interval=3600)
+    progress = committer.trackers["votes/0"] = Progress(0, after=lambda p: p + 1)
+    span = progress.track_nowait([0, 1, 2])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(committer.run)
+        await anyio.wait_all_tasks_blocked()
+        span.settle([0, 1])
+        tg.cancel_scope.cancel()  # the source stops: what is settled is saved, shielded
+    assert saved == [{"votes/0": 2}]
+    await committer.save()
+    assert saved == [{"votes/0": 2}], "saved again although nothing moved"
+
+
+def test_a_run_that_begins_past_the_position_moves_it_when_nothing_is_in_flight():
+    """Kafka offsets below a fetched run were compacted away or were transaction markers: nothing to settle."""
+    progress = Progress(42, after=lambda p: p + 1)
+    span = progress.track_nowait([50, 51, 52], begin=50)
+    assert progress.committable == 50
+    span.settle([(51, "record")], key=lambda record: record[0])
+    assert progress.committable == 50
+    span.settle([(50, "record")], key=lambda record: record[0])
+    assert progress.committable == 52
+    span.settle([(52, "record")], key=lambda record: record[0])
+    assert progress.committable == 53 and progress.in_flight == 0
