@@ -156,6 +156,11 @@ def verify(config: SignatureConfig, secrets: list[bytes], headers: Mapping[str, 
         raise SignatureError("signature does not match")
 
 
+def _accepted(event: Event) -> HttpResponse:
+    """``202 {"id": …}``, built without a JSON encoder (an id is hex)."""
+    return HttpResponse(202, b'{"id": "%s"}' % event.id.encode(), JSON)
+
+
 def _utf8(text: str) -> bytes:
     """A header value as bytes; characters that cannot be encoded (a non-UTF-8 header) only make it not match."""
     return text.encode("utf-8", "replace")
@@ -257,7 +262,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
         if earlier is not None:
             return HttpResponse.json(200, {"id": earlier, "duplicate": True})
         if await self._ctx.offer(event, ack=self._settled(event.id)):
-            return HttpResponse(202, b'{"id": "%s"}' % event.id.encode(), JSON)  # room in the buffer: no timer needed
+            return _accepted(event)  # room in the buffer: no timer needed
         with anyio.move_on_after(config.enqueue_timeout) as scope:
             await self._ctx.emit(event, ack=self._settled(event.id))
         if scope.cancelled_caught:
@@ -268,7 +273,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
                     pass  # it stays stored and runs after the next start: at least once, never lost
             retry = str(max(1, math.ceil(config.enqueue_timeout)))
             return HttpResponse.json(503, {"error": "the trigger's buffer is full"}, {"Retry-After": retry})
-        return HttpResponse.json(202, {"id": event.id})
+        return _accepted(event)
 
     async def _run_now(self, event: Event) -> HttpResponse:
         outcome = await self._ctx.invoke(event)

@@ -9,7 +9,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -328,13 +328,17 @@ class Dispatcher:
         """Commit ``writes``; while the state store fails (a full disk), wait and try again.
 
         The batch waits meanwhile, so its trigger's buffer fills and its source pauses: nothing is
-        lost, and everything resumes once the store works. The waits double up to ``STORE_RETRY``'s
-        cap; a daemon that starts draining meanwhile hands the batch back (``HandedBack``).
+        lost, and everything resumes once the store works.
         """
+        await self._until_stored(lambda: self.state.write(*writes))
+
+    async def _until_stored(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` until it does not raise ``StoreError``, waiting longer each time up to ``STORE_RETRY``'s
+        cap; a daemon that starts draining meanwhile hands the batch back (``HandedBack``)."""
         delay = STORE_RETRY[0]
         while True:
             try:
-                await self.state.write(*writes)
+                await step()
                 return
             except StoreError as exc:
                 self.last_error = str(exc)
@@ -390,20 +394,12 @@ class Dispatcher:
         and run again after the restart.
         """
         self._acked.inc(len(run))
-        if run.ack is None:
+        ack = run.ack
+        if ack is None:
             return
-        delay = STORE_RETRY[0]
-        while True:
-            try:
-                await run.ack(run, outcome)
-                return
-            except StoreError as exc:
-                self.last_error = str(exc)
-                if self.draining.is_set():
-                    raise HandedBack from None
-            except Exception:
-                log.exception("acknowledging %d events of trigger %s (from %s) failed", len(run), self.trigger, run.ids[0])
-                return
-            with anyio.move_on_after(delay):
-                await self.draining.wait()
-            delay = min(delay * 2, STORE_RETRY[1])
+        try:
+            await self._until_stored(lambda: ack(run, outcome))
+        except HandedBack:
+            raise
+        except Exception:
+            log.exception("acknowledging %d events of trigger %s (from %s) failed", len(run), self.trigger, run.ids[0])

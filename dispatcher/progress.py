@@ -133,10 +133,7 @@ class Progress(Generic[P]):
                 span.counted = prefix
                 self.committable = after(positions[prefix - 1])
             break
-        if self._count != before and self._changed is not None:
-            self._changed.set()
-            self._changed = None
-        if not spans and self._changed is not None:
+        if self._count != before and self._changed is not None:  # room for ``track``, or idle for ``idle``
             self._changed.set()
             self._changed = None
 

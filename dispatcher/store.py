@@ -409,10 +409,6 @@ class StateStore:
         except sqlite3.Error as exc:
             raise self._failed(exc) from None
 
-    def write_soon(self, *writes: Write) -> None:
-        """Queue ``writes`` for the next transaction (the next ``write`` commits them first, in order)."""
-        self._open.writes.extend(writes)
-
     @contextlib.contextmanager
     def collecting(self) -> Iterator[list[Write]]:
         """Within it, ``write`` only collects its writes in the list given, for the caller to commit them all

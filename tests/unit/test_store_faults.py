@@ -55,16 +55,6 @@ async def test_every_writer_of_a_failed_group_commit_sees_the_error(tmp_path):
     assert state.error is None
 
 
-async def test_a_write_queued_with_write_soon_fails_with_the_transaction_that_held_it(tmp_path):
-    store = Store(str(tmp_path / "state.db"))
-    state = StateStore(store)
-    state.write_soon(_insert("queued"))
-    with pytest.raises(StoreError):
-        await state.write(_disk_full)
-    await state.write(_insert("later"))
-    assert _stored(store) == {"later"}, "a write of the failed transaction was kept for the next one"
-
-
 async def test_a_real_sqlite_full_error_is_reported_not_masked_by_the_rollback(tmp_path):
     store = Store(str(tmp_path / "state.db"))
     pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
