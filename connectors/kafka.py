@@ -19,16 +19,17 @@ import re
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import anyio
 import msgspec
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from dispatcher.api import (
+    Committer,
     Duration,
     Event,
     Outcome,
@@ -39,6 +40,7 @@ from dispatcher.api import (
     SourceConfig,
     SourceContext,
     SourceError,
+    Span,
     rfc3339,
     rfc3339_ms,
 )
@@ -55,6 +57,8 @@ log = logging.getLogger("eventswarm.kafka")
 
 REVOKE_WAIT = 10.0
 """How long a revoke waits for the revoked partitions' records in flight before letting go."""
+STOP_WAIT = 10.0
+"""How long stopping the consumer or the producer may take (a broker that is gone does not answer)."""
 REBALANCE_TIMEOUT = REVOKE_WAIT + 20.0
 """How long the broker waits for a member to rejoin: longer than a revoke may take, or the member is dropped."""
 LAG_EVERY = 5.0
@@ -82,7 +86,13 @@ class KafkaSourceConfig(SourceConfig):
     key_file: str = ""
     dead_letter_topic: str = ""
     """Dead letters are also produced here (the original key, value and headers)."""
+    dead_letter_timeout: Duration = 60.0
+    """How long producing a batch's dead letters may take, retries included. Past it the source fails and
+    restarts: the records were not committed, so they come again (and are dead-lettered again)."""
     commit_interval: Duration = 1.0
+    max_uncommitted: int = Field(100_000, ge=1)
+    """Records of one partition in flight behind its first unsettled record before the partition pauses:
+    one stuck record then stops that partition's reading instead of filling memory."""
     fetch_max_bytes: int = 8 * 1024 * 1024
     """Bytes one fetch may bring (bounds what the client holds beyond the trigger's buffer)."""
 
@@ -353,14 +363,17 @@ class KafkaSource(Source[KafkaSourceConfig]):
 
     def __init__(self, config: KafkaSourceConfig) -> None:
         super().__init__(config)
-        self.marks: dict[TopicPartition, Progress[int]] = {}
+        self.committer = Committer(self._commit_offsets, config.commit_interval, final_wait=STOP_WAIT)
+        self.marks: dict[TopicPartition, Progress[int]] = self.committer.trackers
+        """Each owned partition's progress, by partition."""
+        self.held: dict[TopicPartition, list[Payload]] = {}
+        """Fetched records of partitions paused at ``max_uncommitted``, handed over once there is room."""
         self.revocations = 0
         """Rebalances that took partitions from this member (a count for status and tests)."""
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._commit_lock = anyio.Lock()
         self.fetches_payloads = False
-        """Whether the consumer hands out payloads (``fetch_payloads``)."""
+        """Whether a fetch came back as payloads (``fetch_payloads``): the fast path is in effect."""
 
     async def run(self, ctx: SourceContext) -> None:
         config = self.config
@@ -378,25 +391,33 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 self._producer = AIOKafkaProducer(acks="all", **config.client_options())
                 await self._producer.start()
         except KafkaError as exc:
-            await consumer.stop()
+            await self._stop_clients(consumer)
             raise SourceError(f"cannot connect to Kafka at {','.join(config.bootstrap_servers)}: {exc}") from exc
         self._consumer = consumer
-        self.fetches_payloads = fetch_payloads(consumer)
-        if not self.fetches_payloads:
+        if not fetch_payloads(consumer):
             log.info("this aiokafka's fetcher is not the one expected: records are converted one by one (slower)")
         ctx.set_ready(True)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._commit_periodically)
+                tg.start_soon(self.committer.run)  # saves once more when cancelled
                 tg.start_soon(self._report_lag, ctx)
                 await self._consume(ctx, consumer)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.commit()
-                if self._producer is not None:
-                    await self._producer.stop()
-                await consumer.stop()
+                # A restart begins again from what was committed; runs still in flight settle on trackers
+                # no longer listed, which commit nothing.
+                self.marks.clear()
+                self.held.clear()
+                self._consumer = None
+                await self._stop_clients(consumer)
                 ctx.set_ready(False)
+
+    async def _stop_clients(self, consumer: AIOKafkaConsumer) -> None:
+        producer, self._producer = self._producer, None
+        for client in (producer, consumer):
+            if client is not None:
+                with anyio.move_on_after(STOP_WAIT):
+                    await client.stop()
 
     async def _consume(self, ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -404,13 +425,49 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 fetched = await consumer.getmany(timeout_ms=500, max_records=2000)
             except KafkaError as exc:
                 raise SourceError(f"Kafka fetch failed: {exc}") from exc
+            if self.held:
+                await self._release(ctx, consumer)
             for tp, records in fetched.items():
                 mark = self.marks.get(tp)
                 if mark is None or not records:
                     continue  # revoked while the fetch was under way
-                run = self._run(tp, mark, records if type(records[0]) is tuple else payloads_of(records))
-                if not await ctx.offer_run(run):
-                    await self._emit_paused(ctx, consumer, run)
+                if type(records[0]) is tuple:
+                    self.fetches_payloads = True
+                    payloads = records
+                else:
+                    payloads = payloads_of(records)
+                if mark.has_room(len(payloads)):
+                    await self._hand_over(ctx, consumer, tp, mark, payloads)
+                else:
+                    self._hold(ctx, consumer, tp, mark, payloads)
+
+    async def _hand_over(self, ctx: SourceContext, consumer: AIOKafkaConsumer, tp: TopicPartition,
+                         mark: Progress[int], payloads: list[Payload]) -> None:
+        run = self._run(tp, mark, payloads)
+        if not await ctx.offer_run(run):
+            await self._emit_paused(ctx, consumer, run)
+
+    def _hold(self, ctx: SourceContext, consumer: AIOKafkaConsumer, tp: TopicPartition, mark: Progress[int],
+              payloads: list[Payload]) -> None:
+        """The partition's tracker is full (``max_uncommitted``): pause it, keep the records until there is room."""
+        consumer.pause(tp)
+        self.held[tp] = payloads
+        ctx.set_paused(True)
+        log.info("partition %s/%d paused: %d records are in flight behind offset %d, which is not settled yet "
+                 "(max_uncommitted)", tp.topic, tp.partition, mark.in_flight, mark.committable)
+
+    async def _release(self, ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
+        """Hand over the held records of each partition whose tracker has room again, and resume it."""
+        for tp, payloads in list(self.held.items()):
+            mark = self.marks.get(tp)
+            if mark is not None and not mark.has_room(len(payloads)):
+                continue
+            del self.held[tp]
+            if mark is not None:
+                consumer.resume(tp)
+                log.info("partition %s/%d resumed", tp.topic, tp.partition)
+                await self._hand_over(ctx, consumer, tp, mark, payloads)
+        ctx.set_paused(bool(self.held))
 
     def _run(self, tp: TopicPartition, mark: Progress[int], payloads: list[Payload]) -> Run:
         """One fetch's records of one partition as a run, tracked by the partition's watermark."""
@@ -440,40 +497,48 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 await ctx.emit_run(run)
                 tg.cancel_scope.cancel()
         finally:
-            consumer.resume(*consumer.assignment())
-            ctx.set_paused(False)
+            consumer.resume(*(consumer.assignment() - self.held.keys()))
+            ctx.set_paused(bool(self.held))
 
     async def _settle(self, run: Run, outcome: Outcome) -> None:
-        if outcome.status == "dead-lettered" and self._producer is not None:
-            producer, topic = self._producer, self.config.dead_letter_topic
-            sent = [await producer.send(topic, value=value, key=key,
-                                        headers=[*headers, ("eventswarm-source", f"{run.partition}/{offset}".encode())])
-                    for offset, _, key, value, headers in run.payloads]
-            await asyncio.gather(*sent)  # produced together, all acknowledged before the records settle
-        run.token.settle(run.payloads, key=_offset)  # a span of a revoked partition changes nothing committed
+        span: Span[int] = run.token
+        if outcome.status == "dead-lettered" and self.config.dead_letter_topic and span.progress in self.marks.values():
+            # (A run of a partition no longer owned is read again by its owner, and dead-lettered there.)
+            await self._dead_letter(run)
+        span.settle(run.payloads, key=_offset)  # a span of a revoked partition changes nothing committed
 
-    async def commit(self, partitions: list[TopicPartition] | None = None) -> None:
-        """Commit, per owned partition, every offset below its first unsettled record."""
+    async def _dead_letter(self, run: Run) -> None:
+        """Produce the run's records to the dead-letter topic, all acknowledged, retrying up to ``dead_letter_timeout``;
+        past it, a ``SourceError``: the records stay unsettled and the source restarts."""
+        topic, timeout = self.config.dead_letter_topic, self.config.dead_letter_timeout
+        error: Exception | None = None
+        delay = 0.5
+        with anyio.move_on_after(timeout):
+            while True:
+                producer = self._producer
+                if producer is not None:
+                    try:
+                        sent = [await producer.send(
+                            topic, value=value, key=key,
+                            headers=[*headers, ("eventswarm-source", f"{run.partition}/{offset}".encode())])
+                            for offset, _, key, value, headers in run.payloads]
+                        await asyncio.gather(*sent)  # produced together, all acknowledged before the records settle
+                        return
+                    except KafkaError as exc:
+                        error = exc
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise SourceError(f"dead-letter topic {topic!r}: {len(run)} records (from {run.ids[0]}) could not be produced "
+                          f"in {timeout:g}s: {error or 'no answer from the broker'}")
+
+    async def _commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
         consumer = self._consumer
         if consumer is None:
-            return
-        async with self._commit_lock:
-            offsets = {tp: mark for tp, mark in self.marks.items()
-                       if (partitions is None or tp in partitions) and mark.committable > mark.committed}
-            if not offsets:
-                return
-            try:
-                await consumer.commit({tp: OffsetAndMetadata(m.committable, "") for tp, m in offsets.items()})
-            except KafkaError as exc:
-                log.warning("commit failed (it is retried): %s", exc)
-                return
-            for mark in offsets.values():
-                mark.committed = mark.committable
-
-    async def _commit_periodically(self) -> None:
-        while True:
-            await anyio.sleep(self.config.commit_interval)
-            await self.commit()
+            raise SourceError("not connected")
+        try:
+            await consumer.commit({tp: OffsetAndMetadata(offset, "") for tp, offset in positions.items()})
+        except KafkaError as exc:
+            raise SourceError(f"Kafka commit failed: {exc}") from exc
 
     async def _report_lag(self, ctx: SourceContext) -> None:
         consumer = self._consumer
@@ -493,15 +558,14 @@ class KafkaSource(Source[KafkaSourceConfig]):
             if tp not in self.marks:
                 committed = await consumer.committed(tp) if consumer is not None else None
                 position = committed if committed is not None else await consumer.position(tp) if consumer else 0
-                self.marks[tp] = Progress(position, after=_next)
+                self.marks[tp] = Progress(position, after=_next, limit=self.config.max_uncommitted)
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         owned = [tp for tp in partitions if tp in self.marks]
         self.revocations += bool(owned)
-        with anyio.move_on_after(REVOKE_WAIT):
-            for tp in owned:
-                await self.marks[tp].idle()
-        await self.commit(owned)
+        for tp in partitions:
+            self.held.pop(tp, None)  # never tracked: the next owner reads them
+        await self.committer.drain(owned, wait=REVOKE_WAIT)
         for tp in owned:
             del self.marks[tp]
 

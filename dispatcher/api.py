@@ -17,8 +17,16 @@ Runs and their acknowledgements (``Run``, ``RunAck``), the contract every source
   run (a Kafka span), so that it can find what a part belongs to without a lookup.
 - Nothing is acknowledged before it is settled, and an event handed back at shutdown is never
   acknowledged: it must come again from its origin.
-- An acknowledgement that raises ``StoreError`` is tried again while the store fails; any other
-  exception is logged, and the events it covers stay unacknowledged at their origin.
+- An acknowledgement that raises ``StoreError`` is tried again while the store fails. Any other
+  exception fails the source, as if its ``run`` had raised a temporary ``SourceError``: ``/readyz``
+  and ``status`` show why, ``eventswarm_source_errors_total`` counts it, and the source is
+  cancelled (it saves what is settled) and restarted, so the events the failed acknowledgement
+  covers come again from their origin. Bound what an acknowledgement waits for (a broker that does
+  not answer) and raise ``SourceError`` with a one-line reason past it: a source never stalls silently.
+
+A position-based source (offsets, bytes, blocks) tracks its items with ``Progress`` and saves with
+``Committer``. ``dispatcher.testing.StubContext`` runs a source in a test, settling what the test
+says; ``tests/unit/test_connector_contract.py`` holds what every connector must pass.
 
 Checkpoints (``ctx.checkpoints``) are kept per trigger; name their keys after what they hold, as
 ``<what>/<where>``: ``offset/<topic>/<partition>``, ``file/<device>:<inode>``, ``block/<chain id>``.
@@ -173,7 +181,7 @@ class SourceContext(Protocol):
         ...
 
     def set_paused(self, paused: bool) -> None:
-        """Report that the source stopped reading because the buffer is full (or resumed)."""
+        """Report that the source stopped reading (the buffer is full, or its own cap is reached), or resumed."""
         ...
 
 

@@ -95,6 +95,9 @@ class Trigger:
         self.done = anyio.Event()
         self._handlers: set[HttpHandler] = set()
         self._sync = anyio.CapacityLimiter(config.max_in_flight)
+        self._source_scope: anyio.CancelScope | None = None
+        self._failure: str | None = None
+        dispatcher.ack_failed = self.fail_source
 
     # -- SourceContext ----------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class Trigger:
 
     def set_paused(self, paused: bool) -> None:
         if paused != self.paused:
-            log.info("source of trigger %s %s", self.trigger, "paused: the buffer is full" if paused else "resumed")
+            log.info("source of trigger %s %s", self.trigger, "paused: it stops reading until there is room" if paused else "resumed")
         self.paused = paused
         self.metrics.source_paused.labels(self.trigger).set(1 if paused else 0)
 
@@ -154,13 +157,28 @@ class Trigger:
             self.http.remove_routes(self._handlers)
             self.done.set()
 
+    def fail_source(self, reason: str) -> None:
+        """Stop the running source as if it had failed with a temporary error ``reason``: it saves what is
+        settled, then restarts, and what it had not acknowledged comes again from its origin."""
+        if self._failure is None:
+            self._failure = reason
+            self.metrics.source_errors.labels(self.trigger).inc()
+        self.set_ready(False, reason)  # at once: /readyz says so while the source stops
+        if self._source_scope is not None:
+            self._source_scope.cancel()
+
     async def _run_source(self) -> None:
         """Run the source; restart it after a temporary error (or a bug), waiting longer each time."""
         delay = 1.0
         while True:
+            self._failure = None
+            started = time.monotonic()
             try:
-                await self.source.run(self)
-                return
+                with anyio.CancelScope() as self._source_scope:
+                    await self.source.run(self)
+                if self._failure is None:
+                    return
+                raise SourceError(self._failure)
             except (SourceError, StoreError) as exc:
                 if not exc.temporary:
                     raise
@@ -170,9 +188,14 @@ class Trigger:
                 self.set_ready(False, f"{type(exc).__name__}: {exc}")
                 log.exception("source of trigger %s crashed; restarting in %.0fs", self.trigger, delay)
             finally:
+                self._source_scope = None
                 # Its routes answer 503 until it serves them again: nothing is accepted without a live source.
                 self.http.remove_routes(self._handlers)
                 self._handlers.clear()
+            if self._failure is None:
+                self.metrics.source_errors.labels(self.trigger).inc()  # (a failed acknowledgement counted already)
+            if time.monotonic() - started > SOURCE_RESTART_MAX:
+                delay = 1.0  # it ran well for a while: this is a new failure, not the same one again
             await anyio.sleep(delay)
             delay = min(delay * 2, SOURCE_RESTART_MAX)
 
@@ -187,7 +210,9 @@ class Trigger:
             "in_flight": int(self.metrics.in_flight.labels(self.trigger)._value.get()),
             "lag": self.lag,
             "paused": self.paused,
-            "last_error": self.stopped or self.dispatcher.last_error or self.source_error,
+            # A source down for a reason says so first; else the last failed invocation, else the source's last error.
+            "last_error": (self.stopped or (self.source_error if not self.ready else None) or self.dispatcher.last_error
+                           or self.source_error),
         }
 
 

@@ -17,7 +17,7 @@ import anyio
 
 from dispatcher.api import Outcome
 from dispatcher.config import FunctionConfig, RetryConfig, TriggerBase
-from dispatcher.errors import ExecutorError, StoreError
+from dispatcher.errors import ExecutorError, SourceError, StoreError
 from dispatcher.events import Event, Run, new_id
 from dispatcher.executors import Executor, Invocation, Result
 from dispatcher.metrics import Metrics
@@ -164,6 +164,8 @@ class Dispatcher:
         self.draining = anyio.Event()
         self._acked = metrics.events_acked.labels(trigger)
         self.last_error: str | None = None
+        self.ack_failed: Callable[[str], None] = lambda reason: None
+        """Called when a source's acknowledgement raised: the trigger fails its source, which restarts."""
 
     async def deliver(self, batch: list[Run]) -> None:
         """Run ``batch`` with retries and bisect until each event is acknowledged or handed back.
@@ -387,11 +389,12 @@ class Dispatcher:
             await self.durably(*writes)
 
     async def ack(self, run: Run, outcome: Outcome) -> None:
-        """Count ``run`` as acknowledged and hand ``outcome`` to its source (an error there is logged).
+        """Count ``run`` as acknowledged and hand ``outcome`` to its source.
 
         An acknowledgement that needs the state store (the webhook inbox) is tried again while the
         store fails, as ``durably`` does; if the daemon stops meanwhile, the events stay unacknowledged
-        and run again after the restart.
+        and run again after the restart. Any other error fails the source (``ack_failed``): it
+        restarts, and the events it could not acknowledge come again from their origin.
         """
         self._acked.inc(len(run))
         ack = run.ack
@@ -401,5 +404,8 @@ class Dispatcher:
             await self._until_stored(lambda: ack(run, outcome))
         except HandedBack:
             raise
-        except Exception:
-            log.exception("acknowledging %d events of trigger %s (from %s) failed", len(run), self.trigger, run.ids[0])
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+            log.error("acknowledging %d events of trigger %s (from %s) failed: %s", len(run), self.trigger,
+                      run.ids[0], reason, exc_info=not isinstance(exc, SourceError))
+            self.ack_failed(f"acknowledging events failed: {reason}")

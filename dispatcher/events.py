@@ -246,6 +246,16 @@ class Run:
                    partition=events[0].partition if events else None, subjects=[e.subject for e in events],
                    received=min((e.received for e in events), default=None))
 
+    @classmethod
+    def single(cls, event: Event, ack: Callable[[Outcome], Awaitable[None]] | None = None) -> Run:
+        """A run of one event, settled through the per-event ``ack`` (what ``ctx.emit`` hands over)."""
+        if ack is None:
+            return cls.of([event])
+
+        async def settle(_: Run, outcome: Outcome) -> None:
+            await ack(outcome)
+        return cls.of([event], settle)
+
     def __len__(self) -> int:
         return len(self.ids)
 

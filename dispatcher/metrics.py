@@ -22,8 +22,10 @@ class Metrics:
         self.in_flight = Gauge("eventswarm_in_flight", "Invocations running now.", ["trigger"], registry=r)
         self.buffered = Gauge("eventswarm_buffered_events", "Events waiting in the trigger's buffer.", ["trigger"], registry=r)
         self.dead_letters = Counter("eventswarm_dead_letters", "Events stored as dead letters.", ["trigger"], registry=r)
-        self.source_paused = Gauge("eventswarm_source_paused", "1 while the source is paused because the buffer is full.",
+        self.source_paused = Gauge("eventswarm_source_paused", "1 while the source stopped reading: the buffer is full, or (Kafka) a partition reached max_uncommitted.",
                                    ["trigger"], registry=r)
+        self.source_errors = Counter("eventswarm_source_errors", "Times a source failed (it restarts; last_error in status says why).",
+                                     ["trigger"], registry=r)
         self.source_lag = Gauge("eventswarm_source_lag", "How far behind the source is (offsets, blocks, files).", ["trigger"], registry=r)
 
     def render(self) -> bytes:

@@ -243,11 +243,11 @@ class Pipeline:
 
     async def emit(self, event: Event, ack: Ack | None = None) -> None:
         """Filter ``event`` and put it in its lane, waiting while the lane is full (the backpressure)."""
-        await self.emit_run(_single(event, ack))
+        await self.emit_run(Run.single(event, ack))
 
     async def offer(self, event: Event, ack: Ack | None = None) -> bool:
         """``emit`` without waiting: False (and nothing taken) when the event's lane is full."""
-        return await self.offer_run(_single(event, ack))
+        return await self.offer_run(Run.single(event, ack))
 
     async def emit_run(self, run: Run) -> None:
         """Filter ``run`` and put it in its lanes, waiting while one is full (the backpressure)."""
@@ -319,13 +319,3 @@ class Pipeline:
             if scope.cancelled_caught or self.dispatcher.draining.is_set():
                 return  # what was collected is handed back: never acknowledged
             await self.dispatcher.deliver(batch)
-
-
-def _single(event: Event, ack: Ack | None) -> Run:
-    """A run of one event whose ack is the per-event ``ack``."""
-    if ack is None:
-        return Run.of([event])
-
-    async def settle(_: Run, outcome: Outcome) -> None:
-        await ack(outcome)
-    return Run.of([event], settle)

@@ -13,11 +13,14 @@ every span in memory while nothing could be committed; with it, the source stops
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import anyio
+
+log = logging.getLogger("eventswarm.progress")
 
 P = TypeVar("P", bound=Hashable)
 
@@ -39,6 +42,11 @@ class Span(Generic[P]):
         """How many of the first positions are settled (and no longer held in ``_done``)."""
         self.counted = 0
         """How many of the first positions the tracker no longer counts in flight."""
+
+    @property
+    def progress(self) -> Progress[P]:
+        """The tracker the span belongs to."""
+        return self._progress
 
     def settle(self, items: Sequence[Any], key: Callable[[Any], P] | None = None) -> None:
         """The items ``items`` (ascending, each settled once) are settled: positions, or things whose
@@ -147,13 +155,19 @@ Save = Callable[[Mapping[Any, Any]], Awaitable[None]]
 
 class Committer:
     """Saves the committable positions of several ``Progress`` trackers (by key): every ``interval``,
-    under one lock, and once more, shielded, when the source stops (``close``) or gives some up
-    (``save(keys)``, as a Kafka partition is revoked). ``save`` hands ``save_fn`` only what moved."""
+    under one lock, and once more, shielded, when the source stops (``run`` is cancelled) or gives some
+    up (``drain(keys)``, as a Kafka partition is revoked). ``save_fn`` gets only what moved.
 
-    def __init__(self, save_fn: Save, interval: float) -> None:
+    A ``save_fn`` that raises saves nothing: ``save`` raises, and ``run`` logs it once per interval and
+    tries again (a Kafka commit refused during a rebalance, a full disk). The last save on the way out
+    waits at most ``final_wait`` seconds, so a source whose origin is gone still stops.
+    """
+
+    def __init__(self, save_fn: Save, interval: float, *, final_wait: float = 10.0) -> None:
         self.trackers: dict[Any, Progress[Any]] = {}
         self._save = save_fn
         self.interval = interval
+        self.final_wait = final_wait
         self._lock = anyio.Lock()
 
     async def save(self, keys: Iterable[Any] | None = None) -> None:
@@ -168,15 +182,21 @@ class Committer:
             for key, progress in moved.items():
                 progress.committed = positions[key]
 
+    async def _try_save(self, keys: Iterable[Any] | None = None) -> None:
+        try:
+            await self.save(keys)
+        except Exception as exc:
+            log.warning("saving positions failed (tried again later): %s", exc)
+
     async def run(self) -> None:
         """Save every ``interval`` until cancelled; then save once more, shielded."""
         try:
             while True:
                 await anyio.sleep(self.interval)
-                await self.save()
+                await self._try_save()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.save()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.final_wait):
+                await self._try_save()
 
     async def drain(self, keys: Iterable[Any] | None = None, *, wait: float) -> None:
         """Wait (up to ``wait`` seconds) until nothing of ``keys`` is in flight, then save them."""
@@ -184,4 +204,5 @@ class Committer:
         with anyio.move_on_after(wait):
             for key in chosen:
                 await self.trackers[key].idle()
-        await self.save(chosen)
+        with anyio.move_on_after(self.final_wait):
+            await self._try_save(chosen)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -74,3 +79,34 @@ def consume_all(broker: str, topic: str, expected: int, timeout: float = 30,
     finally:
         consumer.close()
     return out
+
+
+@contextlib.contextmanager
+def own_broker(log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A tansu broker of the test's own on a free port (for faults: the test may stop it, and only it).
+
+    Its binary is the one ``scripts/kafka.sh`` installed (the ``kafka_broker`` fixture runs that script).
+    """
+    from tests.support import free_port, wait_until
+
+    binary = Path(os.environ.get("EVENTSWARM_SERVICES_HOME", "/var/cache/eventswarm")) / "tansu"
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"tansu exited with {proc.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+        return False
+
+    try:
+        wait_until(listening, timeout=30, what="the test's own broker")
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        proc.send_signal(signal.SIGCONT)  # in case the test left it stopped
+        proc.kill()
+        proc.wait(timeout=30)

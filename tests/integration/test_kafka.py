@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from dispatcher.config import parse
 from dispatcher.daemon import Daemon
-from tests.kafka import committed, consume_all, new_topic, produce
+from tests.kafka import committed, consume_all, new_topic, own_broker, produce
 from tests.support import base_config, free_port, post, running_daemon, store_of, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -240,7 +241,7 @@ def test_backpressure_pauses_the_consumer_and_memory_stays_flat_with_500000_reco
     print(f"daemon RSS while paused with 500,000 records waiting: {max(samples):.0f} MB")
     assert max(samples) < 150, samples
     assert daemon.stop() == 0
-    assert "paused: the buffer is full" in daemon.log.read_text()
+    assert "source of trigger t paused" in daemon.log.read_text()
 
 
 def rss_mb(pid: int) -> float:
@@ -309,3 +310,83 @@ async def test_an_unreachable_broker_leaves_the_daemon_up_and_not_ready(tmp_path
         status, _, _ = await anyio.to_thread.run_sync(lambda: post(url, b"{}"))
         assert status == 200  # the other trigger works meanwhile
         daemon.stop()
+
+
+def test_a_stuck_record_pauses_its_partition_at_the_cap_and_the_commit_jumps_once_it_is_dead_lettered(
+        tmp_path, kafka_broker, daemon_process):
+    """One record hangs its batch (no ordering) while every other batch succeeds: the partition's tracker
+    fills to ``max_uncommitted``, the partition pauses with memory flat and nothing committed past the
+    stuck record; when the stuck batch times out and is dead-lettered, the commit jumps to the high watermark."""
+    topic = new_topic(kafka_broker, 1)
+    total, stuck = 200_000, 100
+    high = produce(kafka_broker, topic, ((None, json.dumps({"n": i, **({"stuck": 1} if i == stuck else {})}).encode())
+                                         for i in range(total)))
+    doc = config(tmp_path, kafka_broker, topic, "if grep -q stuck; then exec sleep 600; fi",
+                 ordering="none", buffer=2000, batch={"max_events": 500, "max_wait": "50ms"},
+                 retry={"max_attempts": 1, "bisect": False}, source={"max_uncommitted": 5000})
+    doc["functions"]["f"]["timeout"] = "30s"
+    doc["daemon"]["listen"] = f"127.0.0.1:{free_port()}"
+    daemon = daemon_process(doc).start()
+    status_url = f"http://127.0.0.1:{daemon.port}/v1/status"
+
+    def trigger() -> dict[str, Any]:
+        return json.loads(urllib.request.urlopen(status_url, timeout=5).read())["triggers"][0]
+
+    wait_until(lambda: trigger()["paused"], timeout=25, what="the partition to pause at max_uncommitted")
+    assert "paused: " in daemon.log.read_text() and "(max_uncommitted)" in daemon.log.read_text()
+    samples = []
+    for _ in range(8):
+        samples.append(rss_mb(daemon.proc.pid))
+        time.sleep(0.5)
+        assert trigger()["paused"]
+    print(f"daemon RSS while paused at the cap: {min(samples):.1f}-{max(samples):.1f} MB")
+    assert max(samples) - min(samples) < 5, samples
+    assert committed(kafka_broker, f"g-{topic}", topic, 1)[0] <= stuck, "committed past the stuck record"
+    assert not store_of(doc).dead_letters(), "the stuck batch timed out before the test looked"
+
+    wait_until(lambda: committed(kafka_broker, f"g-{topic}", topic, 1) == high, timeout=120,
+               what="the commit to jump to the high watermark once the stuck batch is dead-lettered")
+    assert not trigger()["paused"]
+    letters = {d.event["id"] for d in store_of(doc).dead_letters(limit=10_000)}
+    assert f"{topic}/0/{stuck}" in letters and len(letters) <= 500
+    succeeded = {i for r in store_of(doc).invocations(status="succeeded", limit=100_000) for i in r.event_ids}
+    assert succeeded | letters == {f"{topic}/0/{o}" for o in range(total)}
+    assert daemon.stop() == 0
+
+
+async def test_a_dead_letter_topic_that_cannot_be_written_fails_the_source_visibly_and_nothing_is_lost(
+        tmp_path, kafka_broker):
+    """The broker stops answering while a batch is dead-lettered: producing fails within
+    ``dead_letter_timeout``, the source fails (``/readyz``, ``status``, a metric) instead of leaving the
+    partition silently stuck, and once the broker is back every record is delivered and committed."""
+    gate = tmp_path / "gate"
+    with own_broker(tmp_path / "tansu.log") as (broker, tansu):
+        topic, dlq = new_topic(broker, 1), new_topic(broker, 1, prefix="dlq")
+        values = [json.dumps({"n": i, **({"poison": 1} if i == 30 else {})}).encode() for i in range(60)]
+        high = produce(broker, topic, ((b"k", v) for v in values))
+        script = f"if grep -q poison; then until [ -e {gate} ]; do sleep 0.05; done; exit 1; fi"
+        doc = config(tmp_path, broker, topic, script, ordering="none", batch={"max_events": 10, "max_wait": "20ms"},
+                     retry={"max_attempts": 1, "bisect": False},
+                     source={"dead_letter_topic": dlq, "dead_letter_timeout": "2s", "commit_interval": "200ms"})
+        async with running_daemon(doc) as daemon:
+            trigger = daemon.triggers["t"]
+            await wait_for(lambda: store_of(doc).invocations(status="running"), timeout=30,
+                           what="the poison record's batch to run")
+            tansu.send_signal(signal.SIGSTOP)  # the broker is gone for the producer (and everyone else)
+            gate.touch()
+            await wait_for(lambda: trigger.source_error and "dead-letter topic" in trigger.source_error, timeout=30,
+                           what="the source to fail on the dead letters it could not produce")
+            report = await daemon._ready()
+            assert report["ready"] is False and report["sources"]["t"] is False
+            assert "could not be produced" in trigger.status()["last_error"]
+            assert 'eventswarm_source_errors_total{trigger="t"}' in daemon.metrics.render().decode()
+            tansu.send_signal(signal.SIGCONT)
+            await wait_for(lambda: trigger.ready, timeout=90, what="the source to restart once the broker is back")
+            await wait_for(lambda: committed(broker, f"g-{topic}", topic, 1) == high, timeout=60, interval=0.5,
+                           what="every record committed after the recovery")
+        produced = consume_all(broker, dlq, 1)
+        assert {(k, v) for k, v, _ in produced} == {(b"k", values[30])}
+        succeeded = {i for r in store_of(doc).invocations(status="succeeded", limit=10_000) for i in r.event_ids}
+        letters = {d.event["id"] for d in store_of(doc).dead_letters()}
+        assert succeeded | letters == {f"{topic}/0/{o}" for o in range(60)}
+        assert f"{topic}/0/30" in letters

@@ -133,3 +133,40 @@ def test_a_run_that_begins_past_the_position_moves_it_when_nothing_is_in_flight(
     assert progress.committable == 52
     span.settle([(52, "record")], key=lambda record: record[0])
     assert progress.committable == 53 and progress.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_save_that_fails_saves_nothing_and_the_next_round_saves_the_position():
+    """A refused Kafka commit (a rebalance) or a full disk: the position stays unsaved and is saved later."""
+    saved: list[dict] = []
+    failures = [RuntimeError("the broker said no")]
+
+    async def save(positions):
+        if failures:
+            raise failures.pop()
+        saved.append(dict(positions))
+
+    committer = Committer(save, interval=3600)
+    progress = committer.trackers["p"] = Progress(0, after=lambda p: p + 1)
+    progress.track_nowait([0, 1]).settle([0, 1])
+    with pytest.raises(RuntimeError):
+        await committer.save()
+    assert progress.committed == 0 and saved == []
+    await committer.save()
+    assert saved == [{"p": 2}] and progress.committed == 2
+
+
+@pytest.mark.anyio
+async def test_the_last_save_on_the_way_out_is_bounded_when_the_origin_does_not_answer():
+    async def save(positions):
+        await anyio.sleep_forever()  # a broker that is gone
+
+    committer = Committer(save, interval=3600, final_wait=0.1)
+    committer.trackers["p"] = progress = Progress(0, after=lambda p: p + 1)
+    progress.track_nowait([0]).settle([0])
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(committer.run)
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+    assert progress.committed == 0

@@ -1,0 +1,183 @@
+"""What every connector must honour, checked for each installed one against ``dispatcher.testing.StubContext``.
+
+Each connector runs for real (the Kafka source against the real broker); only the daemon around it
+is the stub, which settles events when, and how, the test says. A harness per connector kind feeds
+it input at its origin and reads back what it acknowledged there (webhook: removed from the inbox;
+Kafka: below the committed offset). A new connector needs a harness here, or the suite fails.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import pytest
+
+from dispatcher.api import HttpRequest, HttpResponse, Source
+from dispatcher.plugins import connectors
+from dispatcher.testing import StubContext
+
+pytestmark = pytest.mark.anyio
+
+
+class Harness(Protocol):
+    def make_source(self) -> Source[Any]:
+        """A new source on the same origin (the same topic and group, the same inbox)."""
+        ...
+
+    async def feed(self, ctx: StubContext, count: int) -> list[str]:
+        """Put ``count`` new events in at the origin; their event ids, in order."""
+        ...
+
+    async def acknowledged(self, ctx: StubContext, source: Source[Any], ids: list[str]) -> set[str]:
+        """Which of ``ids`` the origin holds as acknowledged (after the source saved what it may)."""
+        ...
+
+
+class WebhookHarness:
+    path = "/hooks/contract"
+
+    def make_source(self) -> Source[Any]:
+        from connectors.webhook import WebhookSource, WebhookSourceConfig
+
+        return WebhookSource(WebhookSourceConfig(kind="webhook", path=self.path))
+
+    async def feed(self, ctx: StubContext, count: int) -> list[str]:
+        ids = []
+        for n in range(count):
+            response = await ctx.request("POST", self.path, {"n": n})
+            assert response.status == 202, response.body
+            ids.append(json.loads(response.body)["id"])
+        return ids
+
+    async def acknowledged(self, ctx: StubContext, source: Source[Any], ids: list[str]) -> set[str]:
+        return {i for i in ids if i not in ctx.inbox.events}
+
+
+class KafkaHarness:
+    def __init__(self, broker: str) -> None:
+        from tests.kafka import new_topic
+
+        self.broker = broker
+        self.topic = new_topic(broker, 1, prefix="contract")
+        self.offset = 0
+
+    def make_source(self) -> Source[Any]:
+        from connectors.kafka import KafkaSource, KafkaSourceConfig
+
+        return KafkaSource(KafkaSourceConfig(kind="kafka", bootstrap_servers=[self.broker], topics=[self.topic],
+                                             group_id=f"g-{self.topic}", commit_interval=0.1))
+
+    async def feed(self, ctx: StubContext, count: int) -> list[str]:
+        from tests.kafka import produce
+
+        values = [(None, json.dumps({"n": n}).encode()) for n in range(count)]
+        await anyio.to_thread.run_sync(lambda: produce(self.broker, self.topic, values, partition=0))
+        first, self.offset = self.offset, self.offset + count
+        return [f"{self.topic}/0/{o}" for o in range(first, self.offset)]
+
+    async def acknowledged(self, ctx: StubContext, source: Source[Any], ids: list[str]) -> set[str]:
+        from tests.kafka import committed
+
+        await source.committer.save()  # type: ignore[attr-defined]  # what a commit interval would do
+        offset = (await anyio.to_thread.run_sync(lambda: committed(self.broker, f"g-{self.topic}", self.topic, 1)))[0]
+        return {i for i in ids if int(i.rsplit("/", 1)[1]) < offset}
+
+
+HARNESSES: dict[str, Callable[[pytest.FixtureRequest], Harness]] = {
+    "webhook": lambda request: WebhookHarness(),
+    "kafka": lambda request: KafkaHarness(request.getfixturevalue("kafka_broker")),
+}
+
+
+@pytest.fixture(params=sorted(connectors()))
+def harness(request: pytest.FixtureRequest) -> Harness:
+    kind = request.param
+    if kind not in HARNESSES:
+        pytest.fail(f"connector {kind!r} has no contract harness in {Path(__file__).name}")
+    return HARNESSES[kind](request)
+
+
+async def running(source: Source[Any], ctx: StubContext, body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``source`` against ``ctx`` while ``body`` runs; then stop it, as the daemon does (a cancel)."""
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(source.run, ctx)
+            await ctx.wait_ready()
+            await body()
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None  # the assertion itself, for pytest.raises
+        raise
+
+
+async def check_acknowledgements_follow_settlement(harness: Harness) -> None:
+    """Nothing is acknowledged before it is settled, and a position never passes an unsettled event."""
+    ctx, source = StubContext(), harness.make_source()
+
+    async def body() -> None:
+        ids = await harness.feed(ctx, 20)
+        await ctx.wait_emitted(20)
+        assert sorted(ctx.unsettled()) == sorted(ids)
+        assert await harness.acknowledged(ctx, source, ids) == set(), "acknowledged before anything was settled"
+        # Everything but the first settles, in parts and out of order, with every settled outcome.
+        await ctx.settle(ids[10:], "succeeded")
+        await ctx.settle(ids[5:10], "dead-lettered")
+        await ctx.settle(ids[1:5], "dropped")
+        acked = await harness.acknowledged(ctx, source, ids)
+        assert acked <= set(ctx.settled), f"acknowledged but not settled: {sorted(acked - set(ctx.settled))[:5]}"
+        assert ids[0] not in acked
+        await ctx.settle([ids[0]])
+        assert await harness.acknowledged(ctx, source, ids) == set(ids)
+
+    await running(source, ctx, body)
+
+
+async def test_nothing_is_acknowledged_before_it_is_settled(harness: Harness):
+    await check_acknowledgements_follow_settlement(harness)
+
+
+async def test_a_stop_saves_what_is_settled_and_what_was_not_comes_again(harness: Harness):
+    ctx, source = StubContext(), harness.make_source()
+    ids: list[str] = []
+
+    async def first() -> None:
+        ids.extend(await harness.feed(ctx, 10))
+        await ctx.wait_emitted(10)
+        await ctx.settle(ids[:4])
+
+    await running(source, ctx, first)
+    assert await harness.acknowledged(ctx, source, ids) == set(ids[:4])
+    ctx.forget()  # what was in flight at the stop is never acknowledged
+    again = harness.make_source()
+
+    async def second() -> None:
+        await ctx.wait_emitted(16)
+
+    await running(again, ctx, second)
+    assert sorted(ctx.emitted[10:]) == sorted(ids[4:])
+
+
+async def test_the_suite_catches_a_source_that_acknowledges_early():
+    """A webhook source broken on purpose (it drops each event from its inbox as soon as it is emitted)
+    must fail the check the real sources pass."""
+    from connectors.webhook import WebhookSource
+
+    class Early(WebhookSource):
+        async def handle(self, request: HttpRequest) -> HttpResponse:
+            response = await super().handle(request)
+            if response.status == 202:
+                await self._ctx.inbox.remove(json.loads(response.body)["id"])
+            return response
+
+    class EarlyHarness(WebhookHarness):
+        def make_source(self) -> Source[Any]:
+            source = super().make_source()
+            return Early(source.config)
+
+    with pytest.raises(AssertionError, match="acknowledged before anything was settled"):
+        await check_acknowledgements_follow_settlement(EarlyHarness())
