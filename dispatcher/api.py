@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from dispatcher.errors import SourceError, StoreError
-from dispatcher.events import Event, Outcome, Run, RunAck, new_id, rfc3339, rfc3339_ms
+from dispatcher.events import Event, Outcome, Run, RunAck, new_id, parse_json, rfc3339, rfc3339_ms
 from dispatcher.progress import Committer, Progress, Span
 from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
@@ -69,6 +69,7 @@ __all__ = [
     "Span",
     "StoreError",
     "new_id",
+    "parse_json",
     "rfc3339",
     "rfc3339_ms",
 ]
@@ -79,6 +80,10 @@ class SourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str
+
+    def folders(self) -> list[str]:
+        """Host folders a function may be handed paths in (``validate`` warns when no mount covers one)."""
+        return []
 
     def exclusive(self) -> list[str]:
         """What no two triggers may share, e.g. a webhook's ``"POST /hooks/x"``: ``validate`` refuses a second claim."""
@@ -125,6 +130,10 @@ class Checkpoints(Protocol):
     async def get(self, key: str) -> str | None: ...
 
     async def put(self, values: Mapping[str, str]) -> None: ...
+
+    async def forget(self, prefix: str, before: float) -> None:
+        """Delete the keys starting with ``prefix`` last saved before ``before`` (a time): memory bounded by age."""
+        ...
 
 
 class Inbox(Protocol):

@@ -128,6 +128,8 @@ def run(config_path: str | None) -> None:
 def validate(config_path: str | None) -> None:
     """Check the config; print every error with its TOML path (exit 0 or 2)."""
     config = _load(config_path)
+    for path, message in configuration.warnings(config):
+        click.echo(f"warning: {path}: {message}", err=True)
     click.echo(f"ok: {len(config.triggers)} triggers, {len(config.functions)} functions")
 
 

@@ -10,9 +10,9 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from dispatcher.errors import ConfigError
@@ -97,6 +97,36 @@ class ExecutorConfig(Section):
     """swarm: a job whose task has not started by then (no node has room) fails the attempt."""
 
 
+class Mount(NamedTuple):
+    """A folder in a function's container: a host path (a bind mount) or a Docker volume, at ``target``."""
+
+    source: str
+    target: str
+    read_only: bool
+
+    @property
+    def bind(self) -> bool:
+        return self.source.startswith("/")
+
+    @classmethod
+    def parse(cls, text: str) -> Mount:
+        parts = text.split(":")
+        if len(parts) == 2:
+            parts.append("ro")
+        if len(parts) != 3 or parts[2] not in ("ro", "rw"):
+            raise ValueError(f"{text!r} is not SOURCE:TARGET or SOURCE:TARGET:ro|rw")
+        source, target, mode = parts
+        if not target.startswith("/"):
+            raise ValueError(f"{text!r}: the target {target!r} is not an absolute path in the container")
+        if not source.startswith("/") and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", source):
+            raise ValueError(f"{text!r}: the source is neither an absolute host path nor a volume name")
+        return cls(os.path.normpath(source) if source.startswith("/") else source, os.path.normpath(target), mode == "ro")
+
+    def covers(self, folder: str) -> bool:
+        """Whether the host ``folder`` is inside this bind mount."""
+        return self.bind and (folder == self.source or folder.startswith(self.source.rstrip("/") + "/"))
+
+
 class FunctionConfig(Section):
     image: str = ""
     """The container image (docker/swarm executors)."""
@@ -117,6 +147,23 @@ class FunctionConfig(Section):
     """Files mounted read-only into the container (docker); Swarm secrets (swarm)."""
     placement: list[str] = []
     """swarm: placement constraints, e.g. ``["node.role == worker"]``."""
+    mounts: list[str] = []
+    """Folders in the container (docker, swarm): ``"SOURCE:TARGET"``, read-only, or ``"SOURCE:TARGET:rw"``.
+    SOURCE is an absolute host path (a bind mount) or the name of a Docker volume."""
+
+    @field_validator("mounts")
+    @classmethod
+    def _check_mounts(cls, mounts: list[str]) -> list[str]:
+        for i, text in enumerate(mounts):
+            try:
+                Mount.parse(text)
+            except ValueError as exc:
+                raise ValueError(f"mounts[{i}]: {exc}") from None
+        return mounts
+
+    @property
+    def volumes(self) -> list[Mount]:
+        return [Mount.parse(text) for text in self.mounts]
 
     @property
     def templated(self) -> bool:
@@ -202,6 +249,10 @@ class ConfigBase(BaseSettings):
                 raise _PathError(("functions", trigger.function, "image"), "an image is required for the docker executor")
             if self.executor.kind == "process" and not function.command:
                 raise _PathError(("functions", trigger.function, "command"), "a command is required for the process executor")
+            if self.executor.kind == "process" and function.mounts:
+                raise _PathError(("functions", trigger.function, "mounts"),
+                                 "the process executor runs functions on this host, which see its folders: mounts "
+                                 "are for the docker and swarm executors")
         return self
 
 
@@ -298,3 +349,19 @@ def load(path: str | os.PathLike[str] | None = None) -> ConfigBase:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"invalid TOML: {exc}")], file) from None
     return parse(document, file)
+
+
+def warnings(config: ConfigBase) -> list[tuple[str, str]]:
+    """What ``validate`` points out without refusing the config: ``(toml_path, message)`` pairs."""
+    found: list[tuple[str, str]] = []
+    for name, trigger in config.triggers.items():
+        folders = trigger.source.folders()
+        if not folders or config.executor.kind == "process":
+            continue
+        function = config.functions[trigger.function]
+        for folder in folders:
+            if not any(mount.covers(folder) for mount in function.volumes):
+                found.append((f"functions.{trigger.function}.mounts",
+                              f"no mount covers {folder}, the folder of trigger {name!r}: its function cannot read "
+                              f"a file passed by path (over max_inline); add \"{folder}:{folder}\""))
+    return found

@@ -23,7 +23,15 @@ from dispatcher.http import HttpServer
 from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
 from dispatcher.plugins import connectors
-from dispatcher.store import StateStore, Store, abandon_unfinished, prune, put_checkpoints, remove_dead_letter
+from dispatcher.store import (
+    StateStore,
+    Store,
+    abandon_unfinished,
+    forget_checkpoints,
+    prune,
+    put_checkpoints,
+    remove_dead_letter,
+)
 
 log = logging.getLogger("eventswarm")
 
@@ -56,6 +64,9 @@ class TriggerCheckpoints:
 
     async def put(self, values: Mapping[str, str]) -> None:
         await self.state.write(put_checkpoints(self.trigger, values))
+
+    async def forget(self, prefix: str, before: float) -> None:
+        await self.state.write(forget_checkpoints(self.trigger, prefix, before))
 
 
 class TriggerInbox:

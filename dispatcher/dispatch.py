@@ -357,11 +357,13 @@ class Dispatcher:
         if policy == "stop":
             raise TriggerStopped(f"trigger {self.trigger!r} stopped: {what} failed {tries} times "
                                  f"(on_exhausted = \"stop\")")
-        last = delivery.attempts[-1].invocation_id
+        final = delivery.attempts[-1]
+        last = final.invocation_id
+        why = final.error or (f"exit code {final.exit_code}" if final.exit_code is not None else None)
         if policy == "drop":
             self.metrics.events_dropped.labels(self.trigger, "exhausted").inc(len(run))
             log.warning("%s of trigger %s dropped after %d attempts", what, self.trigger, tries)
-            await self.ack(run, Outcome("dropped", last))
+            await self.ack(run, Outcome("dropped", last, exit_code=final.exit_code, error=why))
             return
         attempts = [asdict(a) for a in delivery.attempts]
         letters = [DeadLetter(new_id(), self.trigger, event.to_dict(), attempts, time.time()) for event in run.events()]
@@ -370,7 +372,7 @@ class Dispatcher:
         log.warning("%s of trigger %s stored as dead letter%s %s after %d attempts", what, self.trigger,
                     "s" if len(letters) > 1 else "", ", ".join(letter.id for letter in letters[:3]) +
                     (", …" if len(letters) > 3 else ""), tries)
-        await self.ack(run, Outcome("dead-lettered", last))
+        await self.ack(run, Outcome("dead-lettered", last, exit_code=final.exit_code, error=why))
 
     async def ack_all(self, runs: list[Run], outcome: Outcome) -> None:
         """Acknowledge ``runs``, committing what their acknowledgements write (the webhook inbox deletes each

@@ -203,6 +203,8 @@ class Outcome:
     invocation_id: str | None = None
     stdout: bytes = b""
     exit_code: int | None = None
+    error: str | None = None
+    """Why the last attempt failed (dead-lettered, dropped after retries, failed)."""
 
     @property
     def settled(self) -> bool:
@@ -298,3 +300,21 @@ class Run:
 
 RunAck = Callable[[Run, Outcome], Awaitable[None]]
 """Called for each part of a run when that part is settled; the source acknowledges it there."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` parsed as strict JSON (no NaN or Infinity, which would make a function's input invalid).
+
+    msgspec first (several times faster than ``json``); ``json`` for what msgspec cannot hold, integers
+    beyond 64 bits. Either raises a ``ValueError`` (or ``RecursionError``) for what is not JSON.
+    """
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.ValidationError:  # an integer out of msgspec's range: valid JSON all the same
+        return json.loads(body, parse_constant=_reject_constant)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from None

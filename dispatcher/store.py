@@ -353,6 +353,14 @@ def put_checkpoints(trigger: str, values: Mapping[str, str]) -> Write:
     return write
 
 
+def forget_checkpoints(trigger: str, prefix: str, before: float) -> Write:
+    """Delete the trigger's checkpoints whose key starts with ``prefix`` and that were saved before ``before``."""
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM checkpoints WHERE trigger = ? AND substr(key, 1, ?) = ? AND updated_at < ?",
+                     (trigger, len(prefix), prefix, before))
+    return write
+
+
 def abandon_unfinished(finished_at: float) -> Write:
     """At start: invocations a crashed daemon left queued or running did not finish; their events run again."""
     def write(conn: sqlite3.Connection) -> None:

@@ -18,6 +18,7 @@ Nothing here talks to a broker, a disk or a container: the source does, for real
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Literal
 
@@ -33,14 +34,21 @@ class MemoryCheckpoints:
 
     def __init__(self) -> None:
         self.values: dict[str, str] = {}
+        self.saved: dict[str, float] = {}
         self.history: list[dict[str, str]] = []
 
     async def get(self, key: str) -> str | None:
         return self.values.get(key)
 
     async def put(self, values: Mapping[str, str]) -> None:
+        now = time.time()
         self.values.update(values)
+        self.saved.update(dict.fromkeys(values, now))
         self.history.append(dict(values))
+
+    async def forget(self, prefix: str, before: float) -> None:
+        for key in [k for k, at in self.saved.items() if k.startswith(prefix) and at < before]:
+            del self.values[key], self.saved[key]
 
 
 class MemoryInbox:

@@ -156,6 +156,7 @@ class DockerExecutor(EngineExecutor):
             binds.append(f"{input_file}:{INPUT_PATH}:ro")
         for secret in function.secrets:
             binds.append(f"{os.path.abspath(secret)}:/run/secrets/{os.path.basename(secret)}:ro")
+        binds += [f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in function.volumes]
         env = environment(invocation, INPUT_PATH if mode in ("bind", "copy") else None)
         host_config = api.create_host_config(
             network_mode=self.config.network,

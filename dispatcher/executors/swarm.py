@@ -141,6 +141,9 @@ class SwarmExecutor(EngineExecutor):
         if function.secrets:
             container["Secrets"] = [{"File": {"Name": f"/run/secrets/{s}", "UID": "0", "GID": "0", "Mode": 0o444},
                                      "SecretID": self._secret_id(s), "SecretName": s} for s in function.secrets]
+        if function.mounts:
+            container["Mounts"] = [{"Type": "bind" if m.bind else "volume", "Source": m.source, "Target": m.target,
+                                    "ReadOnly": m.read_only} for m in function.volumes]
         limits: dict[str, Any] = {}
         if function.memory:
             limits["MemoryBytes"] = function.memory

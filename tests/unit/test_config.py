@@ -49,6 +49,18 @@ INVALID = [
     ("missing signature secret", GOOD.replace('path = "/hooks/t"', 'path = "/hooks/t", signature = { scheme = "github", secret_env = "ES_TEST_UNSET" }'), "triggers.t.source.signature"),
     ("negative buffer", GOOD + "buffer = -5\n", "triggers.t.buffer"),
     ("not TOML at all", "this is = not [toml", "invalid TOML"),
+    ("mount without target", GOOD + "\n[functions.g]\nimage = 'x'\nmounts = ['/data']\n", "functions.g.mounts"),
+    ("mount with relative target", GOOD + "\n[functions.g]\nimage = 'x'\nmounts = ['/data:data']\n", "functions.g.mounts"),
+    ("mount with bad mode", GOOD + "\n[functions.g]\nimage = 'x'\nmounts = ['/data:/data:rx']\n", "functions.g.mounts"),
+    ("mounts on the process executor", "[executor]\nkind = 'process'\n" + GOOD.replace(
+        'image = "eventswarm/echo:test"', 'command = ["cat"]\nmounts = ["/data:/data"]'), "functions.f.mounts"),
+    ("file source without path", GOOD.replace('kind = "webhook", path = "/hooks/t"', 'kind = "file"'), "triggers.t.source.path"),
+    ("file source bad on_success", GOOD.replace('kind = "webhook", path = "/hooks/t"',
+                                                'kind = "file", path = "/tmp", on_success = "archive"'), "triggers.t.source.on_success"),
+    ("file source bad on_failure", GOOD.replace('kind = "webhook", path = "/hooks/t"',
+                                                'kind = "file", path = "/tmp", on_failure = "delete"'), "triggers.t.source.on_failure"),
+    ("file source no patterns", GOOD.replace('kind = "webhook", path = "/hooks/t"',
+                                             'kind = "file", path = "/tmp", patterns = []'), "triggers.t.source.patterns"),
 ]
 
 

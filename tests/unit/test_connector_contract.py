@@ -87,9 +87,40 @@ class KafkaHarness:
         return {i for i in ids if int(i.rsplit("/", 1)[1]) < offset}
 
 
+class FileHarness:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir()
+        self.count = 0
+        self.names: dict[str, str] = {}
+
+    def make_source(self) -> Source[Any]:
+        from connectors.file import FileSource, FileSourceConfig
+
+        return FileSource(FileSourceConfig(kind="file", path=str(self.folder), patterns=["*.json"], stable_for=0.05))
+
+    async def feed(self, ctx: StubContext, count: int) -> list[str]:
+        import hashlib
+
+        ids = []
+        for n in range(self.count, self.count + count):
+            content = json.dumps({"n": n}).encode()
+            (self.folder / f".{n}.json.part").write_bytes(content)
+            (self.folder / f".{n}.json.part").rename(self.folder / f"{n}.json")
+            ids.append(hashlib.sha256(f"{n}.json\0{hashlib.sha256(content).hexdigest()}".encode()).hexdigest()[:32])
+            self.names[ids[-1]] = f"{n}.json"
+        self.count += count
+        return ids
+
+    async def acknowledged(self, ctx: StubContext, source: Source[Any], ids: list[str]) -> set[str]:
+        moved = {p.name for folder in ("done", "failed") for p in (self.folder / folder).glob("*.json")}
+        return {i for i in ids if self.names[i] in moved}
+
+
 HARNESSES: dict[str, Callable[[pytest.FixtureRequest], Harness]] = {
     "webhook": lambda request: WebhookHarness(),
     "kafka": lambda request: KafkaHarness(request.getfixturevalue("kafka_broker")),
+    "file": lambda request: FileHarness(request.getfixturevalue("tmp_path") / "drop"),
 }
 
 

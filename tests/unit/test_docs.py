@@ -1,5 +1,6 @@
 """The docs name every config key the models accept, so they cannot drift from the code."""
 
+from connectors.file import FileSourceConfig
 from connectors.kafka import KafkaSourceConfig
 from connectors.webhook import WebhookSourceConfig
 from dispatcher.config import BatchConfig, DaemonConfig, ExecutorConfig, FunctionConfig, RetryConfig, TriggerBase
@@ -11,7 +12,7 @@ def test_the_configuration_reference_names_every_key():
     missing = []
     for model, prefix in [(DaemonConfig, ""), (ExecutorConfig, ""), (FunctionConfig, ""), (TriggerBase, ""),
                           (BatchConfig, "batch."), (RetryConfig, "retry."), (WebhookSourceConfig, ""),
-                          (KafkaSourceConfig, "")]:
+                          (KafkaSourceConfig, ""), (FileSourceConfig, "")]:
         for name in model.model_fields:
             if name not in ("kind", "batch", "retry") and f"`{prefix}{name}`" not in text:
                 missing.append(f"{model.__name__}.{name}")

@@ -1,0 +1,412 @@
+"""File-drop source: each complete file in a folder becomes one event, claimed by an atomic rename.
+
+The folder is the truth; watch events (watchfiles) are only hints. It is scanned at start, on every
+watch event and every ``rescan_interval``, so a file dropped while the daemon was down, or a kernel
+event that was missed, is still picked up. A file is complete once its size and change time (the
+later of mtime and ctime: a copy keeps its old mtime) have not changed for ``stable_for``.
+
+A complete file is renamed into ``<path>/.processing/<trigger>/`` (same file system: atomic, and
+no other reader gets it), read, and handed over as one event. When its event is settled the file
+moves per ``on_success`` or, once retries are used up, per ``on_failure``, with a
+``<name>.error.json`` beside it saying why. Files left in ``.processing`` by a crash are taken up
+again at start. A file identical (same path, same sha256) to one already done is not dispatched
+again; that memory lives in the state store and is forgotten after ``remember_done``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+from pydantic import Field, ValidationInfo, field_validator
+
+from dispatcher.api import (
+    Duration,
+    Event,
+    Outcome,
+    Size,
+    Source,
+    SourceConfig,
+    SourceContext,
+    SourceError,
+    parse_json,
+    rfc3339,
+)
+
+log = logging.getLogger("eventswarm.file")
+
+PROCESSING = ".processing"
+SCAN_LIMIT = 50_000
+"""Files one scan keeps track of (the rest are counted for the lag, and seen by a later scan)."""
+KEPT_LIMIT = 100_000
+"""Files left in place (``keep``) remembered in memory, so that a rescan does not claim them again."""
+ALWAYS_IGNORED = ("*.error.json",)
+"""The reason files the source writes itself."""
+
+
+class FileSourceConfig(SourceConfig):
+    kind: Literal["file"]
+    path: str
+    """The folder to watch (made absolute)."""
+    patterns: list[str] = Field(["*"], min_length=1)
+    """Globs of file names (or of paths relative to ``path`` when they hold a ``/``)."""
+    ignore: list[str] = [".*", "*.tmp", "*.part"]
+    """Globs of names never picked up: hidden files and files still being written, by default."""
+    recursive: bool = False
+    mode: Literal["file"] = "file"
+    stable_for: Duration = 1.0
+    """A file is complete once its size and change time have not changed for this long."""
+    on_success: str = "move:done/"
+    """``move:<folder>`` (relative to ``path``, or absolute), ``delete`` or ``keep``."""
+    on_failure: str = "move:failed/"
+    """``move:<folder>`` or ``keep``; a ``<name>.error.json`` beside the file says why."""
+    max_inline: Size = 1024 * 1024
+    """Content up to this size travels in the event; a larger file travels as its path."""
+    remember_done: Duration = 7 * 86400.0
+    """How long a file done is remembered (by path and sha256), so that the same file dropped again is not run again."""
+    rescan_interval: Duration = 10.0
+    force_polling: bool = False
+    """Poll instead of kernel notifications (network file systems)."""
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path:
+            raise ValueError("name the folder to watch")
+        return os.path.abspath(os.path.expanduser(path))
+
+    @field_validator("on_success", "on_failure")
+    @classmethod
+    def _action(cls, value: str, info: ValidationInfo) -> str:
+        allowed = ("delete", "keep") if info.field_name == "on_success" else ("keep",)
+        if value not in allowed and not (value.startswith("move:") and value[5:].strip()):
+            choices = " | ".join(f'"{a}"' for a in ("move:<folder>", *allowed))
+            raise ValueError(f"{value!r} is not one of {choices}")
+        return value
+
+    def folders(self) -> list[str]:
+        return [self.path]
+
+    def target(self, key: str) -> Path | None:
+        """The folder ``on_success``/``on_failure`` moves files to (None: delete or keep)."""
+        value = getattr(self, key)
+        if not value.startswith("move:"):
+            return None
+        return Path(self.path, value[5:].strip()).resolve()
+
+
+class FileSource(Source[FileSourceConfig]):
+    config_model = FileSourceConfig
+
+    def __init__(self, config: FileSourceConfig) -> None:
+        super().__init__(config)
+        self.root = Path(config.path)
+        self.done_dir = config.target("on_success")
+        self.failed_dir = config.target("on_failure")
+        self._pending: dict[str, tuple[int, int, float]] = {}
+        """Files seen and not yet claimed: relative path -> (size, change time in ns, when first seen so)."""
+        self._kept: dict[str, tuple[int, int]] = {}
+        """Files done and left in place (``keep``): relative path -> (size, change time) when left."""
+        self._warned: set[str] = set()
+        self._dirty = anyio.Event()
+        self.scans = 0
+        """Scans of the folder so far (for status and tests)."""
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def run(self, ctx: SourceContext) -> None:
+        self.claims = self.root / PROCESSING / ctx.trigger
+        await anyio.to_thread.run_sync(self._prepare)
+        await ctx.checkpoints.forget("done/", time.time() - self.config.remember_done)
+        ctx.set_ready(True)
+        for rel in await anyio.to_thread.run_sync(self._claimed):
+            await self._dispatch(ctx, rel)  # left by a crash: taken up again
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch)
+            first = True
+            while True:
+                wait = await self._scan_and_claim(ctx, first)
+                first = False
+                with anyio.move_on_after(min(wait, self.config.rescan_interval)):
+                    await self._dirty.wait()
+                self._dirty = anyio.Event()
+
+    def _prepare(self) -> None:
+        root = self.root
+        if not root.is_dir():
+            raise SourceError(f"folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
+        try:
+            self.claims.mkdir(parents=True, exist_ok=True)
+            probe = self.claims / f".probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise SourceError(f"cannot write in {root} ({exc.strerror or exc}): claiming files renames them into "
+                              f"{self.claims.parent}") from None
+
+    async def _watch(self) -> None:
+        """Set ``_dirty`` on every batch of changes; without notifications, the periodic rescan alone finds files."""
+        try:
+            from watchfiles import awatch
+        except ImportError:  # pragma: no cover - watchfiles is a dependency
+            log.warning("watchfiles is not installed: the folder is rescanned every %gs", self.config.rescan_interval)
+            return
+        processing = str(self.root / PROCESSING)
+
+        def interesting(_change: Any, path: str) -> bool:
+            return not path.startswith(processing)
+
+        try:
+            async for _ in awatch(self.root, recursive=self.config.recursive, force_polling=self.config.force_polling,
+                                  watch_filter=interesting, debounce=100, step=20):
+                self._dirty.set()
+        except (OSError, RuntimeError) as exc:
+            log.warning("cannot watch %s (%s): it is rescanned every %gs instead", self.root, exc,
+                        self.config.rescan_interval)
+
+    # -- scanning and claiming ------------------------------------------------------------------
+
+    async def _scan_and_claim(self, ctx: SourceContext, first: bool) -> float:
+        """Claim and hand over every complete file; return how long until a file seen may be complete."""
+        self.scans += 1
+        try:
+            files, others = await anyio.to_thread.run_sync(self._scan)
+        except OSError as exc:
+            raise SourceError(f"cannot read folder {self.root}: {exc.strerror or exc}") from None
+        if first and not files and others:
+            log.warning("no file in %s matches patterns %s (%d other files there)", self.root, self.config.patterns,
+                        others)
+        now, mono = time.time(), time.monotonic()
+        stable = self.config.stable_for
+        pending: dict[str, tuple[int, int, float]] = {}
+        ready: list[tuple[int, str]] = []
+        soonest = float("inf")
+        for rel, size, change in files:
+            if self._kept.get(rel) == (size, change):
+                continue  # done, and left in place
+            seen = self._pending.get(rel)
+            since = seen[2] if seen is not None and seen[:2] == (size, change) else mono
+            pending[rel] = (size, change, since)
+            wait = max(since + stable - mono, change / 1e9 + stable - now)
+            if wait <= 0:
+                ready.append((change, rel))
+            else:
+                soonest = min(soonest, wait)
+        self._pending = pending
+        ctx.set_lag(len(pending))
+        for _, rel in sorted(ready):  # oldest first
+            claimed = await anyio.to_thread.run_sync(self._claim, rel)
+            self._pending.pop(rel, None)
+            ctx.set_lag(len(self._pending))
+            if claimed:
+                await self._dispatch(ctx, rel)  # waits while the trigger's buffer is full: claiming stops
+        return soonest + 0.01
+
+    def _scan(self) -> tuple[list[tuple[str, int, int]], int]:
+        """The matching files (relative path, size, change time in ns), and how many other files there are."""
+        config = self.config
+        skip = {self.root / PROCESSING, self.done_dir, self.failed_dir}
+        files: list[tuple[str, int, int]] = []
+        others = 0
+        stack = [""]
+        while stack:
+            rel_dir = stack.pop()
+            folder = self.root / rel_dir
+            try:
+                entries = os.scandir(folder)
+            except OSError:
+                if not rel_dir:
+                    raise
+                continue  # a subfolder that vanished or cannot be read
+            with entries:
+                for entry in entries:
+                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if config.recursive and Path(entry.path) not in skip and not self._ignored(entry.name):
+                                stack.append(rel)
+                            continue
+                        if not entry.is_file():
+                            continue
+                        if not self._wanted(rel, entry.name):
+                            others += 1
+                            continue
+                        if len(files) >= SCAN_LIMIT:
+                            others += 1
+                            continue
+                        st = entry.stat()
+                    except OSError:
+                        continue  # vanished meanwhile
+                    files.append((rel, st.st_size, max(st.st_mtime_ns, st.st_ctime_ns)))
+        return files, others
+
+    def _ignored(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*self.config.ignore, *ALWAYS_IGNORED))
+
+    def _wanted(self, rel: str, name: str) -> bool:
+        if self._ignored(name):
+            return False
+        return any(fnmatch.fnmatchcase(rel if "/" in pattern else name, pattern) for pattern in self.config.patterns)
+
+    def _claim(self, rel: str) -> bool:
+        """Rename the file into the claim folder; False when it vanished, or cannot be moved (said once)."""
+        target = self.claims / rel
+        if target.exists():
+            return False  # a file of that name is still in flight: claimed once that one is done
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self.root / rel, target)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            self._warn_once(rel, f"cannot claim {self.root / rel}: {exc.strerror or exc}; it stays where it is")
+            return False
+        return True
+
+    def _claimed(self) -> list[str]:
+        return sorted(str(p.relative_to(self.claims)) for p in self.claims.rglob("*") if p.is_file())
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            if len(self._warned) >= KEPT_LIMIT:
+                self._warned.clear()
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def _dispatch(self, ctx: SourceContext, rel: str) -> None:
+        """Hand over a claimed file as one event (or settle it at once: unreadable, or already done)."""
+        try:
+            event, digest, size = await anyio.to_thread.run_sync(self._event, rel)
+        except FileNotFoundError:
+            return  # removed from the claim folder by hand
+        except OSError as exc:
+            log.warning("cannot read %s: %s; it is moved as failed", self.claims / rel, exc.strerror or exc)
+            await anyio.to_thread.run_sync(self._finish, rel, "failed", {
+                "file": rel, "status": "unreadable", "error": f"cannot read: {exc.strerror or exc}",
+                "at": rfc3339(time.time()), "trigger": ctx.trigger})
+            return
+        known = await ctx.checkpoints.get(f"done/{rel}")
+        if known is not None and json.loads(known).get("sha256") == digest:
+            log.info("%s was done before (same sha256): not run again", rel)
+            await anyio.to_thread.run_sync(self._finish, rel, json.loads(known).get("result", "done"), None)
+            return
+
+        async def ack(outcome: Outcome) -> None:
+            if not outcome.settled:
+                return
+            result = "failed" if outcome.status == "dead-lettered" else "done"
+            # Remembered first: should the move not happen (a crash), the file is not run again.
+            await ctx.checkpoints.put({f"done/{rel}": json.dumps({"sha256": digest, "result": result})})
+            reason = None if result == "done" else {
+                "file": rel, "size": size, "sha256": digest, "status": outcome.status, "error": outcome.error,
+                "exit_code": outcome.exit_code, "invocation_id": outcome.invocation_id,
+                "at": rfc3339(time.time()), "trigger": ctx.trigger}
+            await anyio.to_thread.run_sync(self._finish, rel, result, reason)
+
+        await ctx.emit(event, ack)
+
+    def _event(self, rel: str) -> tuple[Event, str, int]:
+        path = self.claims / rel
+        limit = self.config.max_inline
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            content = f.read(limit + 1)
+            digest.update(content)
+            inline = len(content) <= limit
+            if not inline:
+                for chunk in iter(lambda: f.read(1024 * 1024), b""):
+                    digest.update(chunk)
+                size = f.tell()
+            else:
+                size = len(content)
+        sha = digest.hexdigest()
+        extensions: dict[str, Any] = {"filename": rel, "filepath": str(path), "filesize": size, "sha256": sha}
+        common: dict[str, Any] = {
+            "id": hashlib.sha256(f"{rel}\0{sha}".encode()).hexdigest()[:32], "source": f"file://{self.root}",
+            "type": "eventswarm.file.created", "subject": rel, "time": rfc3339(st.st_mtime), "partition": rel,
+            "extensions": extensions}
+        if not inline:
+            return Event(data={"path": str(path)}, datacontenttype="application/json", **common), sha, size
+        if rel.lower().endswith(".json"):
+            try:
+                return Event(data=parse_json(content), datacontenttype="application/json", **common), sha, size
+            except (ValueError, RecursionError) as exc:
+                extensions["dataerror"] = f"not valid JSON: {exc}"[:200]
+        else:
+            try:
+                return Event(data=content.decode("utf-8"), datacontenttype="text/plain", **common), sha, size
+            except UnicodeDecodeError:
+                pass
+        return Event(data_base64=content, datacontenttype="application/octet-stream", **common), sha, size
+
+    # -- after settlement -----------------------------------------------------------------------
+
+    def _finish(self, rel: str, result: str, reason: dict[str, Any] | None) -> None:
+        """Move a claimed file per ``on_success`` (``result = "done"``) or ``on_failure``, with its reason file."""
+        source = self.claims / rel
+        action = self.config.on_success if result == "done" else self.config.on_failure
+        if action == "delete":
+            with contextlib.suppress(FileNotFoundError):
+                source.unlink()
+            return
+        folder = self.root if action == "keep" else (self.done_dir if result == "done" else self.failed_dir)
+        assert folder is not None
+        target = _free(folder / rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if reason is not None:
+            _write_atomically(target.with_name(target.name + ".error.json"), json.dumps(reason, indent=2).encode())
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            return
+        except OSError:  # another file system
+            shutil.move(source, target)
+        if action == "keep":
+            st = target.stat()
+            if len(self._kept) >= KEPT_LIMIT:
+                self._kept.clear()
+            self._kept[str(target.relative_to(self.root))] = (st.st_size, max(st.st_mtime_ns, st.st_ctime_ns))
+        _prune_empty(source.parent, self.claims)
+
+
+def _free(target: Path) -> Path:
+    """``target``, or ``target.1``, ``target.2``…: the first name not taken (a file done before keeps its place)."""
+    candidate, n = target, 0
+    while candidate.exists():
+        n += 1
+        candidate = target.with_name(f"{target.name}.{n}")
+    return candidate
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(content)
+    os.replace(temporary, path)
+
+
+def _prune_empty(folder: Path, top: Path) -> None:
+    """Remove the empty subfolders a claim made, up to (not including) ``top``."""
+    for parent in _upto(folder, top):
+        try:
+            parent.rmdir()
+        except OSError:
+            return
+
+
+def _upto(folder: Path, top: Path) -> Iterator[Path]:
+    while folder != top and top in folder.parents:
+        yield folder
+        folder = folder.parent
