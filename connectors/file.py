@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dispatcher.api import (
     Duration,
@@ -54,6 +54,10 @@ ALWAYS_IGNORED = ("*.error.json",)
 """The reason files the source writes itself."""
 
 
+FILE_KEYS = {"stable_for", "on_success", "on_failure", "max_inline", "remember_done"}
+LINES_KEYS = {"max_line", "start_at", "max_uncommitted", "commit_interval"}
+
+
 class FileSourceConfig(SourceConfig):
     kind: Literal["file"]
     path: str
@@ -63,7 +67,8 @@ class FileSourceConfig(SourceConfig):
     ignore: list[str] = [".*", "*.tmp", "*.part"]
     """Globs of names never picked up: hidden files and files still being written, by default."""
     recursive: bool = False
-    mode: Literal["file"] = "file"
+    mode: Literal["file", "lines"] = "file"
+    """``file``: each complete file is one event; ``lines``: each new complete line of the files is one."""
     stable_for: Duration = 1.0
     """A file is complete once its size and change time have not changed for this long."""
     on_success: str = "move:done/"
@@ -75,6 +80,14 @@ class FileSourceConfig(SourceConfig):
     remember_done: Duration = 7 * 86400.0
     """How long a file done is remembered (by path and sha256), so that the same file dropped again is not run again."""
     rescan_interval: Duration = 10.0
+    max_line: Size = 1024 * 1024
+    """lines: a longer line is cut to this many bytes (the extension ``linelength`` gives its length)."""
+    start_at: Literal["beginning", "end"] = "beginning"
+    """lines: where files found at the first start begin (files that appear later are read from their start)."""
+    max_uncommitted: int = Field(100_000, ge=1)
+    """lines: lines of one file in flight behind its first unsettled line before reading that file pauses."""
+    commit_interval: Duration = 1.0
+    """lines: how often settled offsets are saved (also when the source stops)."""
     force_polling: bool = False
     """Poll instead of kernel notifications (network file systems)."""
 
@@ -94,8 +107,15 @@ class FileSourceConfig(SourceConfig):
             raise ValueError(f"{value!r} is not one of {choices}")
         return value
 
+    @model_validator(mode="after")
+    def _keys_of_the_mode(self) -> FileSourceConfig:
+        other = LINES_KEYS if self.mode == "file" else FILE_KEYS
+        for key in sorted(other & self.model_fields_set):
+            raise ValueError(f'{key}: only for mode = "{"lines" if self.mode == "file" else "file"}"')
+        return self
+
     def folders(self) -> list[str]:
-        return [self.path]
+        return [self.path] if self.mode == "file" else []  # lines never travel as a path
 
     def target(self, key: str) -> Path | None:
         """The folder ``on_success``/``on_failure`` moves files to (None: delete or keep)."""
@@ -125,6 +145,12 @@ class FileSource(Source[FileSourceConfig]):
     # -- running --------------------------------------------------------------------------------
 
     async def run(self, ctx: SourceContext) -> None:
+        if self.config.mode == "lines":
+            from connectors.tail import Lines
+
+            self.lines = Lines(self, ctx)
+            await self.lines.run()
+            return
         self.claims = self.root / PROCESSING / ctx.trigger
         await anyio.to_thread.run_sync(self._prepare)
         await ctx.checkpoints.forget("done/", time.time() - self.config.remember_done)
@@ -145,6 +171,8 @@ class FileSource(Source[FileSourceConfig]):
         root = self.root
         if not root.is_dir():
             raise SourceError(f"folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
+        if self.config.mode == "lines":
+            return  # reading needs no write access
         try:
             self.claims.mkdir(parents=True, exist_ok=True)
             probe = self.claims / f".probe-{os.getpid()}"
@@ -166,13 +194,26 @@ class FileSource(Source[FileSourceConfig]):
         def interesting(_change: Any, path: str) -> bool:
             return not path.startswith(processing)
 
-        try:
-            async for _ in awatch(self.root, recursive=self.config.recursive, force_polling=self.config.force_polling,
-                                  watch_filter=interesting, debounce=100, step=20):
-                self._dirty.set()
-        except (OSError, RuntimeError) as exc:
-            log.warning("cannot watch %s (%s): it is rescanned every %gs instead", self.root, exc,
-                        self.config.rescan_interval)
+        stop = anyio.Event()
+
+        async def stopper() -> None:
+            # watchfiles' thread waits for its own timeout unless told to stop: tell it when this is cancelled.
+            try:
+                await anyio.sleep_forever()
+            finally:
+                stop.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stopper)
+            try:
+                async for _ in awatch(self.root, recursive=self.config.recursive, stop_event=stop,
+                                      force_polling=self.config.force_polling, watch_filter=interesting, debounce=100,
+                                      step=20):
+                    self._dirty.set()
+            except (OSError, RuntimeError) as exc:
+                log.warning("cannot watch %s (%s): it is rescanned every %gs instead", self.root, exc,
+                            self.config.rescan_interval)
+            tg.cancel_scope.cancel()
 
     # -- scanning and claiming ------------------------------------------------------------------
 
@@ -191,7 +232,7 @@ class FileSource(Source[FileSourceConfig]):
         pending: dict[str, tuple[int, int, float]] = {}
         ready: list[tuple[int, str]] = []
         soonest = float("inf")
-        for rel, size, change in files:
+        for rel, size, change, _ in files:
             if self._kept.get(rel) == (size, change):
                 continue  # done, and left in place
             seen = self._pending.get(rel)
@@ -212,11 +253,12 @@ class FileSource(Source[FileSourceConfig]):
                 await self._dispatch(ctx, rel)  # waits while the trigger's buffer is full: claiming stops
         return soonest + 0.01
 
-    def _scan(self) -> tuple[list[tuple[str, int, int]], int]:
-        """The matching files (relative path, size, change time in ns), and how many other files there are."""
+    def _scan(self) -> tuple[list[tuple[str, int, int, str]], int]:
+        """The matching files (relative path, size, change time in ns, ``device:inode``), and how many other
+        files there are."""
         config = self.config
         skip = {self.root / PROCESSING, self.done_dir, self.failed_dir}
-        files: list[tuple[str, int, int]] = []
+        files: list[tuple[str, int, int, str]] = []
         others = 0
         stack = [""]
         while stack:
@@ -247,7 +289,7 @@ class FileSource(Source[FileSourceConfig]):
                         st = entry.stat()
                     except OSError:
                         continue  # vanished meanwhile
-                    files.append((rel, st.st_size, max(st.st_mtime_ns, st.st_ctime_ns)))
+                    files.append((rel, st.st_size, max(st.st_mtime_ns, st.st_ctime_ns), f"{st.st_dev}:{st.st_ino}"))
         return files, others
 
     def _ignored(self, name: str) -> bool:

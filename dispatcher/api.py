@@ -135,6 +135,12 @@ class Checkpoints(Protocol):
         """Delete the keys starting with ``prefix`` last saved before ``before`` (a time): memory bounded by age."""
         ...
 
+    async def delete(self, keys: list[str]) -> None: ...
+
+    async def items(self, prefix: str, limit: int = 100_000) -> dict[str, str]:
+        """The keys starting with ``prefix`` and their values (at most ``limit``, in key order)."""
+        ...
+
 
 class Inbox(Protocol):
     """Durable storage for accepted events not yet settled (the webhook inbox)."""
@@ -153,9 +159,16 @@ class Inbox(Protocol):
 class SourceContext(Protocol):
     """What a running source gets from the daemon for its trigger."""
 
-    trigger: str
-    checkpoints: Checkpoints
-    inbox: Inbox
+    @property
+    def trigger(self) -> str:
+        """The trigger's name."""
+        ...
+
+    @property
+    def checkpoints(self) -> Checkpoints: ...
+
+    @property
+    def inbox(self) -> Inbox: ...
 
     async def emit(self, event: Event, ack: Ack | None = None) -> None:
         """Hand ``event`` to the trigger's pipeline; blocks while the trigger's buffer is full."""

@@ -27,6 +27,7 @@ from dispatcher.store import (
     StateStore,
     Store,
     abandon_unfinished,
+    delete_checkpoints,
     forget_checkpoints,
     prune,
     put_checkpoints,
@@ -67,6 +68,12 @@ class TriggerCheckpoints:
 
     async def forget(self, prefix: str, before: float) -> None:
         await self.state.write(forget_checkpoints(self.trigger, prefix, before))
+
+    async def delete(self, keys: list[str]) -> None:
+        await self.state.write(delete_checkpoints(self.trigger, keys))
+
+    async def items(self, prefix: str, limit: int = 100_000) -> dict[str, str]:
+        return await self.state.read(lambda s: s.checkpoints(self.trigger, prefix, limit))
 
 
 class TriggerInbox:

@@ -281,6 +281,11 @@ class Store:
         row = self.conn.execute("SELECT value FROM checkpoints WHERE trigger = ? AND key = ?", (trigger, key)).fetchone()
         return row[0] if row else None
 
+    def checkpoints(self, trigger: str, prefix: str, limit: int) -> dict[str, str]:
+        rows = self.conn.execute("SELECT key, value FROM checkpoints WHERE trigger = ? AND substr(key, 1, ?) = ? "
+                                 "ORDER BY key LIMIT ?", (trigger, len(prefix), prefix, limit)).fetchall()
+        return dict(rows)
+
     def inbox_page(self, trigger: str, after: int, upto: int, limit: int) -> list[tuple[int, bytes, float]]:
         return self.conn.execute(
             "SELECT seq, event, received_at FROM inbox WHERE trigger = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
@@ -350,6 +355,12 @@ def put_checkpoints(trigger: str, values: Mapping[str, str]) -> Write:
             "ON CONFLICT (trigger, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
             [(trigger, k, v, now) for k, v in values.items()],
         )
+    return write
+
+
+def delete_checkpoints(trigger: str, keys: list[str]) -> Write:
+    def write(conn: sqlite3.Connection) -> None:
+        conn.executemany("DELETE FROM checkpoints WHERE trigger = ? AND key = ?", [(trigger, k) for k in keys])
     return write
 
 

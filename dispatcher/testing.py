@@ -5,9 +5,7 @@ with the outcome the test chooses, through the source's own acknowledgements, as
 does), keeps checkpoints and the inbox in memory, and serves the source's routes to the test::
 
     ctx = StubContext()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(source.run, ctx)
-        await ctx.wait_ready()
+    async with ctx.running(source):  # started, ready; stopped (cancelled) on the way out
         await ctx.wait_emitted(10)
         await ctx.settle(ctx.unsettled()[1:])  # all but the first, which is still in flight
         ...
@@ -17,6 +15,7 @@ Nothing here talks to a broker, a disk or a container: the source does, for real
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -24,7 +23,7 @@ from typing import Any, Literal
 
 import anyio
 
-from dispatcher.api import Ack, Event, HttpHandler, HttpRequest, HttpResponse, Outcome, Run
+from dispatcher.api import Ack, Event, HttpHandler, HttpRequest, HttpResponse, Outcome, Run, Source
 
 Status = Literal["succeeded", "dead-lettered", "dropped"]
 
@@ -47,8 +46,15 @@ class MemoryCheckpoints:
         self.history.append(dict(values))
 
     async def forget(self, prefix: str, before: float) -> None:
-        for key in [k for k, at in self.saved.items() if k.startswith(prefix) and at < before]:
-            del self.values[key], self.saved[key]
+        await self.delete([k for k, at in self.saved.items() if k.startswith(prefix) and at < before])
+
+    async def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self.values.pop(key, None)
+            self.saved.pop(key, None)
+
+    async def items(self, prefix: str, limit: int = 100_000) -> dict[str, str]:
+        return {k: self.values[k] for k in sorted(self.values) if k.startswith(prefix)}
 
 
 class MemoryInbox:
@@ -154,6 +160,22 @@ class StubContext:
         self.paused = paused
 
     # -- for the test -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self, source: Source[Any]) -> AsyncIterator[None]:
+        """Run ``source`` against this context until the block ends, then stop it as the daemon does (a
+        cancel); the block begins once the source says it is ready. A single error (an assertion of the
+        block, the source's own) comes out as itself, not in an exception group."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(source.run, self)
+                await self.wait_ready()
+                yield
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     def unsettled(self) -> list[str]:
         """Ids emitted and not settled yet, in the order they were emitted."""

@@ -94,14 +94,17 @@ def toml(doc: dict[str, Any]) -> str:
 
 
 @asynccontextmanager
-async def running_daemon(doc: dict[str, Any]) -> AsyncIterator[Daemon]:
-    """A daemon in this process, on its own task group; stopped cleanly on exit."""
+async def running_daemon(doc: dict[str, Any], *, ready: bool = True) -> AsyncIterator[Daemon]:
+    """A daemon in this process, on its own task group; stopped cleanly on exit. With ``ready``, once every
+    source is ready (else as soon as it started: for sources that are meant to fail)."""
     daemon = Daemon(parse(doc))
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: daemon.run(handle_signals=False))
         with anyio.fail_after(30):
             await daemon.started.wait()
-        await wait_for(lambda: all(t.ready for t in daemon.triggers.values()), timeout=30, what="every source ready")
+        if ready:
+            await wait_for(lambda: all(t.ready for t in daemon.triggers.values()), timeout=30,
+                           what="every source ready")
         try:
             yield daemon
         finally:

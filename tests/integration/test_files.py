@@ -13,8 +13,6 @@ from typing import Any
 import anyio
 import pytest
 
-from dispatcher.config import parse
-from dispatcher.daemon import Daemon
 from tests.support import BUSYBOX, base_config, free_port, running_daemon, store_of, toml, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -138,10 +136,12 @@ async def test_a_failing_function_moves_its_file_to_failed_with_the_reason_after
     assert "cannot parse it" in store_of(doc).logs(reason["invocation_id"])[1].decode()
 
 
-async def test_a_file_over_max_inline_reaches_the_function_through_a_mount(tmp_path):
+@pytest.mark.parametrize("executor", ["docker", "swarm"])
+async def test_a_file_over_max_inline_reaches_the_function_through_a_mount(tmp_path, executor):
     drop = tmp_path / "drop"
-    script = "path=$(grep -o '\"path\":\"[^\"]*\"' | cut -d'\"' -f4); wc -c < \"$path\"; sha256sum \"$path\""
-    doc = config(tmp_path, script, source={"max_inline": "1KiB"})
+    script = ("path=$(grep -o '\"path\":\"[^\"]*\"' \"$EVENTSWARM_INPUT\" | cut -d'\"' -f4); "
+              "wc -c < \"$path\"; sha256sum \"$path\"")
+    doc = config(tmp_path, script, executor=executor, source={"max_inline": "1KiB"})
     doc["functions"]["f"]["mounts"] = [f"{drop}:{drop}"]
     content = os.urandom(300 * 1024)
     async with running_daemon(doc):
@@ -174,10 +174,7 @@ async def test_a_missing_folder_leaves_the_daemon_up_and_the_source_starts_once_
     drop = tmp_path / "later"
     doc["triggers"]["t"]["source"]["path"] = str(drop)
     doc["triggers"]["hook"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/h"}}
-    daemon = Daemon(parse(doc))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: daemon.run(handle_signals=False))
-        await daemon.started.wait()
+    async with running_daemon(doc, ready=False) as daemon:
         trigger = daemon.triggers["t"]
         await wait_for(lambda: trigger.source_error, timeout=30, what="the source's error")
         assert f"folder {drop} does not exist" in trigger.status()["last_error"]
@@ -188,7 +185,6 @@ async def test_a_missing_folder_leaves_the_daemon_up_and_the_source_starts_once_
         names = drop_files(drop, 3)
         await wait_for(lambda: names_in(drop / "done") == set(names), timeout=60,
                        what="the files done once the folder exists")
-        daemon.stop()
 
 
 def test_kill_9_while_500_files_are_processed_loses_none_and_reruns_only_batches_in_flight(tmp_path, daemon_process):
@@ -213,3 +209,58 @@ def test_kill_9_while_500_files_are_processed_loses_none_and_reruns_only_batches
     assert not twice & done_before, "a file that was in done/ before the kill ran again"
     ids = {name: event_id(name, (drop / "done" / name).read_bytes()) for name in twice}
     assert set(ids.values()) <= in_flight, "a file ran twice that was not in a batch in flight at the kill"
+
+
+PRINT_DATA = "grep -o '\"data\":\"[^\"]*\"' | cut -d'\"' -f4"
+"""A function that prints the data (the line) of each event of its batch, one per line."""
+
+
+def delivered_lines(doc) -> list[str]:
+    """The lines functions printed, in the order their invocations started (first delivery first)."""
+    store = store_of(doc)
+    lines: list[str] = []
+    for record in sorted(store.invocations(status="succeeded", limit=100_000), key=lambda r: r.started_at or 0):
+        lines += store.logs(record.id)[0].decode().split()
+    return lines
+
+
+def test_lines_across_a_rename_rotation_a_copytruncate_and_a_kill_9_are_all_delivered_in_order(
+        tmp_path, daemon_process):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    doc = config(tmp_path, PRINT_DATA, ordering="partition", batch={"max_events": 500, "max_wait": "50ms"},
+                 source={"path": str(logs), "mode": "lines", "patterns": ["app.log"]})
+    del doc["triggers"]["t"]["source"]["stable_for"]  # a key of file mode
+    doc["daemon"]["listen"] = f"127.0.0.1:{free_port()}"
+    log = logs / "app.log"
+    daemon = daemon_process(doc).start()
+
+    def write(f, numbers) -> None:
+        f.write("".join(f"L{n:05d}\n" for n in numbers))
+        f.flush()
+
+    def seen() -> int:
+        return len(set(delivered_lines(doc)))
+
+    with log.open("a") as first:
+        write(first, range(3000))
+        wait_until(lambda: seen() >= 3000, timeout=60, interval=0.2, what="the first 3000 lines")
+        log.rename(logs / "app.log.1")  # rename rotation; the writer keeps its handle a moment
+        write(first, range(3000, 3100))
+    with log.open("a") as second:
+        write(second, range(3100, 7000))
+        wait_until(lambda: seen() >= 7000, timeout=60, interval=0.2, what="7000 lines")
+        subprocess.run(["cp", str(log), str(logs / "app.log.2")], check=True)  # copytruncate
+        os.truncate(log, 0)
+        write(second, range(7000, 10_000))
+    daemon.kill()
+    assert seen() < 10_000, "every line was delivered before the kill: it tests nothing"
+    daemon = daemon_process(doc).start()
+    wait_until(lambda: seen() == 10_000, timeout=120, interval=0.2, what="all 10000 lines after the restart")
+    assert daemon.stop() == 0
+    lines = delivered_lines(doc)
+    assert set(lines) == {f"L{n:05d}" for n in range(10_000)}
+    first_seen = list(dict.fromkeys(lines))
+    for low, high in ((0, 3100), (3100, 7000), (7000, 10_000)):  # each file's lines, in order
+        part = [line for line in first_seen if low <= int(line[1:]) < high]
+        assert part == sorted(part), f"lines {low}-{high} out of order"

@@ -59,6 +59,11 @@ INVALID = [
                                                 'kind = "file", path = "/tmp", on_success = "archive"'), "triggers.t.source.on_success"),
     ("file source bad on_failure", GOOD.replace('kind = "webhook", path = "/hooks/t"',
                                                 'kind = "file", path = "/tmp", on_failure = "delete"'), "triggers.t.source.on_failure"),
+    ("file key in lines mode", GOOD.replace('kind = "webhook", path = "/hooks/t"',
+                                            'kind = "file", path = "/tmp", mode = "lines", on_success = "delete"'),
+     "triggers.t.source.on_success"),
+    ("lines key in file mode", GOOD.replace('kind = "webhook", path = "/hooks/t"',
+                                            'kind = "file", path = "/tmp", max_line = "1KiB"'), "triggers.t.source.max_line"),
     ("file source no patterns", GOOD.replace('kind = "webhook", path = "/hooks/t"',
                                              'kind = "file", path = "/tmp", patterns = []'), "triggers.t.source.patterns"),
 ]

@@ -117,33 +117,65 @@ class FileHarness:
         return {i for i in ids if self.names[i] in moved}
 
 
-HARNESSES: dict[str, Callable[[pytest.FixtureRequest], Harness]] = {
-    "webhook": lambda request: WebhookHarness(),
-    "kafka": lambda request: KafkaHarness(request.getfixturevalue("kafka_broker")),
-    "file": lambda request: FileHarness(request.getfixturevalue("tmp_path") / "drop"),
+class LinesHarness:
+    """The file source in lines mode: one log file appended to; acknowledged = below the saved offset."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir()
+        self.folder = folder
+        self.log = folder / "app.log"
+        self.log.touch()
+        self.lines: dict[str, int] = {}
+        """Event id -> the offset past the line."""
+
+    def make_source(self) -> Source[Any]:
+        from connectors.file import FileSource, FileSourceConfig
+
+        return FileSource(FileSourceConfig(kind="file", path=str(self.folder), patterns=["*.log"], mode="lines"))
+
+    async def feed(self, ctx: StubContext, count: int) -> list[str]:
+        import zlib
+
+        st = self.log.stat()
+        ids, offset = [], st.st_size
+        with self.log.open("ab") as f:
+            for n in range(count):
+                line = json.dumps({"n": n}).encode()
+                f.write(line + b"\n")
+                ids.append(f"{st.st_dev}:{st.st_ino}/{offset}-{zlib.crc32(line):08x}")
+                offset += len(line) + 1
+                self.lines[ids[-1]] = offset
+        return ids
+
+    async def acknowledged(self, ctx: StubContext, source: Source[Any], ids: list[str]) -> set[str]:
+        await source.lines.committer.save()  # type: ignore[attr-defined]  # what a commit interval would do
+        st = self.log.stat()
+        saved = ctx.checkpoints.values.get(f"file/{st.st_dev}:{st.st_ino}")
+        offset = json.loads(saved)["offset"] if saved else 0
+        return {i for i in ids if self.lines[i] <= offset}
+
+
+HARNESSES: dict[str, list[Callable[[pytest.FixtureRequest], Harness]]] = {
+    "webhook": [lambda request: WebhookHarness()],
+    "kafka": [lambda request: KafkaHarness(request.getfixturevalue("kafka_broker"))],
+    "file": [lambda request: FileHarness(request.getfixturevalue("tmp_path") / "drop"),
+             lambda request: LinesHarness(request.getfixturevalue("tmp_path") / "logs")],
 }
+VARIANTS = [(kind, i) for kind in sorted(connectors()) for i in range(len(HARNESSES.get(kind, [None])))]
 
 
-@pytest.fixture(params=sorted(connectors()))
+@pytest.fixture(params=VARIANTS, ids=[f"{kind}-{i}" for kind, i in VARIANTS])
 def harness(request: pytest.FixtureRequest) -> Harness:
-    kind = request.param
+    kind, variant = request.param
     if kind not in HARNESSES:
         pytest.fail(f"connector {kind!r} has no contract harness in {Path(__file__).name}")
-    return HARNESSES[kind](request)
+    return HARNESSES[kind][variant](request)
 
 
 async def running(source: Source[Any], ctx: StubContext, body: Callable[[], Awaitable[None]]) -> None:
     """Run ``source`` against ``ctx`` while ``body`` runs; then stop it, as the daemon does (a cancel)."""
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(source.run, ctx)
-            await ctx.wait_ready()
-            await body()
-            tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None  # the assertion itself, for pytest.raises
-        raise
+    async with ctx.running(source):
+        await body()
 
 
 async def check_acknowledgements_follow_settlement(harness: Harness) -> None:

@@ -6,11 +6,9 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from connectors.file import FileSource, FileSourceConfig
@@ -22,14 +20,6 @@ pytestmark = pytest.mark.anyio
 
 def source(folder: Path, **options: Any) -> FileSource:
     return FileSource(FileSourceConfig(kind="file", path=str(folder), stable_for=0.05, **options))
-
-
-async def running(src: FileSource, ctx: StubContext, body: Callable[[], Awaitable[None]]) -> None:
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(src.run, ctx)
-        await ctx.wait_ready()
-        await body()
-        tg.cancel_scope.cancel()
 
 
 def events(ctx: StubContext) -> dict[str, dict[str, Any]]:
@@ -51,10 +41,8 @@ async def test_content_travels_as_json_text_or_base64_and_hidden_or_partial_file
         (tmp_path / ignored).write_text("{}")
     ctx = StubContext()
 
-    async def body() -> None:
+    async with ctx.running(source(tmp_path)):
         await ctx.wait_emitted(4)
-
-    await running(source(tmp_path), ctx, body)
     found = events(ctx)
     assert set(found) == {"a.json", "b.txt", "c.bin", "d.json"}
     assert found["a.json"]["data"] == {"x": 1}
@@ -71,19 +59,17 @@ async def test_files_left_claimed_by_a_crash_are_taken_up_first(tmp_path):
     (claimed / "left.json").write_text('{"left": true}')
     ctx = StubContext()
 
-    async def body() -> None:
+    async with ctx.running(source(tmp_path)):
         await ctx.wait_emitted(1)
         assert ctx.emitted == [next(iter(events(ctx).values()))["id"]]
         await ctx.settle()
-
-    await running(source(tmp_path), ctx, body)
     assert json.loads((tmp_path / "done" / "sub" / "left.json").read_text()) == {"left": True}
 
 
 async def test_the_same_file_dropped_again_is_not_run_again_but_a_changed_one_is(tmp_path):
     ctx = StubContext()
 
-    async def body() -> None:
+    async with ctx.running(source(tmp_path)):
         (tmp_path / "x.json").write_text('{"v": 1}')
         await ctx.wait_emitted(1)
         await ctx.settle()
@@ -93,14 +79,12 @@ async def test_the_same_file_dropped_again_is_not_run_again_but_a_changed_one_is
         (tmp_path / "x.json").write_text('{"v": 2}')  # changed: a new file
         await ctx.wait_emitted(2)
 
-    await running(source(tmp_path), ctx, body)
-
 
 async def test_keep_puts_the_file_back_and_a_rescan_does_not_claim_it_again(tmp_path):
     ctx = StubContext()
     src = source(tmp_path, on_success="keep", rescan_interval=0.05)
 
-    async def body() -> None:
+    async with ctx.running(src):
         (tmp_path / "k.json").write_text("{}")
         await ctx.wait_emitted(1)
         await ctx.settle()
@@ -109,18 +93,14 @@ async def test_keep_puts_the_file_back_and_a_rescan_does_not_claim_it_again(tmp_
         await wait_for(lambda: src.scans >= scans + 3, timeout=10, what="three more scans")
         assert len(ctx.emitted) == 1 and (tmp_path / "k.json").exists()
 
-    await running(src, ctx, body)
-
 
 async def test_a_dead_lettered_file_moves_to_failed_with_its_reason(tmp_path):
     ctx = StubContext()
 
-    async def body() -> None:
+    async with ctx.running(source(tmp_path, on_failure="move:/" + str(tmp_path / "rejects").lstrip("/"))):
         (tmp_path / "bad.json").write_text("{}")
         await ctx.wait_emitted(1)
         await ctx.settle(status="dead-lettered")
-
-    await running(source(tmp_path, on_failure="move:/" + str(tmp_path / "rejects").lstrip("/")), ctx, body)
     reason = json.loads((tmp_path / "rejects" / "bad.json.error.json").read_text())
     assert reason["status"] == "dead-lettered" and reason["file"] == "bad.json" and reason["trigger"] == "t"
     assert (tmp_path / "rejects" / "bad.json").read_text() == "{}"
@@ -137,12 +117,10 @@ async def test_recursive_scans_subfolders_but_not_its_own_folders_and_patterns_m
     ctx = StubContext()
     src = source(tmp_path, recursive=True, patterns=["in/*.csv", "in/*/*.csv"], rescan_interval=0.05)
 
-    async def body() -> None:
+    async with ctx.running(src):
         await ctx.wait_emitted(2)
         await wait_for(lambda: src.scans >= 3, timeout=10, what="three scans")
         assert set(events(ctx)) == {"in/deep/a.csv", "in/b.csv"}
-
-    await running(src, ctx, body)
 
 
 async def test_a_folder_that_does_not_exist_is_a_source_error_naming_it(tmp_path):
@@ -157,8 +135,6 @@ async def test_memory_of_done_files_is_forgotten_after_remember_done(tmp_path):
     await ctx.checkpoints.put({"done/old.json": json.dumps({"sha256": "x", "result": "done"})})
     ctx.checkpoints.saved["done/old.json"] -= 3600
 
-    async def body() -> None:
+    async with ctx.running(source(tmp_path, remember_done=60)):
         pass
-
-    await running(source(tmp_path, remember_done=60), ctx, body)
     assert "done/old.json" not in ctx.checkpoints.values
