@@ -34,6 +34,7 @@ from dispatcher.api import (
     Duration,
     Event,
     Outcome,
+    Run,
     Size,
     Source,
     SourceConfig,
@@ -48,6 +49,8 @@ log = logging.getLogger("eventswarm.file")
 PROCESSING = ".processing"
 SCAN_LIMIT = 50_000
 """Files one scan keeps track of (the rest are counted for the lag, and seen by a later scan)."""
+CLAIM_CHUNK = 100
+"""Files claimed, read and handed over together (one run)."""
 KEPT_LIMIT = 100_000
 """Files left in place (``keep``) remembered in memory, so that a rescan does not claim them again."""
 ALWAYS_IGNORED = ("*.error.json",)
@@ -155,8 +158,9 @@ class FileSource(Source[FileSourceConfig]):
         await anyio.to_thread.run_sync(self._prepare)
         await ctx.checkpoints.forget("done/", time.time() - self.config.remember_done)
         ctx.set_ready(True)
-        for rel in await anyio.to_thread.run_sync(self._claimed):
-            await self._dispatch(ctx, rel)  # left by a crash: taken up again
+        left = await anyio.to_thread.run_sync(self._claimed)
+        for at in range(0, len(left), CLAIM_CHUNK):
+            await self._dispatch(ctx, left[at:at + CLAIM_CHUNK])  # left by a crash: taken up again
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch)
             first = True
@@ -245,12 +249,14 @@ class FileSource(Source[FileSourceConfig]):
                 soonest = min(soonest, wait)
         self._pending = pending
         ctx.set_lag(len(pending))
-        for _, rel in sorted(ready):  # oldest first
-            claimed = await anyio.to_thread.run_sync(self._claim, rel)
-            self._pending.pop(rel, None)
+        ordered = [rel for _, rel in sorted(ready)]  # oldest first
+        for at in range(0, len(ordered), CLAIM_CHUNK):
+            chunk = ordered[at:at + CLAIM_CHUNK]
+            claimed = await anyio.to_thread.run_sync(self._claim_all, chunk)
+            for rel in chunk:
+                self._pending.pop(rel, None)
             ctx.set_lag(len(self._pending))
-            if claimed:
-                await self._dispatch(ctx, rel)  # waits while the trigger's buffer is full: claiming stops
+            await self._dispatch(ctx, claimed)  # waits while the trigger's buffer is full: claiming stops
         return soonest + 0.01
 
     def _scan(self) -> tuple[list[tuple[str, int, int, str]], int]:
@@ -300,6 +306,9 @@ class FileSource(Source[FileSourceConfig]):
             return False
         return any(fnmatch.fnmatchcase(rel if "/" in pattern else name, pattern) for pattern in self.config.patterns)
 
+    def _claim_all(self, rels: list[str]) -> list[str]:
+        return [rel for rel in rels if self._claim(rel)]
+
     def _claim(self, rel: str) -> bool:
         """Rename the file into the claim folder; False when it vanished, or cannot be moved (said once)."""
         target = self.claims / rel
@@ -327,37 +336,63 @@ class FileSource(Source[FileSourceConfig]):
 
     # -- events ---------------------------------------------------------------------------------
 
-    async def _dispatch(self, ctx: SourceContext, rel: str) -> None:
-        """Hand over a claimed file as one event (or settle it at once: unreadable, or already done)."""
-        try:
-            event, digest, size = await anyio.to_thread.run_sync(self._event, rel)
-        except FileNotFoundError:
-            return  # removed from the claim folder by hand
-        except OSError as exc:
-            log.warning("cannot read %s: %s; it is moved as failed", self.claims / rel, exc.strerror or exc)
-            await anyio.to_thread.run_sync(self._finish, rel, "failed", {
-                "file": rel, "status": "unreadable", "error": f"cannot read: {exc.strerror or exc}",
-                "at": rfc3339(time.time()), "trigger": ctx.trigger})
+    async def _dispatch(self, ctx: SourceContext, rels: list[str]) -> None:
+        """Hand claimed files over as one run, an event each (a file that cannot be read, or was done before,
+        is settled at once)."""
+        if not rels:
             return
-        known = await ctx.checkpoints.get(f"done/{rel}")
-        if known is not None and json.loads(known).get("sha256") == digest:
-            log.info("%s was done before (same sha256): not run again", rel)
-            await anyio.to_thread.run_sync(self._finish, rel, json.loads(known).get("result", "done"), None)
+        read = await anyio.to_thread.run_sync(self._events, rels)
+        known = await ctx.checkpoints.get_many([f"done/{rel}" for rel, found in read if not isinstance(found, OSError)])
+        events: list[Event] = []
+        files: dict[str, tuple[str, str, int]] = {}
+        settled: list[tuple[str, str, dict[str, Any] | None]] = []
+        for rel, found in read:
+            if isinstance(found, FileNotFoundError):
+                continue  # removed from the claim folder by hand
+            if isinstance(found, OSError):
+                log.warning("cannot read %s: %s; it is moved as failed", self.claims / rel, found.strerror or found)
+                settled.append((rel, "failed", {"file": rel, "status": "unreadable", "trigger": ctx.trigger,
+                                                "error": f"cannot read: {found.strerror or found}",
+                                                "at": rfc3339(time.time())}))
+                continue
+            event, digest, size = found
+            before = known.get(f"done/{rel}")
+            if before is not None and json.loads(before).get("sha256") == digest:
+                log.info("%s was done before (same sha256): not run again", rel)
+                settled.append((rel, json.loads(before).get("result", "done"), None))
+                continue
+            events.append(event)
+            files[event.id] = (rel, digest, size)
+        if settled:
+            await anyio.to_thread.run_sync(self._finish_all, settled)
+        if not events:
             return
 
-        async def ack(outcome: Outcome) -> None:
+        async def ack(part: Run, outcome: Outcome) -> None:
             if not outcome.settled:
                 return
             result = "failed" if outcome.status == "dead-lettered" else "done"
+            done = [files[event_id] for event_id in part.ids]
             # Remembered first: should the move not happen (a crash), the file is not run again.
-            await ctx.checkpoints.put({f"done/{rel}": json.dumps({"sha256": digest, "result": result})})
-            reason = None if result == "done" else {
-                "file": rel, "size": size, "sha256": digest, "status": outcome.status, "error": outcome.error,
-                "exit_code": outcome.exit_code, "invocation_id": outcome.invocation_id,
-                "at": rfc3339(time.time()), "trigger": ctx.trigger}
-            await anyio.to_thread.run_sync(self._finish, rel, result, reason)
+            await ctx.checkpoints.put({f"done/{rel}": json.dumps({"sha256": digest, "result": result})
+                                       for rel, digest, _ in done})
+            await anyio.to_thread.run_sync(self._finish_all, [
+                (rel, result, None if result == "done" else {
+                    "file": rel, "size": size, "sha256": digest, "status": outcome.status, "error": outcome.error,
+                    "exit_code": outcome.exit_code, "invocation_id": outcome.invocation_id,
+                    "at": rfc3339(time.time()), "trigger": ctx.trigger})
+                for rel, digest, size in done])
 
-        await ctx.emit(event, ack)
+        await ctx.emit_run(Run.of(events, ack))
+
+    def _events(self, rels: list[str]) -> list[tuple[str, tuple[Event, str, int] | OSError]]:
+        found: list[tuple[str, tuple[Event, str, int] | OSError]] = []
+        for rel in rels:
+            try:
+                found.append((rel, self._event(rel)))
+            except OSError as exc:
+                found.append((rel, exc))
+        return found
 
     def _event(self, rel: str) -> tuple[Event, str, int]:
         path = self.claims / rel
@@ -378,8 +413,7 @@ class FileSource(Source[FileSourceConfig]):
         extensions: dict[str, Any] = {"filename": rel, "filepath": str(path), "filesize": size, "sha256": sha}
         common: dict[str, Any] = {
             "id": hashlib.sha256(f"{rel}\0{sha}".encode()).hexdigest()[:32], "source": f"file://{self.root}",
-            "type": "eventswarm.file.created", "subject": rel, "time": rfc3339(st.st_mtime), "partition": rel,
-            "extensions": extensions}
+            "type": "eventswarm.file.created", "subject": rel, "time": rfc3339(st.st_mtime), "extensions": extensions}
         if not inline:
             return Event(data={"path": str(path)}, datacontenttype="application/json", **common), sha, size
         if rel.lower().endswith(".json"):
@@ -395,6 +429,10 @@ class FileSource(Source[FileSourceConfig]):
         return Event(data_base64=content, datacontenttype="application/octet-stream", **common), sha, size
 
     # -- after settlement -----------------------------------------------------------------------
+
+    def _finish_all(self, files: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+        for rel, result, reason in files:
+            self._finish(rel, result, reason)
 
     def _finish(self, rel: str, result: str, reason: dict[str, Any] | None) -> None:
         """Move a claimed file per ``on_success`` (``result = "done"``) or ``on_failure``, with its reason file."""

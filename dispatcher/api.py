@@ -129,6 +129,10 @@ class Checkpoints(Protocol):
 
     async def get(self, key: str) -> str | None: ...
 
+    async def get_many(self, keys: list[str]) -> dict[str, str]:
+        """The values of those of ``keys`` that are saved."""
+        ...
+
     async def put(self, values: Mapping[str, str]) -> None: ...
 
     async def forget(self, prefix: str, before: float) -> None:

@@ -63,6 +63,9 @@ class TriggerCheckpoints:
     async def get(self, key: str) -> str | None:
         return await self.state.read(lambda s: s.checkpoint(self.trigger, key))
 
+    async def get_many(self, keys: list[str]) -> dict[str, str]:
+        return await self.state.read(lambda s: s.checkpoints_of(self.trigger, keys)) if keys else {}
+
     async def put(self, values: Mapping[str, str]) -> None:
         await self.state.write(put_checkpoints(self.trigger, values))
 

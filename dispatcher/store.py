@@ -281,6 +281,15 @@ class Store:
         row = self.conn.execute("SELECT value FROM checkpoints WHERE trigger = ? AND key = ?", (trigger, key)).fetchone()
         return row[0] if row else None
 
+    def checkpoints_of(self, trigger: str, keys: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for at in range(0, len(keys), 500):
+            chunk = keys[at:at + 500]
+            found.update(self.conn.execute(
+                f"SELECT key, value FROM checkpoints WHERE trigger = ? AND key IN ({','.join('?' * len(chunk))})",
+                (trigger, *chunk)).fetchall())
+        return found
+
     def checkpoints(self, trigger: str, prefix: str, limit: int) -> dict[str, str]:
         rows = self.conn.execute("SELECT key, value FROM checkpoints WHERE trigger = ? AND substr(key, 1, ?) = ? "
                                  "ORDER BY key LIMIT ?", (trigger, len(prefix), prefix, limit)).fetchall()

@@ -39,6 +39,9 @@ class MemoryCheckpoints:
     async def get(self, key: str) -> str | None:
         return self.values.get(key)
 
+    async def get_many(self, keys: list[str]) -> dict[str, str]:
+        return {k: self.values[k] for k in keys if k in self.values}
+
     async def put(self, values: Mapping[str, str]) -> None:
         now = time.time()
         self.values.update(values)
