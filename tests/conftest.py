@@ -58,3 +58,20 @@ def kafka_broker() -> str:
     if done.returncode != 0:
         pytest.fail(f"scripts/kafka.sh failed:\n{done.stdout}\n{done.stderr}")
     return "127.0.0.1:19092"
+
+
+@pytest.fixture(scope="session")
+def eth_node() -> str:
+    """anvil and solc (installed and started by scripts/ethereum.sh) on 127.0.0.1; fails, never skips, without them."""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "ethereum.sh")], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"scripts/ethereum.sh failed:\n{done.stdout}\n{done.stderr}")
+    return "http://127.0.0.1:18545"
+
+
+@pytest.fixture(scope="session")
+def token_contract(eth_node: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """tests/contracts/Token.sol, compiled once per session."""
+    from tests.ethereum import compile_token
+
+    return compile_token(tmp_path_factory.mktemp("solc"))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterable, Iterator
@@ -87,26 +85,10 @@ def own_broker(log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
     Its binary is the one ``scripts/kafka.sh`` installed (the ``kafka_broker`` fixture runs that script).
     """
-    from tests.support import free_port, wait_until
+    from tests.support import SERVICES_HOME, free_port, own_service
 
-    binary = Path(os.environ.get("EVENTSWARM_SERVICES_HOME", "/var/cache/eventswarm")) / "tansu"
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def listening() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"tansu exited with {proc.returncode}:\n{log.read_text()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-        return False
-
-    try:
-        wait_until(listening, timeout=30, what="the test's own broker")
+    argv = [str(SERVICES_HOME / "tansu"), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    with own_service(argv, port, log, "the test's own broker") as proc:
         yield f"127.0.0.1:{port}", proc
-    finally:
-        proc.send_signal(signal.SIGCONT)  # in case the test left it stopped
-        proc.kill()
-        proc.wait(timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,29 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None, timeout: 
         return exc.code, dict(exc.headers), exc.read()
 
 
+SERVICES_HOME = Path(os.environ.get("EVENTSWARM_SERVICES_HOME", "/var/cache/eventswarm"))
+"""Where scripts/*.sh install the services' binaries."""
+
+
+@contextlib.contextmanager
+def own_service(argv: list[str], port: int, log: Path, what: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A service process of the test's own (a broker, a node) listening on ``port`` of 127.0.0.1; the test may
+    stop it (SIGSTOP), and it is killed, by its id, on the way out."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+        return False
+
+    try:
+        wait_until(listening, timeout=30, what=what)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGCONT)  # in case the test left it stopped
+        proc.kill()
+        proc.wait(timeout=30)

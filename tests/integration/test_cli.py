@@ -131,7 +131,7 @@ def _webhook(doc: dict[str, Any], name: str, **source: Any) -> None:
 @pytest.mark.parametrize(("case", "expected"), [
     ("two triggers on one route", "triggers.second.source: POST /hooks/t is already served by trigger 't'"),
     ("a standard-webhooks secret that is not base64", "triggers.t.source.signature: a standard-webhooks secret is base64"),
-    ("a topic_pattern that is not a regular expression", "triggers.k.source: topic_pattern: not a regular expression"),
+    ("a topic_pattern that is not a regular expression", "triggers.k.source.topic_pattern: not a regular expression"),
     ("an environment override that is not JSON", "daemon: the environment variable EVENTSWARM_DAEMON is not valid JSON"),
 ])
 def test_validate_refuses_configs_that_could_not_run_with_the_key_path(tmp_path, case, expected):

@@ -155,11 +155,49 @@ class LinesHarness:
         return {i for i in ids if self.lines[i] <= offset}
 
 
+class EthereumHarness:
+    """The Ethereum source on an anvil of the test's own, one log per block (a checkpoint is per block)."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        from tests.ethereum import Token, own_anvil
+
+        request.getfixturevalue("eth_node")
+        anvil = own_anvil(request.getfixturevalue("tmp_path") / "anvil.log")
+        self.node, _ = anvil.__enter__()
+        request.addfinalizer(lambda: anvil.__exit__(None, None, None))
+        self.token = Token(self.node, request.getfixturevalue("token_contract"))
+        self.blocks: dict[str, int] = {}
+
+    def make_source(self) -> Source[Any]:
+        from connectors.ethereum import EthereumSource, EthereumSourceConfig
+        from tests.ethereum import TRANSFER
+
+        return EthereumSource(EthereumSourceConfig(
+            kind="ethereum", rpc_url=self.node, addresses=[self.token.address], events=[TRANSFER],
+            from_block=self.token.deployed_at, confirmations=0, poll_interval=0.05, commit_interval=0.1))
+
+    async def feed(self, ctx: StubContext, count: int) -> list[str]:
+        def emit() -> list[str]:
+            ids = []
+            for n in range(count):
+                ids.append(self.token.emit_one(n))
+                self.blocks[ids[-1]] = self.token.head()
+            return ids
+        return await anyio.to_thread.run_sync(emit)
+
+    async def acknowledged(self, ctx: StubContext, source: Source[Any], ids: list[str]) -> set[str]:
+        await source.committer.save()  # type: ignore[attr-defined]  # what a commit interval would do
+        saved = ctx.checkpoints.values.get(f"block/{self.token.web3.eth.chain_id}")
+        number = json.loads(saved)["number"] if saved else -1
+        return {i for i in ids if self.blocks[i] <= number}
+
+
 HARNESSES: dict[str, list[Callable[[pytest.FixtureRequest], Harness]]] = {
     "webhook": [lambda request: WebhookHarness()],
     "kafka": [lambda request: KafkaHarness(request.getfixturevalue("kafka_broker"))],
     "file": [lambda request: FileHarness(request.getfixturevalue("tmp_path") / "drop"),
              lambda request: LinesHarness(request.getfixturevalue("tmp_path") / "logs")],
+    "ethereum": [EthereumHarness],
 }
 VARIANTS = [(kind, i) for kind in sorted(connectors()) for i in range(len(HARNESSES.get(kind, [None])))]
 

@@ -1,5 +1,6 @@
 """The docs name every config key the models accept, so they cannot drift from the code."""
 
+from connectors.ethereum import EthereumSourceConfig
 from connectors.file import FileSourceConfig
 from connectors.kafka import KafkaSourceConfig
 from connectors.webhook import WebhookSourceConfig
@@ -12,7 +13,8 @@ def test_the_configuration_reference_names_every_key():
     missing = []
     for model, prefix in [(DaemonConfig, ""), (ExecutorConfig, ""), (FunctionConfig, ""), (TriggerBase, ""),
                           (BatchConfig, "batch."), (RetryConfig, "retry."), (WebhookSourceConfig, ""),
-                          (KafkaSourceConfig, ""), (FileSourceConfig, "")]:
+                          (KafkaSourceConfig, ""), (FileSourceConfig, ""),
+                          (EthereumSourceConfig, "")]:
         for name in model.model_fields:
             if name not in ("kind", "batch", "retry") and f"`{prefix}{name}`" not in text:
                 missing.append(f"{model.__name__}.{name}")

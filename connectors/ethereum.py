@@ -1,0 +1,588 @@
+"""Ethereum log source: contract logs, decoded, dispatched once they are ``confirmations`` blocks deep.
+
+``eth_getLogs`` is polled from a durable cursor, the source of truth (no ``eth_newFilter``). The
+checkpoint (``block/<chain id>``) is the number and hash of the block of the last log settled (and
+which of its logs come next), kept through a ``Progress`` tracker over ``(block, logIndex)``. Before
+each step the newest block handed over is checked against the chain; after a reorg deeper than
+``confirmations`` the source walks back to the common ancestor, sends a ``removed`` event for each
+log handed over above it, and reads the new chain from there. Backfill goes in ranges of up to
+``max_block_range`` blocks, halved when the node refuses a range (JSON-RPC ``-32005`` and the usual
+messages) and grown back after successes.
+
+Decoding uses a decoder prepared once per event signature (eth-abi): addresses checksummed, integers
+beyond 2^53 as decimal strings, bytes as hex. A log that cannot be decoded travels raw with the
+extension ``decodeerror``; it never stops the source.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+from pydantic import Field, field_validator, model_validator
+
+from dispatcher.api import (
+    Committer,
+    Duration,
+    Event,
+    Outcome,
+    Progress,
+    Run,
+    Secret,
+    Source,
+    SourceConfig,
+    SourceContext,
+    SourceError,
+    Span,
+    rfc3339,
+)
+
+try:
+    from eth_abi.abi import decode as abi_decode
+    from eth_abi.exceptions import DecodingError
+    from eth_utils.address import to_checksum_address
+    from eth_utils.crypto import keccak
+    from web3 import AsyncHTTPProvider
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the ethereum source needs web3: pip install 'eventswarm[ethereum]'") from exc
+
+log = logging.getLogger("eventswarm.ethereum")
+
+END = 1 << 62
+"""A log index past every real one: ``(block, END)`` stands for "every log of that block"."""
+SAFE_INTEGER = 2**53
+REORG_WINDOW = 256
+"""Blocks handed over that are remembered (hash and events) to handle a reorg deeper than ``confirmations``."""
+SAVED_RECENT = 64
+"""Of those, how many hashes are kept with the checkpoint, to find the common ancestor after a restart."""
+CEILING_KEPT = 100
+"""Successful steps after which a range the node refused is tried again."""
+RANGE_ERRORS = re.compile(r"range|too many|limit|exceed|10000 results|response size|timeout", re.IGNORECASE)
+
+
+# -- ABI ----------------------------------------------------------------------------------------
+
+_PARAM = re.compile(r"^\s*(?P<type>[A-Za-z0-9\[\]]+)(?P<indexed>\s+indexed)?(?:\s+(?P<name>[A-Za-z_$][\w$]*))?\s*$")
+
+
+def parse_signature(signature: str) -> dict[str, Any]:
+    """A Solidity event signature, ``"Transfer(address indexed from, address indexed to, uint256 value)"``,
+    as an ABI event entry. Raises ``ValueError`` saying what is wrong."""
+    found = re.fullmatch(r"\s*(?:event\s+)?([A-Za-z_$][\w$]*)\s*\((.*)\)\s*;?\s*", signature)
+    if not found:
+        raise ValueError(f"{signature!r} is not an event signature such as "
+                         f"\"Transfer(address indexed from, address indexed to, uint256 value)\"")
+    name, body = found.groups()
+    inputs = []
+    for i, part in enumerate(p for p in body.split(",") if p.strip()) if body.strip() else []:
+        param = _PARAM.match(part)
+        if not param:
+            raise ValueError(f"{signature!r}: parameter {i + 1} ({part.strip()!r}) is not \"type [indexed] [name]\"")
+        kind = _canonical(param["type"])
+        if not _valid_type(kind):
+            raise ValueError(f"{signature!r}: {param['type']!r} is not a Solidity type")
+        inputs.append({"type": kind, "indexed": bool(param["indexed"]), "name": param["name"] or f"arg{i}"})
+    return {"type": "event", "name": name, "inputs": inputs, "anonymous": False}
+
+
+def _canonical(kind: str) -> str:
+    return re.sub(r"^(u?int)(?=$|\[)", r"\g<1>256", kind)
+
+
+def _valid_type(kind: str) -> bool:
+    base = re.sub(r"(\[\d*\])+$", "", kind)
+    if base in ("address", "bool", "string", "bytes"):
+        return True
+    if (m := re.fullmatch(r"u?int(\d+)", base)) is not None:
+        return 8 <= int(m[1]) <= 256 and int(m[1]) % 8 == 0
+    if (m := re.fullmatch(r"bytes(\d+)", base)) is not None:
+        return 1 <= int(m[1]) <= 32
+    return False
+
+
+def _type_of(param: Mapping[str, Any]) -> str:
+    """An ABI parameter's canonical type (tuples written out, for the signature and for eth-abi)."""
+    kind = str(param["type"])
+    if kind.startswith("tuple"):
+        return "(" + ",".join(_type_of(c) for c in param.get("components", [])) + ")" + kind[5:]
+    return kind
+
+
+class Decoder:
+    """Decodes the logs of one event, prepared once."""
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        self.name = str(entry["name"])
+        inputs = list(entry.get("inputs", []))
+        self.signature = f"{self.name}({','.join(_type_of(p) for p in inputs)})"
+        self.topic = "0x" + keccak(text=self.signature).hex()
+        self.indexed = [(p.get("name") or f"arg{i}", _type_of(p)) for i, p in enumerate(inputs) if p.get("indexed")]
+        self.data = [(p.get("name") or f"arg{i}", _type_of(p)) for i, p in enumerate(inputs) if not p.get("indexed")]
+        self.data_types = [t for _, t in self.data]
+        self.order = [p.get("name") or f"arg{i}" for i, p in enumerate(inputs)]
+
+    def decode(self, topics: Sequence[str], data: str) -> dict[str, Any]:
+        """The log's arguments, JSON-safe; raises ``ValueError`` when the log does not fit this event."""
+        if len(topics) != 1 + len(self.indexed):
+            raise ValueError(f"{len(topics) - 1} indexed topics where {self.signature} has {len(self.indexed)}")
+        args: dict[str, Any] = {}
+        for (name, kind), topic in zip(self.indexed, topics[1:], strict=True):
+            if _dynamic(kind):
+                args[name] = topic  # only the hash of a dynamic value is in the log
+            else:
+                args[name] = _decode_one([kind], bytes.fromhex(topic[2:]))[0]
+        values = _decode_one(self.data_types, bytes.fromhex(data[2:])) if self.data else ()
+        args.update(zip((n for n, _ in self.data), values, strict=True))
+        return {name: _jsonable(args[name]) for name in self.order}
+
+
+def _decode_one(types: list[str], blob: bytes) -> tuple[Any, ...]:
+    try:
+        return tuple(abi_decode(types, blob, strict=False))
+    except (DecodingError, ValueError, OverflowError, TypeError) as exc:
+        raise ValueError(f"cannot decode as ({','.join(types)}): {exc}") from None
+
+
+def _dynamic(kind: str) -> bool:
+    return kind in ("string", "bytes") or kind.endswith("[]") or kind.startswith("(")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -SAFE_INTEGER <= value <= SAFE_INTEGER else str(value)
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    if isinstance(value, str) and len(value) == 42 and value.startswith("0x"):
+        try:
+            return to_checksum_address(value)
+        except ValueError:
+            return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def load_decoders(events: list[str], abi_file: str) -> dict[str, Decoder]:
+    """The decoders of the configured events, by topic 0."""
+    entries = [parse_signature(s) for s in events]
+    if abi_file:
+        document = json.loads(Path(abi_file).read_text())
+        abi = document.get("abi", document) if isinstance(document, dict) else document
+        if not isinstance(abi, list):
+            raise ValueError(f"abi_file {abi_file}: not a JSON ABI (a list of entries, or an object with \"abi\")")
+        entries += [e for e in abi if isinstance(e, dict) and e.get("type") == "event" and not e.get("anonymous")]
+    decoders = [Decoder(e) for e in entries]
+    return {d.topic: d for d in decoders}
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+class EthereumSourceConfig(SourceConfig):
+    kind: Literal["ethereum"]
+    rpc_url: str | list[str] = []
+    """JSON-RPC endpoints (``http(s)://``), tried in order; for a URL that holds an API key, use ``rpc_url_env``."""
+    rpc_url_env: str | list[str] = ""
+    """Environment variables holding endpoint URLs (kept out of the TOML, logs and status)."""
+    rpc_url_file: str = ""
+    """A file with endpoint URLs, one per line."""
+    chain_id: int | None = None
+    """The chain expected; default: the one the node reports at the first start (then it must stay the same)."""
+    addresses: list[str] = []
+    """Contracts whose logs to read; none: every contract."""
+    events: list[str] = []
+    """Solidity event signatures, e.g. ``"Transfer(address indexed from, address indexed to, uint256 value)"``."""
+    abi_file: str = ""
+    """A JSON ABI (or a compiler artifact with ``"abi"``) whose events are read too."""
+    from_block: int | Literal["latest"] = "latest"
+    """Where the first start begins."""
+    confirmations: int | Literal["safe", "finalized"] = 12
+    """How deep a log must be before it is dispatched, in blocks, or the node's ``safe``/``finalized`` block."""
+    max_block_range: int = Field(2000, ge=1)
+    """Blocks per ``eth_getLogs`` at most (halved when the node refuses, grown back after successes)."""
+    poll_interval: Duration = 2.0
+    max_uncommitted: int = Field(100_000, ge=1)
+    """Logs in flight behind the first unsettled one before reading pauses."""
+    commit_interval: Duration = 1.0
+    request_timeout: Duration = 30.0
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, addresses: list[str]) -> list[str]:
+        checked: list[str] = []
+        for address in addresses:
+            try:
+                checked.append(to_checksum_address(address))
+            except ValueError:
+                raise ValueError(f"{address!r} is not an address (0x and 40 hex digits)") from None
+        return checked
+
+    @field_validator("confirmations")
+    @classmethod
+    def _confirmations(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("give 0 or more blocks, \"safe\" or \"finalized\"")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> EthereumSourceConfig:
+        if not self.urls_given():
+            raise ValueError("rpc_url, rpc_url_env or rpc_url_file: name at least one node")
+        problem = self.secret().problem("rpc_url") if self.secret().given else None
+        if problem:
+            raise ValueError(problem)
+        for url in self.endpoints():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"rpc_url: {_redacted(url)} is not an http(s):// URL")
+        if not self.events and not self.abi_file:
+            raise ValueError("events or abi_file: say which events to read")
+        for i, signature in enumerate(self.events):
+            try:
+                parse_signature(signature)
+            except ValueError as exc:
+                raise ValueError(f"events: [{i}] {exc}") from None
+        if self.abi_file:
+            try:
+                load_decoders([], self.abi_file)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"abi_file: {exc}") from None
+        return self
+
+    def urls_given(self) -> bool:
+        return bool(self.rpc_url) or self.secret().given
+
+    def secret(self) -> Secret:
+        return Secret.of(self.rpc_url_env, self.rpc_url_file)
+
+    def endpoints(self) -> list[str]:
+        plain = [self.rpc_url] if isinstance(self.rpc_url, str) and self.rpc_url else list(self.rpc_url or [])
+        secret = self.secret()
+        return plain + (secret.values() if secret.given else [])
+
+
+def _redacted(url: str) -> str:
+    """A URL as logs may show it: scheme and host, without a path or credentials that may hold a key."""
+    found = re.match(r"^(\w+://)(?:[^@/]*@)?([^/?#]*)", url)
+    return f"{found[1]}{found[2]}/…" if found else "a URL"
+
+
+# -- the source -----------------------------------------------------------------------------------
+
+
+class RpcError(Exception):
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class Node:
+    """The JSON-RPC endpoints, in order: a request that fails goes to the next one."""
+
+    def __init__(self, urls: list[str], timeout: float) -> None:
+        self.providers = [AsyncHTTPProvider(url, request_kwargs={"timeout": timeout}) for url in urls]
+        self.names = [f"endpoint {i + 1} ({_redacted(url)})" for i, url in enumerate(urls)]
+        self.current = 0
+
+    async def call(self, method: str, *params: Any) -> Any:
+        """``method`` on the current endpoint; a transport failure moves to the next one (and raises)."""
+        provider = self.providers[self.current]
+        try:
+            response = await provider.make_request(method, list(params))
+        except Exception as exc:  # aiohttp, timeouts, refused connections
+            name = self.names[self.current]
+            self.current = (self.current + 1) % len(self.providers)
+            raise RpcError(f"{name}: {method} failed: {type(exc).__name__}: {exc}"[:300]) from None
+        error: Any = response.get("error")
+        if error:
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise RpcError(f"{method}: {message}", error.get("code") if isinstance(error, dict) else None)
+        return response.get("result")
+
+    async def close(self) -> None:
+        for provider in self.providers:
+            try:
+                await provider.disconnect()
+            except Exception:
+                pass
+
+
+class EthereumSource(Source[EthereumSourceConfig]):
+    config_model = EthereumSourceConfig
+
+    def __init__(self, config: EthereumSourceConfig) -> None:
+        super().__init__(config)
+        self.decoders = load_decoders(config.events, config.abi_file)
+        self.range = config.max_block_range
+        self.ceiling = config.max_block_range
+        """The largest range not refused lately."""
+        self.successes = 0
+        self.progress: Progress[tuple[int, int]] | None = None
+        self.committer = Committer(self._save, config.commit_interval)
+        self.hashes: dict[int, str] = {}
+        """Hashes of the blocks handed over (range ends, blocks with logs) not yet checkpointed, by number."""
+        self.recent: OrderedDict[int, tuple[str, list[Event]]] = OrderedDict()
+        """The last ``REORG_WINDOW`` blocks handed over (range ends, blocks with logs): their hash and events,
+        to find where a reorg began and to say which logs it removed."""
+        self.saved_recent: dict[int, str] = {}
+        """Hashes of blocks handed over before the last restart (kept with the checkpoint)."""
+        self.start: tuple[int, int] = (0, 0)
+        """The first position not settled at the start: logs before it are not handed over again."""
+        self.checkpoint: tuple[int, str] | None = None
+        self.chain_id: int | None = None
+        self._ctx: SourceContext | None = None
+        self._node: Node | None = None
+
+    async def run(self, ctx: SourceContext) -> None:
+        self._ctx = ctx
+        node = self._node = Node(self.config.endpoints(), self.config.request_timeout)
+        try:
+            await self._start(ctx, node)
+            ctx.set_ready(True)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.committer.run)
+                await self._poll(ctx, node)
+        except RpcError as exc:
+            raise SourceError(f"Ethereum node: {exc}") from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await node.close()
+                ctx.set_ready(False)
+
+    async def _start(self, ctx: SourceContext, node: Node) -> None:
+        chain = int(await node.call("eth_chainId"), 16)
+        saved = await ctx.checkpoints.get("chain")
+        expected = self.config.chain_id if self.config.chain_id is not None else (int(saved) if saved else None)
+        if expected is not None and chain != expected:
+            raise SourceError(f"the node serves chain {chain}, not chain {expected} (the one "
+                              f"{'configured' if self.config.chain_id is not None else 'of the saved checkpoint'}): "
+                              "refusing to read from it", temporary=False)
+        if saved is None:
+            await ctx.checkpoints.put({"chain": str(chain)})
+        self.chain_id = chain
+        point = await ctx.checkpoints.get(f"block/{chain}")
+        if point is not None:
+            state = json.loads(point)
+            self.checkpoint = (int(state["number"]), str(state["hash"]))
+            self.start = (self.checkpoint[0], int(state.get("next", END + 1)))
+            self.saved_recent = {int(n): str(h) for n, h in state.get("recent", [])}
+        else:
+            head = int(await node.call("eth_blockNumber"), 16)
+            start = head if self.config.from_block == "latest" else self.config.from_block
+            if start > head:
+                log.warning("from_block %d is ahead of the head (%d): waiting for it", start, head)
+            self.checkpoint = (start - 1, "")
+            self.start = _after(start - 1)
+        self.progress = Progress(self.start, after=_next_log, limit=self.config.max_uncommitted)
+        self.committer.trackers["chain"] = self.progress
+
+    async def _target(self, node: Node) -> int:
+        confirmations = self.config.confirmations
+        if isinstance(confirmations, str):
+            block = await node.call("eth_getBlockByNumber", confirmations, False)
+            return int(block["number"], 16) if block else -1
+        return int(await node.call("eth_blockNumber"), 16) - confirmations
+
+    async def _poll(self, ctx: SourceContext, node: Node) -> None:
+        assert self.checkpoint is not None and self.progress is not None
+        number, next_index = self.start
+        cursor = number if next_index > END else number - 1  # a block partly settled is read again
+        while True:
+            cursor = await self._after_reorg(ctx, node, cursor)
+            target = await self._target(node)
+            ctx.set_lag(max(0, target - cursor))
+            if target <= cursor or not self.progress.has_room(1):
+                await anyio.sleep(self.config.poll_interval)
+                continue
+            first, last = cursor + 1, min(target, cursor + self.range)
+            try:
+                logs = await node.call("eth_getLogs", self._filter(first, last))
+            except RpcError as exc:
+                if exc.code in (-32005, -32602, -32000) or RANGE_ERRORS.search(str(exc)):
+                    span = last - first + 1
+                    if span > 1:
+                        self.range = max(1, span // 2)
+                        self.ceiling, self.successes = span - 1, 0  # not that many again for a while
+                        log.info("the node refused %d blocks at once (%s): asking for %d", span, exc, self.range)
+                        continue
+                raise
+            block = await node.call("eth_getBlockByNumber", hex(last), False)
+            if block is None:
+                continue  # the node is behind its own head (a load balancer): ask again
+            self.successes += 1
+            if self.successes >= CEILING_KEPT:
+                self.ceiling = self.config.max_block_range  # try larger ranges again, now and then
+            self.range = min(self.config.max_block_range, self.ceiling, self.range * 2)
+            await self._hand_over(ctx, logs, last, block["hash"])
+            cursor = last
+
+    async def _after_reorg(self, ctx: SourceContext, node: Node, cursor: int) -> int:
+        """Before each step: is the newest block handed over (or checkpointed) still on the chain? If not, a
+        reorg went deeper than ``confirmations``: walk back to the common ancestor, send a ``removed`` event for
+        each log handed over above it, and go on from there. Returns the block to read after."""
+        known = {**self.saved_recent, **{n: h for n, (h, _) in self.recent.items()}}
+        assert self.checkpoint is not None
+        if self.checkpoint[1]:
+            known.setdefault(*self.checkpoint)
+        if not known:
+            return cursor
+        top = max(known)
+        block = await node.call("eth_getBlockByNumber", hex(top), False)
+        if block is None or block["hash"] == known[top]:
+            return cursor
+        ancestor = None
+        for number in sorted(known, reverse=True):
+            block = await node.call("eth_getBlockByNumber", hex(number), False)
+            if block is not None and block["hash"] == known[number]:
+                ancestor = number
+                break
+        if ancestor is None:
+            raise SourceError(f"a reorg replaced block {top} and every one of the {len(known)} blocks remembered "
+                              f"below it (down to {min(known)}): the trigger stops rather than guess where the "
+                              "chains meet", temporary=False)
+        replaced = [event for number, (_, events) in self.recent.items() if number > ancestor for event in events]
+        log.warning("reorg: the blocks after %d were replaced (a reorg deeper than confirmations = %s); %d logs "
+                    "handed over from them are sent again as removed, then the new chain's logs follow", ancestor,
+                    self.config.confirmations, len(replaced))
+        if any(n > ancestor for n in self.saved_recent) and not self.recent:
+            log.warning("the logs handed over from the replaced blocks before the restart are not known: no removed "
+                        "events for them")
+        assert self.progress is not None
+        await self.progress.idle()  # what is in flight settles first: positions above the ancestor are reused
+        if replaced:
+            await self._send_removed(ctx, replaced)
+        self.recent = OrderedDict((n, v) for n, v in self.recent.items() if n <= ancestor)
+        self.saved_recent = {n: h for n, h in self.saved_recent.items() if n <= ancestor}
+        self.hashes = {n: h for n, h in self.hashes.items() if n <= ancestor}
+        self.hashes[ancestor] = known[ancestor]
+        self.start = _after(ancestor)
+        self.progress = Progress(self.start, after=_next_log, limit=self.config.max_uncommitted)
+        self.committer.trackers["chain"] = self.progress
+        self.progress.committed = (-1, 0)
+        await self.committer.save()  # the checkpoint moves back to the ancestor
+        return ancestor
+
+    async def _send_removed(self, ctx: SourceContext, replaced: list[Event]) -> None:
+        """One ``eventswarm.ethereum.log.removed`` event per replaced log; returns once all are settled."""
+        settled = anyio.Event()
+        remaining = len(replaced)
+
+        async def ack(part: Run, outcome: Outcome) -> None:
+            nonlocal remaining
+            remaining -= len(part)
+            if remaining <= 0:
+                settled.set()
+
+        events = [Event(id=f"{e.id}:removed", source=e.source, type="eventswarm.ethereum.log.removed",
+                        subject=e.subject, time=rfc3339(time.time()), data={**(e.data or {}), "removed": True},
+                        datacontenttype="application/json", extensions={**(e.extensions or {}), "removed": True},
+                        partition=e.partition) for e in replaced]
+        await ctx.emit_run(Run.of(events, ack))
+        await settled.wait()
+
+    def _filter(self, first: int, last: int) -> dict[str, Any]:
+        query: dict[str, Any] = {"fromBlock": hex(first), "toBlock": hex(last), "topics": [list(self.decoders)]}
+        if self.config.addresses:
+            query["address"] = self.config.addresses
+        return query
+
+    async def _hand_over(self, ctx: SourceContext, logs: list[dict[str, Any]], last: int, last_hash: str) -> None:
+        assert self.progress is not None
+        self.hashes[last] = last_hash
+        entries = [(int(e["blockNumber"], 16), int(e["logIndex"], 16), e) for e in logs if not e.get("removed")]
+        entries = sorted(e for e in entries if (e[0], e[1]) >= self.start)  # before it: settled before a restart
+        for block, _, entry in entries:
+            self.hashes[block] = entry["blockHash"]
+        self._remember(last, last_hash, [])
+        positions = [(b, i) for b, i, _ in entries] + [(last, END)]
+        span = self.progress.track_nowait(positions)
+        span.settle([(last, END)])  # the range's end needs no settling of its own
+        if not entries:
+            return
+        received = time.time()
+        events = [self._event(entry, received) for _, _, entry in entries]
+        for event, (block, _, entry) in zip(events, entries, strict=True):
+            self._remember(block, entry["blockHash"], [event])
+        await ctx.emit_run(Run.of(events, self._settle, token=span))
+
+    def _remember(self, block: int, block_hash: str, events: list[Event]) -> None:
+        known = self.recent.get(block)
+        if known is None:
+            self.recent[block] = (block_hash, events)
+            self.recent.move_to_end(block)
+            while len(self.recent) > REORG_WINDOW:
+                self.recent.popitem(last=False)
+        else:
+            known[1].extend(events)
+
+    def _event(self, entry: Mapping[str, Any], received: float) -> Event:
+        topics = entry.get("topics") or []
+        decoder = self.decoders.get(topics[0]) if topics else None
+        address = to_checksum_address(entry["address"])
+        extensions: dict[str, Any] = {
+            "address": address, "blocknumber": int(entry["blockNumber"], 16), "blockhash": entry["blockHash"],
+            "transactionhash": entry["transactionHash"], "logindex": int(entry["logIndex"], 16)}
+        data: dict[str, Any] = {
+            "address": address, "event": decoder.name if decoder else None,
+            "blockNumber": extensions["blocknumber"], "blockHash": entry["blockHash"],
+            "transactionHash": entry["transactionHash"], "logIndex": extensions["logindex"]}
+        try:
+            if decoder is None:
+                raise ValueError("no configured event has this log's first topic")
+            data["args"] = decoder.decode(topics, entry.get("data", "0x"))
+            extensions["event"] = decoder.name
+        except ValueError as exc:
+            data["topics"], data["data"] = topics, entry.get("data", "0x")
+            extensions["decodeerror"] = str(exc)[:200]
+        return Event(
+            id=f"{self.chain_id}:{entry['blockHash']}:{extensions['logindex']}", source=f"ethereum:{self.chain_id}",
+            type="eventswarm.ethereum.log", subject=address, time=rfc3339(received), data=data,
+            datacontenttype="application/json", extensions=extensions, partition=address, received=received)
+
+    async def _settle(self, part: Run, outcome: Outcome) -> None:
+        span: Span[tuple[int, int]] = part.token
+        span.settle(part.payloads, key=_position)
+        # Saved with the acknowledgement (the same transaction as the batch's other acknowledgements):
+        # after a crash, only batches in flight run again.
+        await self.committer.save()
+
+    async def _save(self, positions: Mapping[Any, tuple[int, int]]) -> None:
+        """Checkpoint the committable position: the block of the last settled log (its hash known from the log or
+        as a range end), and where in it reading resumes (``next``: every log of it, when the block is done)."""
+        ctx = self._ctx
+        committable = positions.get("chain")
+        if ctx is None or committable is None:
+            return
+        number, following = committable
+        if number not in self.hashes:
+            return  # (a position at the start: nothing new)
+        block_hash = self.hashes[number]
+        recent = [[n, h] for n, h in {**self.saved_recent, **{n: v[0] for n, v in self.recent.items()}}.items()
+                  if n <= number][-SAVED_RECENT:]
+        await ctx.checkpoints.put({f"block/{self.chain_id}": json.dumps(
+            {"number": number, "hash": block_hash, "next": following, "recent": recent})})
+        self.checkpoint = (number, block_hash)
+        for b in [b for b in self.hashes if b < number]:
+            del self.hashes[b]
+
+
+def _position(event: Event) -> tuple[int, int]:
+    extensions = event.extensions or {}
+    return extensions["blocknumber"], extensions["logindex"]
+
+
+def _after(block: int) -> tuple[int, int]:
+    """Where reading resumes after every log of ``block``."""
+    return (block, END + 1)
+
+
+def _next_log(position: tuple[int, int]) -> tuple[int, int]:
+    return (position[0], position[1] + 1)

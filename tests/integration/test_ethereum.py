@@ -1,0 +1,215 @@
+"""The Ethereum source against a real node (anvil), with a contract compiled by solc."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ethereum import TRANSFER, Token, own_anvil
+from tests.support import base_config, free_port, running_daemon, store_of, wait_for, wait_until
+
+pytestmark = pytest.mark.anyio
+
+REPORT = """
+import json, os, sys, urllib.request
+doc = json.load(sys.stdin)
+ask = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}).encode()
+request = urllib.request.Request(os.environ["NODE"], ask, {"Content-Type": "application/json"})
+head = int(json.load(urllib.request.urlopen(request))["result"], 16)
+if "--slow" in sys.argv:
+    import time
+    time.sleep(0.2)
+for event in doc["events"]:
+    data = event["data"]
+    print(json.dumps({"block": data["blockNumber"], "index": data["logIndex"], "args": data.get("args"),
+                      "event": data["event"], "head": head, "id": event["id"], "type": event["type"]}))
+"""
+"""A function that prints, for each log of its batch, where it is, what it says, and the head when it ran."""
+
+
+def config(tmp_path: Path, node: str, token: Token, **source: Any) -> dict[str, Any]:
+    doc = base_config(tmp_path, executor="process")
+    script = tmp_path / "report.py"
+    script.write_text(REPORT)
+    doc["functions"]["f"] = {"command": [sys.executable, str(script)], "env": {"NODE": node}, "timeout": "30s"}
+    doc["triggers"]["t"] = {"function": "f", "ordering": "partition", "max_in_flight": 4,
+                            "batch": {"max_events": 50, "max_wait": "50ms"},
+                            "source": {"kind": "ethereum", "rpc_url": node, "addresses": [token.address],
+                                       "events": [TRANSFER], "from_block": token.deployed_at, "poll_interval": "100ms",
+                                       **source}}
+    return doc
+
+
+def reports(doc) -> list[dict[str, Any]]:
+    store = store_of(doc)
+    found = []
+    for record in store.invocations(status="succeeded", limit=100_000):
+        found += [json.loads(line) for line in store.logs(record.id)[0].decode().splitlines()]
+    return found
+
+
+async def test_500_transfers_over_100_blocks_are_each_dispatched_once_decoded_and_only_3_blocks_deep(
+        tmp_path, eth_node, token_contract):
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        doc = config(tmp_path, node, token, confirmations=3)
+        big = 2**60  # beyond 2^53: must arrive exact, as a decimal string
+        async with running_daemon(doc):
+            blocks = [token.emit_many(5, big + 5 * n) for n in range(100)]
+            await wait_for(lambda: len(reports(doc)) >= 485, timeout=60, interval=0.2,
+                           what="the logs 3 blocks deep")
+            token.mine(3)
+            await wait_for(lambda: len(reports(doc)) >= 500, timeout=60, interval=0.2, what="all 500 logs")
+        seen = reports(doc)
+    assert len(blocks) == len(set(blocks)) == 100
+    positions = [(r["block"], r["index"]) for r in seen]
+    assert len(positions) == len(set(positions)) == 500, "a log dispatched twice"
+    values = sorted(int(r["args"]["value"]) for r in seen)
+    assert values == [big + n for n in range(500)]
+    assert all(r["event"] == "Transfer" and r["args"]["from"] == token.account for r in seen)
+    assert {r["args"]["to"] for r in seen} == {f"0x{n:040x}" for n in range(1, 6)}
+    early = [r for r in seen if r["head"] - r["block"] < 3]
+    assert not early, f"dispatched before 3 confirmations: {early[:3]}"
+
+
+async def test_a_node_that_refuses_large_ranges_still_gets_the_whole_backfill(tmp_path, eth_node, token_contract):
+    """A JSON-RPC proxy in front of anvil refuses eth_getLogs over 100 blocks with -32005, as hosted nodes do."""
+    from aiohttp import ClientSession, web
+
+    refused: list[int] = []
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        blocks = [token.emit_many(2, 1000 + 2 * n) for n in range(150)]
+        token.mine(250)  # 400 blocks to backfill
+
+        async def proxy(request: web.Request) -> web.Response:
+            call = await request.json()
+            if call["method"] == "eth_getLogs":
+                query = call["params"][0]
+                span = int(query["toBlock"], 16) - int(query["fromBlock"], 16) + 1
+                if span > 100:
+                    refused.append(span)
+                    return web.json_response({"jsonrpc": "2.0", "id": call["id"],
+                                              "error": {"code": -32005, "message": "query returned more than 10000 "
+                                                        "results or range over 100 blocks"}})
+            async with ClientSession() as session, session.post(node, json=call) as answer:
+                return web.json_response(await answer.json())
+
+        app = web.Application()
+        app.router.add_post("/", proxy)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            doc = config(tmp_path, f"http://127.0.0.1:{port}/", token, confirmations=0, max_block_range=1000)
+            async with running_daemon(doc):
+                await wait_for(lambda: len(reports(doc)) >= 300, timeout=60, interval=0.2, what="all 300 logs")
+        finally:
+            await runner.cleanup()
+    seen = reports(doc)
+    assert sorted(int(r["args"]["value"]) for r in seen) == list(range(1000, 1300))
+    assert {r["block"] for r in seen} == set(blocks)
+    assert refused and max(refused) > 100, "the proxy never refused a range: it tested nothing"
+
+
+async def test_an_unreachable_node_or_another_chain_is_the_triggers_error_and_the_daemon_stays_up(
+        tmp_path, eth_node, token_contract):
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        doc = config(tmp_path, node, token)
+        doc["triggers"]["t"]["source"]["rpc_url"] = f"http://127.0.0.1:{free_port()}"
+        doc["triggers"]["other"] = dict(doc["triggers"]["t"], source={**doc["triggers"]["t"]["source"],
+                                                                      "rpc_url": node, "chain_id": 1})
+        doc["triggers"]["hook"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/h"}}
+        async with running_daemon(doc, ready=False) as daemon:
+            down, other = daemon.triggers["t"], daemon.triggers["other"]
+            await wait_for(lambda: down.source_error, timeout=30, what="the unreachable node's error")
+            assert "Ethereum node" in down.status()["last_error"] and "127.0.0.1" in down.status()["last_error"]
+            await wait_for(lambda: other.stopped, timeout=30, what="the trigger on another chain to stop")
+            assert "not chain 1" in other.status()["last_error"] and "refusing" in other.status()["last_error"]
+            await wait_for(lambda: daemon.triggers["hook"].ready, timeout=30, what="the webhook trigger")
+            assert (await daemon._ready())["sources"]["t"] is False
+
+
+def test_kill_9_during_a_backfill_of_5000_logs_loses_none_and_reruns_only_batches_in_flight(
+        tmp_path, eth_node, token_contract, daemon_process):
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        for n in range(100):
+            token.emit_many(50, 50 * n)
+        doc = config(tmp_path, node, token, confirmations=0, max_block_range=10)
+        doc["triggers"]["t"]["batch"] = {"max_events": 100, "max_wait": "50ms"}
+        doc["functions"]["f"]["command"] += ["--slow"]
+        doc["daemon"]["listen"] = f"127.0.0.1:{free_port()}"
+        daemon = daemon_process(doc).start()
+        wait_until(lambda: len(reports(doc)) >= 1000, timeout=60, interval=0.2, what="a fifth of the backfill")
+        daemon.kill()
+        in_flight = {i for r in store_of(doc).invocations(status="running", limit=1000) for i in r.event_ids}
+        before = len(reports(doc))
+        assert before < 5000, "the backfill finished before the kill: it tests nothing"
+        daemon = daemon_process(doc).start()
+        wait_until(lambda: len({r["id"] for r in reports(doc)}) == 5000, timeout=120, interval=0.2,
+                   what="all 5000 logs after the restart")
+        assert daemon.stop() == 0
+    seen = reports(doc)
+    assert sorted({int(r["args"]["value"]) for r in seen}) == list(range(5000))
+    counts: dict[str, int] = {}
+    for r in seen:
+        counts[r["id"]] = counts.get(r["id"], 0) + 1
+    twice = {i for i, n in counts.items() if n > 1}
+    assert twice <= in_flight, "a log ran twice that was not in a batch in flight at the kill"
+
+
+def reorg(token: Token, depth: int, values: list[int]) -> None:
+    """``anvil_reorg``: the last ``depth`` blocks replaced by as many new ones, the k-th with a Transfer of
+    ``values[k]`` (the head stays where it was)."""
+    from tests.ethereum import rpc
+
+    pairs = []
+    for k, value in enumerate(values):
+        call = token.contract.encode_abi("emitMany", args=[1, value])
+        pairs.append([{"from": token.account, "to": token.address, "data": call, "gas": hex(500_000)}, k])
+    rpc(token.url, "anvil_reorg", depth, pairs)
+
+
+async def through_a_reorg(tmp_path: Path, token_contract: Any, blocks: int, depth: int) -> list[dict[str, Any]]:
+    """A Transfer of value n in each of ``blocks`` blocks, with confirmations = 3; once those 3 deep are
+    dispatched, the last ``depth`` blocks are replaced by blocks with the values 100, 101, …; what functions saw."""
+    new = [100 + k for k in range(depth)]
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        doc = config(tmp_path, node, token, confirmations=3)
+        async with running_daemon(doc):
+            for n in range(blocks):
+                token.emit_many(1, n)
+            await wait_for(lambda: len(reports(doc)) >= blocks - 3, timeout=30, what="the logs 3 deep")
+            reorg(token, depth, new)
+            token.mine(3)
+            await wait_for(lambda: set(new) <= {int(r["args"]["value"]) for r in reports(doc)
+                                                if r["type"] == "eventswarm.ethereum.log"},
+                           timeout=60, what="the new chain's logs")
+        return reports(doc)
+
+
+def values_of(seen: list[dict[str, Any]], kind: str) -> list[int]:
+    return sorted(int(r["args"]["value"]) for r in seen if r["type"] == kind)
+
+
+async def test_a_reorg_shallower_than_confirmations_never_reaches_a_function(tmp_path, eth_node, token_contract):
+    seen = await through_a_reorg(tmp_path, token_contract, blocks=10, depth=2)  # values 8 and 9 replaced
+    assert values_of(seen, "eventswarm.ethereum.log") == [*range(8), 100, 101], \
+        "a replaced log reached a function, or a log came twice"
+    assert values_of(seen, "eventswarm.ethereum.log.removed") == []
+
+
+async def test_a_reorg_deeper_than_confirmations_sends_removed_events_then_the_new_logs(
+        tmp_path, eth_node, token_contract):
+    seen = await through_a_reorg(tmp_path, token_contract, blocks=20, depth=5)  # 15-19 replaced; 15, 16 dispatched
+    assert values_of(seen, "eventswarm.ethereum.log.removed") == [15, 16]
+    assert values_of(seen, "eventswarm.ethereum.log") == [*range(17), 100, 101, 102, 103, 104]

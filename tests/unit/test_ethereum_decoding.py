@@ -1,0 +1,95 @@
+"""Event signatures, decoding and the Ethereum source's config: pure logic, no node."""
+
+from __future__ import annotations
+
+import pytest
+from eth_abi.abi import encode
+from eth_utils.address import to_checksum_address
+
+from connectors.ethereum import Decoder, EthereumSourceConfig, _redacted, parse_signature
+from dispatcher.config import parse
+from dispatcher.errors import ConfigError
+
+TRANSFER = "Transfer(address indexed from, address indexed to, uint256 value)"
+ALICE = "0x" + "ab" * 20
+BOB = "0x" + "cd" * 20
+
+
+def topic(address: str) -> str:
+    return "0x" + "00" * 12 + address[2:]
+
+
+def test_a_signature_becomes_an_abi_entry_with_canonical_types():
+    entry = parse_signature("event Swap(address indexed sender, uint amount0In, int24 tick, bytes32 id);")
+    assert entry["name"] == "Swap"
+    assert [(p["type"], p["indexed"], p["name"]) for p in entry["inputs"]] == [
+        ("address", True, "sender"), ("uint256", False, "amount0In"), ("int24", False, "tick"), ("bytes32", False, "id")]
+    assert Decoder(parse_signature(TRANSFER)).topic == \
+        "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+
+
+@pytest.mark.parametrize("bad", ["Transfer", "Transfer(address indexed)x", "Transfer(adress from)",
+                                 "Transfer(uint7 value)", "Transfer(address indexed from to)"])
+def test_a_malformed_signature_says_what_is_wrong(bad):
+    with pytest.raises(ValueError, match=r"Transfer|signature"):
+        parse_signature(bad)
+
+
+def test_arguments_are_decoded_json_safe():
+    decoder = Decoder(parse_signature(TRANSFER))
+    big = 2**60 + 1
+    args = decoder.decode([decoder.topic, topic(ALICE), topic(BOB)], "0x" + encode(["uint256"], [big]).hex())
+    assert args == {"from": to_checksum_address(ALICE), "to": to_checksum_address(BOB), "value": str(big)}
+    assert args["from"] != ALICE  # checksummed: mixed case
+    small = decoder.decode([decoder.topic, topic(ALICE), topic(BOB)], "0x" + encode(["uint256"], [42]).hex())
+    assert small["value"] == 42
+
+
+def test_dynamic_and_array_arguments():
+    decoder = Decoder(parse_signature("Note(string text, uint256[] values, bytes blob)"))
+    data = encode(["string", "uint256[]", "bytes"], ["héllo", [1, 2**60], b"\x01\x02"])
+    assert decoder.decode([decoder.topic], "0x" + data.hex()) == {
+        "text": "héllo", "values": [1, str(2**60)], "blob": "0x0102"}
+
+
+def test_a_log_of_another_shape_is_refused_not_misread():
+    """An ERC-721 Transfer (the token id indexed too) has the same topic 0 as an ERC-20 Transfer."""
+    decoder = Decoder(parse_signature(TRANSFER))
+    with pytest.raises(ValueError, match="3 indexed topics"):
+        decoder.decode([decoder.topic, topic(ALICE), topic(BOB), "0x" + "00" * 31 + "07"], "0x")
+    with pytest.raises(ValueError, match="cannot decode"):
+        decoder.decode([decoder.topic, topic(ALICE), topic(BOB)], "0x1234")
+
+
+GOOD = """
+[functions.f]
+image = "x"
+
+[triggers.t]
+function = "f"
+source = { kind = "ethereum", rpc_url = "http://127.0.0.1:8545", events = ["TRANSFER"] }
+""".replace("TRANSFER", TRANSFER)
+
+
+@pytest.mark.parametrize(("change", "path"), [
+    (("events = [", 'addresses = ["0x12"], events = ['), "triggers.t.source.addresses"),
+    (("rpc_url = \"http://127.0.0.1:8545\", ", ""), "triggers.t.source"),
+    (("http://127.0.0.1:8545", "ws://127.0.0.1:8545"), "triggers.t.source.rpc_url"),
+    ((TRANSFER, "Transfer(adress from)"), "triggers.t.source.events"),
+    (("events = [", "confirmations = -1, events = ["), "triggers.t.source.confirmations"),
+    (("events = [", 'abi_file = "/nonexistent.json", events = ['), "triggers.t.source.abi_file"),
+])
+def test_a_bad_ethereum_config_names_its_key(change, path):
+    import tomllib
+
+    with pytest.raises(ConfigError) as caught:
+        parse(tomllib.loads(GOOD.replace(*change)))
+    assert [p for p, _ in caught.value.problems] == [path], caught.value.problems
+
+
+def test_an_rpc_url_with_a_key_comes_from_the_environment_and_never_shows(monkeypatch):
+    monkeypatch.setenv("ES_TEST_RPC", "https://user:secret@node.example/v3/KEY123")
+    config = EthereumSourceConfig(kind="ethereum", rpc_url_env="ES_TEST_RPC", events=[TRANSFER])
+    assert config.endpoints() == ["https://user:secret@node.example/v3/KEY123"]
+    shown = _redacted(config.endpoints()[0])
+    assert "KEY123" not in shown and "secret" not in shown and "node.example" in shown
