@@ -278,10 +278,12 @@ def _redacted(url: str) -> str:
 # -- the source -----------------------------------------------------------------------------------
 
 
-class RpcError(Exception):
+class RpcError(SourceError):
+    """A request to the node failed (a temporary error: the source restarts), or the node answered an error."""
+
     def __init__(self, message: str, code: int | None = None) -> None:
         self.code = code
-        super().__init__(message)
+        super().__init__(f"Ethereum node: {message}")
 
 
 class Node:
@@ -350,8 +352,6 @@ class EthereumSource(Source[EthereumSourceConfig]):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.committer.run)
                 await self._poll(ctx, node)
-        except RpcError as exc:
-            raise SourceError(f"Ethereum node: {exc}") from None
         finally:
             with anyio.CancelScope(shield=True):
                 await node.close()
@@ -406,7 +406,8 @@ class EthereumSource(Source[EthereumSourceConfig]):
             try:
                 logs = await node.call("eth_getLogs", self._filter(first, last))
             except RpcError as exc:
-                if exc.code in (-32005, -32602, -32000) or RANGE_ERRORS.search(str(exc)):
+                answered = exc.code is not None  # (not a transport failure: the source restarts on those)
+                if answered and (exc.code in (-32005, -32602) or RANGE_ERRORS.search(str(exc))):
                     span = last - first + 1
                     if span > 1:
                         self.range = max(1, span // 2)

@@ -195,8 +195,12 @@ class Trigger:
             self._failure = None
             started = time.monotonic()
             try:
-                with anyio.CancelScope() as self._source_scope:
-                    await self.source.run(self)
+                try:
+                    with anyio.CancelScope() as self._source_scope:
+                        await self.source.run(self)
+                except BaseExceptionGroup as group:  # raised in a source's own task group: what went wrong
+                    leaf = _first(group)
+                    raise leaf if isinstance(leaf, Exception) else group from None
                 if self._failure is None:
                     return
                 raise SourceError(self._failure)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from tests.ethereum import TRANSFER, Token, own_anvil
@@ -213,3 +215,28 @@ async def test_a_reorg_deeper_than_confirmations_sends_removed_events_then_the_n
     seen = await through_a_reorg(tmp_path, token_contract, blocks=20, depth=5)  # 15-19 replaced; 15, 16 dispatched
     assert values_of(seen, "eventswarm.ethereum.log.removed") == [15, 16]
     assert values_of(seen, "eventswarm.ethereum.log") == [*range(17), 100, 101, 102, 103, 104]
+
+
+async def test_a_node_stopped_for_10s_makes_the_source_not_ready_and_it_recovers_without_a_gap(
+        tmp_path, eth_node, token_contract):
+    with own_anvil(tmp_path / "anvil.log") as (node, anvil):
+        token = Token(node, token_contract)
+        doc = config(tmp_path, node, token, confirmations=0, request_timeout="1s")
+        async with running_daemon(doc) as daemon:
+            for n in range(10):
+                token.emit_many(1, n)
+            await wait_for(lambda: len(reports(doc)) >= 10, timeout=30, what="the first 10 logs")
+            stopped_at = anyio.current_time()
+            anvil.send_signal(signal.SIGSTOP)  # the same chain state when it comes back
+            trigger = daemon.triggers["t"]
+            await wait_for(lambda: not trigger.ready, timeout=30, what="the source to notice")
+            assert (await daemon._ready())["sources"]["t"] is False
+            assert "Ethereum node" in (trigger.source_error or "")
+            await anyio.sleep(max(0.0, 10 - (anyio.current_time() - stopped_at)))  # the fault lasts 10 s
+            anvil.send_signal(signal.SIGCONT)
+            await wait_for(lambda: trigger.ready, timeout=60, what="the source to recover")
+            for n in range(10, 20):
+                token.emit_many(1, n)
+            await wait_for(lambda: len(reports(doc)) >= 20, timeout=60, what="the next 10 logs")
+        values = sorted(int(r["args"]["value"]) for r in reports(doc))
+    assert values == list(range(20)), "a gap or a duplicate across the node's outage"
