@@ -305,17 +305,20 @@ class Lines:
         received = time.time()
         template = self._template(tail)
         now = rfc3339(received).encode()
-        encoded = []
+        encoded, ids = [], []
+        prefix = f"{tail.ident}/"
         for end, start, text, length in lines:
+            checksum = zlib.crc32(text)  # once per line: in the id, and in its encoding
+            ids.append(f"{prefix}{start}-{checksum:08x}")
             try:
                 data = encode_basestring(text.decode("utf-8")).encode()
             except UnicodeDecodeError:
                 encoded.append(self._event(tail, (end, start, text, length), received).encode())
                 continue
             extra = b"" if length == len(text) else b',"linelength":%d' % length
-            encoded.append(template % (start, zlib.crc32(text), now, start, extra, data))
+            encoded.append(template % (start, checksum, now, start, extra, data))
         span = tail.progress.track_nowait([line[0] for line in lines])
-        return Run(encoded, [_id(tail, line) for line in lines], lines,
+        return Run(encoded, ids, lines,
                    lambda line: self._event(tail, line, received), ack=self._settle, token=span,
                    partition=tail.ident, received=received)
 
