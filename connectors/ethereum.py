@@ -16,14 +16,16 @@ extension ``decodeerror``; it never stops the source.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 from pydantic import Field, field_validator, model_validator
@@ -50,6 +52,7 @@ try:
     from eth_utils.address import to_checksum_address
     from eth_utils.crypto import keccak
     from web3 import AsyncHTTPProvider
+    from websockets.asyncio.client import connect as ws_connect
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the ethereum source needs web3: pip install 'eventswarm[ethereum]'") from exc
 
@@ -64,6 +67,8 @@ SAVED_RECENT = 64
 """Of those, how many hashes are kept with the checkpoint, to find the common ancestor after a restart."""
 CEILING_KEPT = 100
 """Successful steps after which a range the node refused is tried again."""
+MAX_MESSAGE = 256 * 1024 * 1024
+"""The largest answer read from a ``ws(s)://`` endpoint (an ``eth_getLogs`` over a busy range is large)."""
 RANGE_ERRORS = re.compile(r"range|too many|limit|exceed|10000 results|response size|timeout", re.IGNORECASE)
 
 
@@ -190,7 +195,8 @@ def load_decoders(events: list[str], abi_file: str) -> dict[str, Decoder]:
 class EthereumSourceConfig(SourceConfig):
     kind: Literal["ethereum"]
     rpc_url: str | list[str] = []
-    """JSON-RPC endpoints (``http(s)://``), tried in order; for a URL that holds an API key, use ``rpc_url_env``."""
+    """JSON-RPC endpoints (``http(s)://`` or ``ws(s)://``: a ``newHeads`` subscription wakes the poller early), tried
+    in order; for a URL that holds an API key, use ``rpc_url_env``."""
     rpc_url_env: str | list[str] = ""
     """Environment variables holding endpoint URLs (kept out of the TOML, logs and status)."""
     rpc_url_file: str = ""
@@ -241,8 +247,8 @@ class EthereumSourceConfig(SourceConfig):
         if problem:
             raise ValueError(problem)
         for url in self.endpoints():
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"rpc_url: {_redacted(url)} is not an http(s):// URL")
+            if not url.startswith(("http://", "https://", "ws://", "wss://")):
+                raise ValueError(f"rpc_url: {_redacted(url)} is not an http(s):// or ws(s):// URL")
         if not self.events and not self.abi_file:
             raise ValueError("events or abi_file: say which events to read")
         for i, signature in enumerate(self.events):
@@ -283,38 +289,114 @@ class RpcError(SourceError):
 
     def __init__(self, message: str, code: int | None = None) -> None:
         self.code = code
+        self.detail = message
         super().__init__(f"Ethereum node: {message}")
 
 
-class Node:
-    """The JSON-RPC endpoints, in order: a request that fails goes to the next one."""
+class Unreachable(RpcError):
+    """The endpoint did not answer (refused, reset, timed out, not JSON-RPC): the next one is tried."""
 
-    def __init__(self, urls: list[str], timeout: float) -> None:
-        self.providers = [AsyncHTTPProvider(url, request_kwargs={"timeout": timeout}) for url in urls]
-        self.names = [f"endpoint {i + 1} ({_redacted(url)})" for i, url in enumerate(urls)]
-        self.current = 0
+
+T = TypeVar("T")
+
+
+class Endpoint:
+    """One JSON-RPC endpoint: ``http(s)://`` (a request per call) or ``ws(s)://`` (one connection, one call at a
+    time: the source's steps are sequential; the ``newHeads`` subscription has a connection of its own)."""
+
+    def __init__(self, url: str, name: str, timeout: float) -> None:
+        self.url = url
+        self.name = name
+        self.timeout = timeout
+        self.ws = url.startswith(("ws://", "wss://"))
+        self._http = None if self.ws else AsyncHTTPProvider(url, request_kwargs={"timeout": timeout})
+        self._socket: Any = None
+        self._ids = itertools.count(1)
 
     async def call(self, method: str, *params: Any) -> Any:
-        """``method`` on the current endpoint; a transport failure moves to the next one (and raises)."""
-        provider = self.providers[self.current]
+        """The result of ``method``; ``Unreachable`` when the endpoint does not answer, ``RpcError`` when it
+        answers an error."""
         try:
-            response = await provider.make_request(method, list(params))
-        except Exception as exc:  # aiohttp, timeouts, refused connections
-            name = self.names[self.current]
-            self.current = (self.current + 1) % len(self.providers)
-            raise RpcError(f"{name}: {method} failed: {type(exc).__name__}: {exc}"[:300]) from None
+            with anyio.fail_after(self.timeout):
+                response = await (self._ws_request(method, list(params)) if self.ws
+                                  else self._http.make_request(method, list(params)))  # type: ignore[union-attr]
+        except Exception as exc:  # aiohttp, websockets, timeouts, refused connections, answers that are not JSON
+            await self._drop()
+            raise Unreachable(f"{self.name}: {method} failed: {type(exc).__name__}: {exc}"[:300]) from None
+        if not isinstance(response, dict):
+            raise Unreachable(f"{self.name}: {method}: not a JSON-RPC answer")
         error: Any = response.get("error")
         if error:
             message = error.get("message", error) if isinstance(error, dict) else error
             raise RpcError(f"{method}: {message}", error.get("code") if isinstance(error, dict) else None)
         return response.get("result")
 
+    async def _ws_request(self, method: str, params: list[Any]) -> Any:
+        if self._socket is None:
+            self._socket = await ws_connect(self.url, max_size=MAX_MESSAGE, open_timeout=self.timeout)
+        request_id = next(self._ids)
+        await self._socket.send(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
+        while True:
+            answer = json.loads(await self._socket.recv())
+            if isinstance(answer, dict) and answer.get("id") == request_id:
+                return answer
+
+    async def new_heads(self) -> AsyncIterator[None]:
+        """Yields at each new head, over a connection of its own, until that connection fails (it raises)."""
+        async with ws_connect(self.url, max_size=MAX_MESSAGE, open_timeout=self.timeout) as socket:
+            await socket.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe",
+                                          "params": ["newHeads"]}))
+            with anyio.fail_after(self.timeout):
+                answer = json.loads(await socket.recv())
+            if not isinstance(answer, dict) or "result" not in answer:
+                raise RpcError(f"eth_subscribe newHeads: {(answer or {}).get('error', answer)}"[:300])
+            async for _ in socket:
+                yield
+
+    async def _drop(self) -> None:
+        socket, self._socket = self._socket, None
+        if socket is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await socket.close()
+
     async def close(self) -> None:
-        for provider in self.providers:
+        await self._drop()
+        if self._http is not None:
             try:
-                await provider.disconnect()
+                await self._http.disconnect()
             except Exception:
                 pass
+
+
+class Node:
+    """The endpoints, in order. A step (the head query, the log query and the block checks that go with it)
+    runs on one endpoint; when that endpoint does not answer, the whole step runs again on the next one. The
+    step fails (and the source restarts) only when every endpoint failed it in turn."""
+
+    def __init__(self, urls: list[str], timeout: float) -> None:
+        self.endpoints = [Endpoint(url, f"endpoint {i + 1} ({_redacted(url)})", timeout) for i, url in enumerate(urls)]
+        self.current = 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self.current]
+
+    async def step(self, work: Callable[[Endpoint], Awaitable[T]]) -> T:
+        failures: list[str] = []
+        while True:
+            endpoint = self.endpoint
+            try:
+                return await work(endpoint)
+            except Unreachable as exc:
+                failures.append(exc.detail)
+                if len(failures) >= len(self.endpoints):
+                    raise Unreachable("; ".join(failures)[:600]) from None
+                self.current = (self.current + 1) % len(self.endpoints)
+                log.warning("%s; the step runs again on %s", exc, self.endpoint.name)
+
+    async def close(self) -> None:
+        for endpoint in self.endpoints:
+            await endpoint.close()
 
 
 class EthereumSource(Source[EthereumSourceConfig]):
@@ -334,8 +416,12 @@ class EthereumSource(Source[EthereumSourceConfig]):
         self.recent: OrderedDict[int, tuple[str, list[Event]]] = OrderedDict()
         """The last ``REORG_WINDOW`` blocks handed over (range ends, blocks with logs): their hash and events,
         to find where a reorg began and to say which logs it removed."""
-        self.saved_recent: dict[int, str] = {}
-        """Hashes of blocks handed over before the last restart (kept with the checkpoint)."""
+        self.saved_recent: dict[int, tuple[str, int]] = {}
+        """Blocks handed over before the last restart (kept with the checkpoint): their hash and how many logs were
+        handed over from them (-1: not known)."""
+        self.backfill_from: int | None = None
+        """The block a backfill under way began after."""
+        self._woken = anyio.Event()
         self.start: tuple[int, int] = (0, 0)
         """The first position not settled at the start: logs before it are not handed over again."""
         self.checkpoint: tuple[int, str] | None = None
@@ -347,17 +433,19 @@ class EthereumSource(Source[EthereumSourceConfig]):
         self._ctx = ctx
         node = self._node = Node(self.config.endpoints(), self.config.request_timeout)
         try:
-            await self._start(ctx, node)
+            await node.step(lambda endpoint: self._start(ctx, endpoint))
             ctx.set_ready(True)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.committer.run)
+                if any(endpoint.ws for endpoint in node.endpoints):
+                    tg.start_soon(self._heads, node)
                 await self._poll(ctx, node)
         finally:
             with anyio.CancelScope(shield=True):
                 await node.close()
                 ctx.set_ready(False)
 
-    async def _start(self, ctx: SourceContext, node: Node) -> None:
+    async def _start(self, ctx: SourceContext, node: Endpoint) -> None:
         chain = int(await node.call("eth_chainId"), 16)
         saved = await ctx.checkpoints.get("chain")
         expected = self.config.chain_id if self.config.chain_id is not None else (int(saved) if saved else None)
@@ -373,7 +461,8 @@ class EthereumSource(Source[EthereumSourceConfig]):
             state = json.loads(point)
             self.checkpoint = (int(state["number"]), str(state["hash"]))
             self.start = (self.checkpoint[0], int(state.get("next", END + 1)))
-            self.saved_recent = {int(n): str(h) for n, h in state.get("recent", [])}
+            # [number, hash, logs handed over from it] (older checkpoints: [number, hash])
+            self.saved_recent = {int(n): (str(h), int(rest[0]) if rest else -1) for n, h, *rest in state.get("recent", [])}
         else:
             head = int(await node.call("eth_blockNumber"), 16)
             start = head if self.config.from_block == "latest" else self.config.from_block
@@ -384,7 +473,7 @@ class EthereumSource(Source[EthereumSourceConfig]):
         self.progress = Progress(self.start, after=_next_log, limit=self.config.max_uncommitted)
         self.committer.trackers["chain"] = self.progress
 
-    async def _target(self, node: Node) -> int:
+    async def _target(self, node: Endpoint) -> int:
         confirmations = self.config.confirmations
         if isinstance(confirmations, str):
             block = await node.call("eth_getBlockByNumber", confirmations, False)
@@ -396,40 +485,77 @@ class EthereumSource(Source[EthereumSourceConfig]):
         number, next_index = self.start
         cursor = number if next_index > END else number - 1  # a block partly settled is read again
         while True:
-            cursor = await self._after_reorg(ctx, node, cursor)
-            target = await self._target(node)
-            ctx.set_lag(max(0, target - cursor))
-            if target <= cursor or not self.progress.has_room(1):
-                await anyio.sleep(self.config.poll_interval)
-                continue
-            first, last = cursor + 1, min(target, cursor + self.range)
-            try:
-                logs = await node.call("eth_getLogs", self._filter(first, last))
-            except RpcError as exc:
-                answered = exc.code is not None  # (not a transport failure: the source restarts on those)
-                if answered and (exc.code in (-32005, -32602) or RANGE_ERRORS.search(str(exc))):
-                    span = last - first + 1
-                    if span > 1:
-                        self.range = max(1, span // 2)
-                        self.ceiling, self.successes = span - 1, 0  # not that many again for a while
-                        log.info("the node refused %d blocks at once (%s): asking for %d", span, exc, self.range)
-                        continue
-                raise
-            block = await node.call("eth_getBlockByNumber", hex(last), False)
-            if block is None:
-                continue  # the node is behind its own head (a load balancer): ask again
-            self.successes += 1
-            if self.successes >= CEILING_KEPT:
-                self.ceiling = self.config.max_block_range  # try larger ranges again, now and then
-            self.range = min(self.config.max_block_range, self.ceiling, self.range * 2)
-            await self._hand_over(ctx, logs, last, block["hash"])
-            cursor = last
+            cursor, waiting = await node.step(functools.partial(self._step, ctx, cursor=cursor))
+            if waiting:
+                with anyio.move_on_after(self.config.poll_interval):
+                    await self._woken.wait()
+                self._woken = anyio.Event()
 
-    async def _after_reorg(self, ctx: SourceContext, node: Node, cursor: int) -> int:
+    async def _step(self, ctx: SourceContext, node: Endpoint, *, cursor: int) -> tuple[int, bool]:
+        """One step on one endpoint: check for a reorg, ask for the target block, read the logs of the next range
+        and hand them over. Returns the new cursor, and whether to wait for a new block (or room) before the next."""
+        assert self.progress is not None
+        cursor = await self._after_reorg(ctx, node, cursor)
+        target = await self._target(node)
+        self._report(ctx, target)
+        if target <= cursor or not self.progress.has_room(1):
+            return cursor, True
+        first, last = cursor + 1, min(target, cursor + self.range)
+        try:
+            logs = await node.call("eth_getLogs", self._filter(first, last))
+        except Unreachable:
+            raise  # (not the range's fault: another endpoint is tried)
+        except RpcError as exc:
+            if exc.code in (-32005, -32602) or RANGE_ERRORS.search(str(exc)):
+                span = last - first + 1
+                if span > 1:
+                    self.range = max(1, span // 2)
+                    self.ceiling, self.successes = span - 1, 0  # not that many again for a while
+                    log.info("the node refused %d blocks at once (%s): asking for %d", span, exc, self.range)
+                    return cursor, False
+            raise
+        block = await node.call("eth_getBlockByNumber", hex(last), False)
+        if block is None:
+            return cursor, False  # the node is behind its own head (a load balancer): ask again
+        self.successes += 1
+        if self.successes >= CEILING_KEPT:
+            self.ceiling = self.config.max_block_range  # try larger ranges again, now and then
+        self.range = min(self.config.max_block_range, self.ceiling, self.range * 2)
+        await self._hand_over(ctx, logs, last, block["hash"])
+        return last, False
+
+    def _report(self, ctx: SourceContext, target: int) -> None:
+        """The lag: blocks between the newest one deep enough to dispatch and the checkpoint. More than one
+        range behind, a backfill begins: its progress (blocks checkpointed of blocks to do) goes to the daemon."""
+        assert self.checkpoint is not None
+        settled = self.checkpoint[0]
+        ctx.set_lag(max(0, target - settled))
+        if self.backfill_from is None and target - settled > self.range:
+            self.backfill_from = settled
+        if self.backfill_from is not None:
+            ctx.set_backfill(max(0, settled - self.backfill_from), max(0, target - self.backfill_from), "blocks")
+            if settled >= target:
+                self.backfill_from = None
+
+    async def _heads(self, node: Node) -> None:
+        """While the endpoint in use is ``ws(s)://``, a ``newHeads`` subscription wakes the poller at each new
+        block; polling stays the source of truth (a lost subscription only means waiting ``poll_interval``)."""
+        while True:
+            endpoint = node.endpoint
+            if endpoint.ws:
+                try:
+                    async for _ in endpoint.new_heads():
+                        self._woken.set()
+                except Exception as exc:
+                    log.info("the newHeads subscription on %s ended (%s: %s): polling every %ss meanwhile",
+                             endpoint.name, type(exc).__name__, str(exc)[:200], self.config.poll_interval)
+            await anyio.sleep(max(1.0, self.config.poll_interval))
+
+    async def _after_reorg(self, ctx: SourceContext, node: Endpoint, cursor: int) -> int:
         """Before each step: is the newest block handed over (or checkpointed) still on the chain? If not, a
         reorg went deeper than ``confirmations``: walk back to the common ancestor, send a ``removed`` event for
         each log handed over above it, and go on from there. Returns the block to read after."""
-        known = {**self.saved_recent, **{n: h for n, (h, _) in self.recent.items()}}
+        known = {**{n: h for n, (h, _) in self.saved_recent.items()}, **{n: h for n, (h, _) in self.recent.items()}}
         assert self.checkpoint is not None
         if self.checkpoint[1]:
             known.setdefault(*self.checkpoint)
@@ -450,18 +576,16 @@ class EthereumSource(Source[EthereumSourceConfig]):
                               f"below it (down to {min(known)}): the trigger stops rather than guess where the "
                               "chains meet", temporary=False)
         replaced = [event for number, (_, events) in self.recent.items() if number > ancestor for event in events]
+        replaced += await self._before_restart(node, ancestor)
         log.warning("reorg: the blocks after %d were replaced (a reorg deeper than confirmations = %s); %d logs "
                     "handed over from them are sent again as removed, then the new chain's logs follow", ancestor,
                     self.config.confirmations, len(replaced))
-        if any(n > ancestor for n in self.saved_recent) and not self.recent:
-            log.warning("the logs handed over from the replaced blocks before the restart are not known: no removed "
-                        "events for them")
         assert self.progress is not None
         await self.progress.idle()  # what is in flight settles first: positions above the ancestor are reused
         if replaced:
             await self._send_removed(ctx, replaced)
         self.recent = OrderedDict((n, v) for n, v in self.recent.items() if n <= ancestor)
-        self.saved_recent = {n: h for n, h in self.saved_recent.items() if n <= ancestor}
+        self.saved_recent = {n: v for n, v in self.saved_recent.items() if n <= ancestor}
         self.hashes = {n: h for n, h in self.hashes.items() if n <= ancestor}
         self.hashes[ancestor] = known[ancestor]
         self.start = _after(ancestor)
@@ -470,6 +594,35 @@ class EthereumSource(Source[EthereumSourceConfig]):
         self.progress.committed = (-1, 0)
         await self.committer.save()  # the checkpoint moves back to the ancestor
         return ancestor
+
+    async def _before_restart(self, node: Endpoint, ancestor: int) -> list[Event]:
+        """The logs handed over before the last restart from blocks above ``ancestor`` that a reorg replaced: read
+        again by block hash (nodes such as geth keep replaced blocks for a while). Those the node no longer serves
+        are named in a warning: they get no removed event."""
+        found: list[Event] = []
+        lost: list[str] = []
+        received = time.time()
+        for number, (block_hash, count) in sorted(self.saved_recent.items()):
+            if number <= ancestor or number in self.recent or count == 0:
+                continue
+            query = {"blockHash": block_hash, "topics": [list(self.decoders)]}
+            if self.config.addresses:
+                query["address"] = self.config.addresses
+            try:
+                logs = await node.call("eth_getLogs", query)
+            except Unreachable:
+                raise
+            except RpcError as exc:
+                lost.append(f"block {number} ({count if count >= 0 else 'some'} logs: {exc})")
+                continue
+            for entry in sorted(logs or [], key=lambda e: int(e["logIndex"], 16)):
+                event = self._event(entry, received)
+                if _position(event) < self.start:  # handed over (and settled) before the restart
+                    found.append(event)
+        if lost:
+            log.warning("reorg while the daemon was down: the node no longer serves the replaced %s; the logs "
+                        "handed over from them get no removed event", "; ".join(lost)[:1000])
+        return found
 
     async def _send_removed(self, ctx: SourceContext, replaced: list[Event]) -> None:
         """One ``eventswarm.ethereum.log.removed`` event per replaced log; returns once all are settled."""
@@ -566,8 +719,8 @@ class EthereumSource(Source[EthereumSourceConfig]):
         if number not in self.hashes:
             return  # (a position at the start: nothing new)
         block_hash = self.hashes[number]
-        recent = [[n, h] for n, h in {**self.saved_recent, **{n: v[0] for n, v in self.recent.items()}}.items()
-                  if n <= number][-SAVED_RECENT:]
+        known = {**self.saved_recent, **{n: (h, len(events)) for n, (h, events) in self.recent.items()}}
+        recent = [[n, h, count] for n, (h, count) in known.items() if n <= number][-SAVED_RECENT:]
         await ctx.checkpoints.put({f"block/{self.chain_id}": json.dumps(
             {"number": number, "hash": block_hash, "next": following, "recent": recent})})
         self.checkpoint = (number, block_hash)

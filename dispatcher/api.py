@@ -210,6 +210,11 @@ class SourceContext(Protocol):
         """Report that the source stopped reading (the buffer is full, or its own cap is reached), or resumed."""
         ...
 
+    def set_backfill(self, done: float, total: float, unit: str) -> None:
+        """Report a catch-up under way: ``done`` of ``total`` ``unit`` since it began (the daemon logs it every
+        few seconds with a rate and the time left, and ``status`` shows it). ``done >= total`` ends it."""
+        ...
+
 
 class Source(Generic[ConfigT]):
     """A connector: constructed with its validated config, run inside the trigger's task group."""

@@ -16,6 +16,7 @@ import click
 
 from dispatcher import config as configuration
 from dispatcher.errors import ConfigError, EventswarmError, StoreError
+from dispatcher.progress import duration_text
 from dispatcher.store import Store
 
 T = TypeVar("T")
@@ -272,6 +273,13 @@ def status(config_path: str | None, url: str | None, as_json: bool) -> None:
     for t in report["triggers"]:
         click.echo(f"{t['trigger']:16} {t['source']:9} {t['state']:9} {t['buffered']:>8} {t['in_flight']:>9} "
                    f"{t['lag']:>8g}  {t['last_error'] or ''}")
+    for t in report["triggers"]:
+        backfill = t.get("backfill")
+        if backfill:
+            eta = backfill["eta_seconds"]
+            click.echo(f"{t['trigger']}: backfill {backfill['done']:,.0f} of {backfill['total']:,.0f} {backfill['unit']} "
+                       f"({backfill['percent']:g}%), {backfill['rate']:,.0f} {backfill['unit']}/s, "
+                       + ("time left unknown yet" if eta is None else f"about {duration_text(eta)} left"))
 
 
 @main.command()
@@ -298,3 +306,4 @@ def gc(config_path: str | None, everything: bool) -> None:
 
 if __name__ == "__main__":
     main()
+

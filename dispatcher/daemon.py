@@ -23,6 +23,7 @@ from dispatcher.http import HttpServer
 from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
 from dispatcher.plugins import connectors
+from dispatcher.progress import Backfill
 from dispatcher.store import (
     StateStore,
     Store,
@@ -113,6 +114,7 @@ class Trigger:
         self.source_error: str | None = None
         self.lag = 0.0
         self.paused = False
+        self.backfill: Backfill | None = None
         self.done = anyio.Event()
         self._handlers: set[HttpHandler] = set()
         self._sync = anyio.CapacityLimiter(config.max_in_flight)
@@ -157,6 +159,20 @@ class Trigger:
             log.info("source of trigger %s %s", self.trigger, "paused: it stops reading until there is room" if paused else "resumed")
         self.paused = paused
         self.metrics.source_paused.labels(self.trigger).set(1 if paused else 0)
+
+    def set_backfill(self, done: float, total: float, unit: str) -> None:
+        now = time.monotonic()
+        if done >= total:
+            if self.backfill is not None:
+                self.backfill.update(done, total, now)
+                log.info("source of trigger %s: backfill done: %s %s in %.1fs", self.trigger, f"{total:,.0f}", unit,
+                         now - self.backfill.started)
+            self.backfill = None
+        elif self.backfill is None or self.backfill.unit != unit:
+            self.backfill = Backfill(unit, done, total, now)
+            log.info("source of trigger %s: backfill of %s %s begins", self.trigger, f"{total - done:,.0f}", unit)
+        elif self.backfill.update(done, total, now):
+            log.info("source of trigger %s: backfill: %s", self.trigger, self.backfill.describe())
 
     # -- running ----------------------------------------------------------------------------
 
@@ -235,6 +251,7 @@ class Trigger:
             "in_flight": int(self.metrics.in_flight.labels(self.trigger)._value.get()),
             "lag": self.lag,
             "paused": self.paused,
+            "backfill": self.backfill.report() if self.backfill else None,
             # A source down for a reason says so first; else the last failed invocation, else the source's last error.
             "last_error": (self.stopped or (self.source_error if not self.ready else None) or self.dispatcher.last_error
                            or self.source_error),

@@ -206,3 +206,64 @@ class Committer:
                 await self.trackers[key].idle()
         with anyio.move_on_after(self.final_wait):
             await self._try_save(chosen)
+
+
+BACKFILL_LOG_EVERY = 10.0
+"""Seconds between two log lines about a backfill under way."""
+
+
+class Backfill:
+    """A source catching up: ``done`` of ``total`` units (blocks, records) since it began, at the rate measured
+    since then, hence an estimate of the time left. The daemon keeps one per trigger for logs and ``status``."""
+
+    def __init__(self, unit: str, done: float, total: float, now: float) -> None:
+        self.unit = unit
+        self.started = now
+        self.first = done
+        self.done = done
+        self.total = total
+        self.logged = now
+        self.now = now
+
+    def update(self, done: float, total: float, now: float) -> bool:
+        """Record where the backfill is; True when a log line about it is due."""
+        self.done, self.total, self.now = done, total, now
+        if now - self.logged >= BACKFILL_LOG_EVERY:
+            self.logged = now
+            return True
+        return False
+
+    @property
+    def rate(self) -> float:
+        """Units per second since the backfill began (0 until some are done)."""
+        elapsed = self.now - self.started
+        return (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far (None before there is a rate)."""
+        rate = self.rate
+        return max(0.0, self.total - self.done) / rate if rate > 0 else None
+
+    def report(self) -> dict[str, Any]:
+        eta = self.eta
+        return {"unit": self.unit, "done": self.done, "total": self.total,
+                "percent": round(100.0 * self.done / self.total, 1) if self.total else 100.0,
+                "rate": round(self.rate, 1), "eta_seconds": None if eta is None else round(eta, 1),
+                "elapsed_seconds": round(self.now - self.started, 1)}
+
+    def describe(self) -> str:
+        eta = self.eta
+        left = "time left unknown yet" if eta is None else f"about {duration_text(eta)} left"
+        return (f"{self.done:,.0f} of {self.total:,.0f} {self.unit} ({100.0 * self.done / max(self.total, 1):.0f}%), "
+                f"{self.rate:,.0f} {self.unit}/s, {left}")
+
+
+def duration_text(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h10m``."""
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -121,6 +121,8 @@ class StubContext:
         self.errors: list[str] = []
         self.lag = 0.0
         self.paused = False
+        self.backfills: list[tuple[float, float, str]] = []
+        """Every ``set_backfill`` call, in order."""
         self._runs: list[_Emitted] = []
         self._changed = anyio.Event()
 
@@ -161,6 +163,9 @@ class StubContext:
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
+
+    def set_backfill(self, done: float, total: float, unit: str) -> None:
+        self.backfills.append((done, total, unit))
 
     # -- for the test -------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,3 +87,52 @@ class Token:
 
     def head(self) -> int:
         return int(self.web3.eth.block_number)
+
+
+Answer = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+class Proxy:
+    """A JSON-RPC proxy of the test's own in front of a node: it records every call's method, may answer a call
+    itself (``answer`` returns a response, or None to forward it), and can be stopped (connections refused)."""
+
+    def __init__(self, node: str, answer: Answer | None = None) -> None:
+        self.node = node
+        self.answer = answer
+        self.methods: list[str] = []
+        self.url = ""
+        self._runner: Any = None
+
+    async def __aenter__(self) -> Proxy:
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            call = await request.json()
+            self.methods.append(call["method"])
+            answer = await self.answer(call) if self.answer else None
+            return web.json_response(answer if answer is not None else await forward(self.node, call))
+
+        app = web.Application()
+        app.router.add_post("/", handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def forward(node: str, call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` answered by ``node``."""
+    from aiohttp import ClientSession
+
+    async with ClientSession() as session, session.post(node, json=call) as response:
+        return dict(await response.json())

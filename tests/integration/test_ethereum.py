@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.ethereum import TRANSFER, Token, own_anvil
+from tests.ethereum import TRANSFER, Proxy, Token, forward, own_anvil
 from tests.support import base_config, free_port, running_daemon, store_of, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -46,10 +47,10 @@ def config(tmp_path: Path, node: str, token: Token, **source: Any) -> dict[str, 
     return doc
 
 
-def reports(doc) -> list[dict[str, Any]]:
+def reports(doc, trigger: str | None = None) -> list[dict[str, Any]]:
     store = store_of(doc)
     found = []
-    for record in store.invocations(status="succeeded", limit=100_000):
+    for record in store.invocations(trigger=trigger, status="succeeded", limit=100_000):
         found += [json.loads(line) for line in store.logs(record.id)[0].decode().splitlines()]
     return found
 
@@ -80,40 +81,26 @@ async def test_500_transfers_over_100_blocks_are_each_dispatched_once_decoded_an
 
 async def test_a_node_that_refuses_large_ranges_still_gets_the_whole_backfill(tmp_path, eth_node, token_contract):
     """A JSON-RPC proxy in front of anvil refuses eth_getLogs over 100 blocks with -32005, as hosted nodes do."""
-    from aiohttp import ClientSession, web
-
     refused: list[int] = []
+
+    async def refuse(call: dict[str, Any]) -> dict[str, Any] | None:
+        if call["method"] == "eth_getLogs":
+            query = call["params"][0]
+            span = int(query["toBlock"], 16) - int(query["fromBlock"], 16) + 1
+            if span > 100:
+                refused.append(span)
+                return {"jsonrpc": "2.0", "id": call["id"], "error": {
+                    "code": -32005, "message": "query returned more than 10000 results or range over 100 blocks"}}
+        return None
+
     with own_anvil(tmp_path / "anvil.log") as (node, _):
         token = Token(node, token_contract)
         blocks = [token.emit_many(2, 1000 + 2 * n) for n in range(150)]
         token.mine(250)  # 400 blocks to backfill
-
-        async def proxy(request: web.Request) -> web.Response:
-            call = await request.json()
-            if call["method"] == "eth_getLogs":
-                query = call["params"][0]
-                span = int(query["toBlock"], 16) - int(query["fromBlock"], 16) + 1
-                if span > 100:
-                    refused.append(span)
-                    return web.json_response({"jsonrpc": "2.0", "id": call["id"],
-                                              "error": {"code": -32005, "message": "query returned more than 10000 "
-                                                        "results or range over 100 blocks"}})
-            async with ClientSession() as session, session.post(node, json=call) as answer:
-                return web.json_response(await answer.json())
-
-        app = web.Application()
-        app.router.add_post("/", proxy)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            doc = config(tmp_path, f"http://127.0.0.1:{port}/", token, confirmations=0, max_block_range=1000)
+        async with Proxy(node, refuse) as proxy:
+            doc = config(tmp_path, proxy.url, token, confirmations=0, max_block_range=1000)
             async with running_daemon(doc):
                 await wait_for(lambda: len(reports(doc)) >= 300, timeout=60, interval=0.2, what="all 300 logs")
-        finally:
-            await runner.cleanup()
     seen = reports(doc)
     assert sorted(int(r["args"]["value"]) for r in seen) == list(range(1000, 1300))
     assert {r["block"] for r in seen} == set(blocks)
@@ -215,6 +202,119 @@ async def test_a_reorg_deeper_than_confirmations_sends_removed_events_then_the_n
     seen = await through_a_reorg(tmp_path, token_contract, blocks=20, depth=5)  # 15-19 replaced; 15, 16 dispatched
     assert values_of(seen, "eventswarm.ethereum.log.removed") == [15, 16]
     assert values_of(seen, "eventswarm.ethereum.log") == [*range(17), 100, 101, 102, 103, 104]
+
+
+async def test_a_reorg_while_the_daemon_was_down_sends_removed_events_for_the_logs_it_had_handed_over(
+        tmp_path, eth_node, token_contract, caplog):
+    """Trigger ``t`` reads through a proxy that keeps replaced blocks' logs, as geth does; trigger ``u`` reads anvil
+    itself, which forgets them: it can only say so."""
+    kept: dict[str, dict[str, Any]] = {}
+
+    async def keep(call: dict[str, Any]) -> dict[str, Any] | None:
+        if call["method"] != "eth_getLogs":
+            return None
+        answer = await forward(node, call)
+        query = call["params"][0]
+        if "blockHash" in query and "error" in answer and query["blockHash"] in kept:
+            return {"jsonrpc": "2.0", "id": call["id"], "result": list(kept[query["blockHash"]].values())}
+        for entry in answer.get("result") or []:
+            kept.setdefault(entry["blockHash"], {})[entry["logIndex"]] = entry
+        return answer
+
+    new = [100 + k for k in range(5)]
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        async with Proxy(node, keep) as proxy:
+            doc = config(tmp_path, proxy.url, token, confirmations=3)
+            doc["triggers"]["u"] = dict(doc["triggers"]["t"], source={**doc["triggers"]["t"]["source"], "rpc_url": node})
+            async with running_daemon(doc):
+                for n in range(20):
+                    token.emit_many(1, n)
+                await wait_for(lambda: all(len(reports(doc, t)) >= 17 for t in "tu"), timeout=30,
+                               what="the logs 3 deep on both triggers")
+            reorg(token, 5, new)  # while the daemon is down: the blocks of 15-19 replaced
+            token.mine(3)
+            async with running_daemon(doc):
+                await wait_for(lambda: all(set(new) <= set(values_of(reports(doc, t), "eventswarm.ethereum.log"))
+                                           for t in "tu"), timeout=60, what="the new chain's logs on both triggers")
+    for trigger in "tu":
+        assert values_of(reports(doc, trigger), "eventswarm.ethereum.log") == [*range(17), *new], trigger
+    assert values_of(reports(doc, "t"), "eventswarm.ethereum.log.removed") == [15, 16]
+    assert values_of(reports(doc, "u"), "eventswarm.ethereum.log.removed") == []
+    assert any("no longer serves the replaced block" in r.getMessage() for r in caplog.records)
+
+
+async def test_with_two_endpoints_a_step_runs_on_one_and_moves_whole_to_the_next_when_it_stops_answering(
+        tmp_path, eth_node, token_contract):
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        async with Proxy(node) as first, Proxy(node) as second:
+            doc = config(tmp_path, node, token, confirmations=0, rpc_url=[first.url, second.url])
+            async with running_daemon(doc) as daemon:
+                for n in range(10):
+                    token.emit_many(1, n)
+                await wait_for(lambda: len(reports(doc)) >= 10, timeout=30, what="the first 10 logs")
+                assert first.methods and not second.methods, "the second endpoint was used while the first answered"
+                await first.stop()
+                for n in range(10, 20):
+                    token.emit_many(1, n)
+                await wait_for(lambda: len(reports(doc)) >= 20, timeout=30, what="the next 10 logs")
+                trigger = daemon.triggers["t"]
+                assert trigger.ready and trigger.source_error is None, "the source restarted instead of failing over"
+        values = sorted(int(r["args"]["value"]) for r in reports(doc))
+    assert values == list(range(20))
+    assert "eth_getLogs" in second.methods
+    for proxy in (first, second):  # every log query follows a head query on the same endpoint
+        for segment in " ".join(proxy.methods).split("eth_getLogs")[:-1]:
+            assert "eth_blockNumber" in segment, f"a log query without its step's head query: {proxy.methods}"
+
+
+async def test_a_ws_endpoint_wakes_the_poller_at_each_new_block(tmp_path, eth_node, token_contract):
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        doc = config(tmp_path, node, token, confirmations=0, poll_interval="60s",
+                     rpc_url=node.replace("http://", "ws://"))
+        async with running_daemon(doc):
+            for n in range(3):
+                token.emit_many(1, n)
+                await wait_for(lambda n=n: len(reports(doc)) > n, timeout=20,
+                               what=f"log {n}, well before the next poll (60 s)")
+    assert sorted(int(r["args"]["value"]) for r in reports(doc)) == [0, 1, 2]
+
+
+def test_a_backfill_shows_blocks_done_of_blocks_to_do_and_the_time_left_in_status_and_the_log(
+        tmp_path, eth_node, token_contract, daemon_process):
+    from tests.integration.test_cli import cli
+
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        for n in range(100):
+            token.emit_many(1, n)
+        doc = config(tmp_path, node, token, confirmations=0, max_block_range=2)
+        doc["triggers"]["t"]["batch"] = {"max_events": 2, "max_wait": "10ms"}
+        doc["functions"]["f"]["command"] += ["--slow"]
+        doc["daemon"]["listen"] = f"127.0.0.1:{free_port()}"
+        daemon = daemon_process(doc).start()
+        shown: list[str] = []
+
+        def midway() -> bool:
+            line = next((x for x in cli(tmp_path, "status").stdout.splitlines() if x.startswith("t: backfill")), "")
+            found = re.search(r"backfill ([\d,]+) of ([\d,]+) blocks .* about \S+ left", line)
+            if found and 0 < int(found[1].replace(",", "")) < int(found[2].replace(",", "")):
+                shown.append(line)
+            return bool(shown)
+
+        wait_until(midway, timeout=60, interval=0.5, what="the backfill's progress in `eventswarm status`")
+        report = json.loads(cli(tmp_path, "status", "--json").stdout)["triggers"][0]["backfill"]
+        assert report["unit"] == "blocks" and report["total"] >= 100, report
+        wait_until(lambda: len(reports(doc)) >= 100, timeout=120, interval=0.5, what="all 100 logs")
+        wait_until(lambda: "backfill done" in daemon.log.read_text(), timeout=30, what="the end of the backfill")
+        assert json.loads(cli(tmp_path, "status", "--json").stdout)["triggers"][0]["backfill"] is None
+        assert daemon.stop() == 0
+    text = daemon.log.read_text()
+    assert "backfill of" in text and "begins" in text
+    assert re.search(r"backfill: [\d,]+ of [\d,]+ blocks \(\d+%\), [\d,]+ blocks/s, about \S+ left", text), \
+        "no progress line in the log while the backfill ran"
 
 
 async def test_a_node_stopped_for_10s_makes_the_source_not_ready_and_it_recovers_without_a_gap(

@@ -74,7 +74,7 @@ source = { kind = "ethereum", rpc_url = "http://127.0.0.1:8545", events = ["TRAN
 @pytest.mark.parametrize(("change", "path"), [
     (("events = [", 'addresses = ["0x12"], events = ['), "triggers.t.source.addresses"),
     (("rpc_url = \"http://127.0.0.1:8545\", ", ""), "triggers.t.source"),
-    (("http://127.0.0.1:8545", "ws://127.0.0.1:8545"), "triggers.t.source.rpc_url"),
+    (("http://127.0.0.1:8545", "ftp://127.0.0.1:8545"), "triggers.t.source.rpc_url"),
     ((TRANSFER, "Transfer(adress from)"), "triggers.t.source.events"),
     (("events = [", "confirmations = -1, events = ["), "triggers.t.source.confirmations"),
     (("events = [", 'abi_file = "/nonexistent.json", events = ['), "triggers.t.source.abi_file"),

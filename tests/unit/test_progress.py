@@ -170,3 +170,17 @@ async def test_the_last_save_on_the_way_out_is_bounded_when_the_origin_does_not_
             await anyio.wait_all_tasks_blocked()
             tg.cancel_scope.cancel()
     assert progress.committed == 0
+
+
+def test_a_backfill_reports_its_rate_and_the_time_left_and_logs_only_every_few_seconds():
+    from dispatcher.progress import BACKFILL_LOG_EVERY, Backfill
+
+    backfill = Backfill("blocks", 100, 10_100, now=0.0)
+    assert backfill.eta is None and "unknown" in backfill.describe()
+    assert not backfill.update(600, 10_100, now=1.0)  # 500 blocks/s
+    assert backfill.rate == 500 and backfill.eta == 19.0
+    assert backfill.update(5_100, 10_100, now=BACKFILL_LOG_EVERY)
+    assert backfill.describe() == "5,100 of 10,100 blocks (50%), 500 blocks/s, about 10s left"
+    report = backfill.report()
+    assert report["percent"] == 50.5 and report["eta_seconds"] == 10.0 and report["unit"] == "blocks"
+    assert not backfill.update(5_200, 10_100, now=BACKFILL_LOG_EVERY + 1)
