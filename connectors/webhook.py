@@ -86,12 +86,20 @@ class WebhookSourceConfig(SourceConfig):
     """Larger bodies are answered ``413``."""
     signature: SignatureConfig | None = None
     dedupe_header: str = ""
-    """A header with a delivery id (e.g. ``X-GitHub-Delivery``): a repeated id is answered ``200`` and not run again."""
+    """A header with a delivery id (e.g. ``X-GitHub-Delivery``): a repeated id is answered ``200`` and not run again.
+    Default: ``webhook-id`` under the ``standard-webhooks`` signature (its spec asks receivers to dedupe on it)."""
     enqueue_timeout: Duration = 2.0
     """While the buffer stays full this long, requests are answered ``503`` with ``Retry-After``."""
 
     def exclusive(self) -> list[str]:
         return [f"{method} {self.path}" for method in self.methods]
+
+    @property
+    def delivery_header(self) -> str:
+        """The header (lower case) whose value a delivery is deduplicated on; "" for none."""
+        if self.dedupe_header:
+            return self.dedupe_header.lower()
+        return "webhook-id" if self.signature is not None and self.signature.scheme == "standard-webhooks" else ""
 
     @field_validator("path")
     @classmethod
@@ -196,7 +204,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
         content_type = headers.get("content-type", "")
         body = request.body
         extensions = {"httpmethod": request.method}
-        delivery = headers.get(self.config.dedupe_header.lower()) if self.config.dedupe_header else None
+        delivery = headers.get(self.config.delivery_header) if self.config.delivery_header else None
         if delivery:
             extensions["deliveryid"] = delivery
         common = {"source": f"webhook:{self.config.path}", "type": "eventswarm.webhook.request", "extensions": extensions}
@@ -235,7 +243,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
             return HttpResponse.json(400, {"error": "JSON body nested too deeply"})
         if config.mode == "sync":
             return await self._run_now(event)
-        dedupe_key = headers.get(config.dedupe_header.lower()) if config.dedupe_header else None
+        dedupe_key = headers.get(config.delivery_header) if config.delivery_header else None
         try:
             earlier = await self._ctx.inbox.put(event, dedupe_key or None)
         except StoreError as exc:  # not stored, so not accepted: the sender tries again later

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 import urllib.error
@@ -16,12 +17,17 @@ import click
 
 from dispatcher import config as configuration
 from dispatcher.errors import ConfigError, EventswarmError, StoreError
+from dispatcher.lock import StoreLock, StoreLocked
 from dispatcher.progress import duration_text
 from dispatcher.store import Store
 
 T = TypeVar("T")
 
 EXIT_RUNTIME = 1
+TOKEN_ENV = "EVENTSWARM_API_TOKEN"
+REQUEST_TIMEOUT = 120
+"""Seconds the CLI waits for the daemon (a reload waits for the changed triggers to finish what they hold)."""
+"""Where the CLI finds the API token first (then in the config)."""
 EXIT_USAGE = 2
 
 config_option = click.option(
@@ -66,14 +72,40 @@ def _daemon_url(config_path: str | None, url: str | None) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
-def _request(url: str, data: Any = None) -> Any:
-    body = json.dumps(data).encode() if data is not None else None
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+def _token(config_path: str | None) -> str | None:
+    """The API token: ``$EVENTSWARM_API_TOKEN``, else the config's (``daemon.api_token_env``/``_file``); with
+    ``--url`` and no config, none."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+        token = configuration.load(config_path).daemon.api_token
+    except ConfigError:
+        return None  # (the config is read only for the token: status --url works without one)
+    return token.value() if token.given else None
+
+
+def _request(url: str, data: Any = None, *, config_path: str | None = None) -> Any:
+    """``url`` of the daemon's API, with the API token of the config (if it has one); an error answer fails."""
+    return _post(url, data, config_path=config_path)[1]
+
+
+def _post(url: str, data: Any = None, *, config_path: str | None = None, accept: tuple[int, ...] = (422,)) -> \
+        tuple[int, Any]:
+    """The status and JSON answer of ``url`` (a POST of ``data``, else a GET); a status in ``accept`` is returned,
+    any other error answer fails."""
+    body = json.dumps(data).encode() if data is not None else None
+    headers = {"Content-Type": "application/json"} if body else {}
+    token = _token(config_path)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
+        if exc.code in accept and data is not None:
+            return exc.code, json.loads(detail)
         _fail(f"{url}: HTTP {exc.code}: {detail}")
     except (urllib.error.URLError, OSError) as exc:
         _fail(f"cannot reach the daemon at {url}: {exc} (is `eventswarm run` running?)")
@@ -116,8 +148,10 @@ def run(config_path: str | None) -> None:
     logs.configure(config.daemon.log_level, config.daemon.log_format)
     tune_gc()
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, configuration.default_path() if config_path is None else config_path)
         anyio.run(daemon.run)
+    except* StoreLocked as group:
+        _fail(str(_first(group)), EXIT_USAGE)
     except* OSError as group:
         _fail(f"cannot start: {_first(group)}")
     except* EventswarmError as group:
@@ -245,7 +279,8 @@ def dlq_replay(config_path: str | None, ids: tuple[str, ...], trigger: str | Non
     if not ids and not trigger:
         _fail("name dead letter ids or --trigger", EXIT_USAGE)
     base = _daemon_url(config_path, url)
-    answer = _request(f"{base}/v1/dead-letters/replay", {"ids": list(ids), "trigger": trigger})
+    answer = _request(f"{base}/v1/dead-letters/replay", {"ids": list(ids), "trigger": trigger},
+                      config_path=config_path)
     click.echo(f"replaying {answer['replayed']} dead letters")
 
 
@@ -264,7 +299,7 @@ def dlq_purge(config_path: str | None, ids: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(config_path: str | None, url: str | None, as_json: bool) -> None:
     """Triggers, buffer depth, in-flight, lag and last error, from a running daemon."""
-    report = _request(f"{_daemon_url(config_path, url)}/v1/status")
+    report = _request(f"{_daemon_url(config_path, url)}/v1/status", config_path=config_path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -284,6 +319,20 @@ def status(config_path: str | None, url: str | None, as_json: bool) -> None:
 
 @main.command()
 @config_option
+@click.option("--url", default=None, help="The daemon's address (default: from daemon.listen).")
+def reload(config_path: str | None, url: str | None) -> None:
+    """Make the running daemon read its config again (as SIGHUP does); an invalid config changes nothing."""
+    status, report = _post(f"{_daemon_url(config_path, url)}/v1/reload", {}, config_path=config_path)
+    if status == 422:
+        for line in report.get("problems", []):
+            click.echo(line, err=True)
+        _fail("reload refused: the daemon keeps running on its config as it was", EXIT_USAGE)
+    click.echo(f"reloaded (config {report['config']['hash'][:12]}): added {', '.join(report['added']) or 'none'}; "
+               f"changed {', '.join(report['changed']) or 'none'}; removed {', '.join(report['removed']) or 'none'}")
+
+
+@main.command()
+@config_option
 @click.option("--all", "everything", is_flag=True, help="Also what other daemons (other state stores) left behind.")
 def gc(config_path: str | None, everything: bool) -> None:
     """Remove containers left behind by a crashed daemon (by label)."""
@@ -291,6 +340,12 @@ def gc(config_path: str | None, everything: bool) -> None:
     from dispatcher.executors import create
 
     config = _load(config_path)
+    lock = StoreLock(config.daemon.state_path)
+    if Path(config.daemon.state_path).parent.is_dir():  # (else no daemon has run with this config)
+        try:  # what a running daemon owns is not left behind: refuse while one runs
+            lock.acquire("eventswarm gc")
+        except StoreLocked as exc:
+            _fail(f"{exc}; gc removes what a stopped daemon left behind", EXIT_USAGE)
 
     async def sweep() -> int:
         executor = create(config)
@@ -300,7 +355,10 @@ def gc(config_path: str | None, everything: bool) -> None:
         finally:
             await executor.close()
 
-    removed = _run(sweep)
+    try:
+        removed = _run(sweep)
+    finally:
+        lock.release()
     click.echo(f"removed {removed} containers, services, configs or processes")
 
 

@@ -6,9 +6,12 @@ with its TOML path.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
 
@@ -18,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from dispatcher.errors import ConfigError
 from dispatcher.filters import FilterSyntaxError, compile_filter
 from dispatcher.plugins import connectors
+from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
 
 DEFAULT_PATH = "eventswarm.toml"
@@ -31,6 +35,11 @@ class _PathError(ValueError):
     def __init__(self, loc: tuple[str, ...], message: str) -> None:
         self.loc = loc
         super().__init__(message)
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine."""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class Section(BaseModel):
@@ -54,6 +63,16 @@ class DaemonConfig(Section):
     answer on a kept-alive connection), and again its body; then the connection is closed."""
     max_connections: int = Field(1000, ge=1, le=1_000_000)
     """Open HTTP connections at most; past it, a new connection is answered 503 and closed."""
+    api_token_env: str | list[str] = ""
+    """Environment variable(s) holding the bearer token the ``/v1`` API (and ``/metrics``) requires; several
+    during a rotation. The CLI sends it."""
+    api_token_file: str = ""
+    """A file holding the token (one per line, several during a rotation)."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` without the token (for a scraper that cannot send one)."""
+    allow_unauthenticated: bool = False
+    """Allow ``listen`` on an address beyond loopback without a token (on purpose: anyone who reaches it can read
+    invocation logs and replay dead letters)."""
 
     @property
     def state_path(self) -> str:
@@ -71,7 +90,19 @@ class DaemonConfig(Section):
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError(f"listen: {self.listen!r} is not host:port, e.g. \"127.0.0.1:8080\"")
+        token = self.api_token
+        if token.given:
+            problem = token.problem("api_token")
+            if problem:
+                raise ValueError(problem)
+        elif not _loopback(self.host_port[0]) and not self.allow_unauthenticated:
+            raise ValueError(f"listen: {self.listen} is reachable beyond this machine, and the API has no token: set "
+                             "api_token_env or api_token_file (or allow_unauthenticated = true, on purpose)")
         return self
+
+    @property
+    def api_token(self) -> Secret:
+        return Secret.of(self.api_token_env, self.api_token_file)
 
 
 class ExecutorConfig(Section):
@@ -249,11 +280,63 @@ class ConfigBase(BaseSettings):
                 raise _PathError(("functions", trigger.function, "image"), "an image is required for the docker executor")
             if self.executor.kind == "process" and not function.command:
                 raise _PathError(("functions", trigger.function, "command"), "a command is required for the process executor")
-            if self.executor.kind == "process" and function.mounts:
-                raise _PathError(("functions", trigger.function, "mounts"),
-                                 "the process executor runs functions on this host, which see its folders: mounts "
-                                 "are for the docker and swarm executors")
+            for key, problem in _unsupported(function, self.executor.kind):
+                raise _PathError(("functions", trigger.function, key), problem)
         return self
+
+
+class Identity:
+    """``user`` as a process takes it: ``uid[:gid]`` or ``name[:group]`` (as docker reads it)."""
+
+    def __init__(self, uid: int, gid: int) -> None:
+        self.uid = uid
+        self.gid = gid
+
+    @classmethod
+    def of(cls, user: str) -> Identity:
+        """Raises ``ValueError`` for a user or group this host does not know."""
+        name, _, group = user.partition(":")
+        try:
+            entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        except KeyError:
+            if not name.isdigit():
+                raise ValueError(f"no user {name!r} on this host") from None
+            uid, gid = int(name), int(name)  # a uid without a name, as containers often use
+        if group:
+            try:
+                gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ValueError(f"no group {group!r} on this host") from None
+        return cls(uid, gid)
+
+    def popen(self) -> dict[str, Any]:
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def _unsupported(function: FunctionConfig, executor: str) -> Iterator[tuple[str, str]]:
+    """The function's keys that ``executor`` cannot honour, with why: refused, never ignored."""
+    if executor == "process":
+        if function.mounts:
+            yield "mounts", ("the process executor runs functions on this host, which see its folders: mounts are "
+                             "for the docker and swarm executors")
+        if function.read_only:
+            yield "read_only", "a process cannot be given a read-only root file system: use the docker executor"
+        if function.placement:
+            yield "placement", "placement constraints are for the swarm executor"
+        if function.image:
+            yield "image", "the process executor runs command, not an image: remove image, or use the docker executor"
+        if function.user:
+            try:
+                identity = Identity.of(function.user)
+            except ValueError as exc:
+                yield "user", str(exc)
+                return
+            if os.geteuid() != 0 and identity.uid != os.geteuid():
+                yield "user", (f"the daemon runs as uid {os.geteuid()}, not root: it cannot start processes as "
+                               f"{function.user}")
+    elif executor == "docker" and function.placement:
+        yield "placement", "placement constraints are for the swarm executor"
 
 
 def _config_model() -> type[ConfigBase]:

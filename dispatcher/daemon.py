@@ -14,12 +14,14 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Run, Source
+from dispatcher import config as configuration
+from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Run, Source, rfc3339
 from dispatcher.config import ConfigBase, TriggerBase
 from dispatcher.dispatch import Dispatcher, TriggerStopped
-from dispatcher.errors import ExecutorError, SourceError, StoreError
+from dispatcher.errors import ConfigError, ExecutorError, SourceError, StoreError
 from dispatcher.executors import Executor, create
 from dispatcher.http import HttpServer
+from dispatcher.lock import StoreLock
 from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
 from dispatcher.plugins import connectors
@@ -194,6 +196,11 @@ class Trigger:
             self.http.remove_routes(self._handlers)
             self.done.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Batches of this trigger running now."""
+        return int(self.metrics.in_flight.labels(self.trigger)._value.get())
+
     def fail_source(self, reason: str) -> None:
         """Stop the running source as if it had failed with a temporary error ``reason``: it saves what is
         settled, then restarts, and what it had not acknowledged comes again from its origin."""
@@ -248,7 +255,7 @@ class Trigger:
             "state": "stopped" if self.stopped else ("running" if self.ready else "starting"),
             "ready": self.ready,
             "buffered": self.pipeline.depth,
-            "in_flight": int(self.metrics.in_flight.labels(self.trigger)._value.get()),
+            "in_flight": self.in_flight,
             "lag": self.lag,
             "paused": self.paused,
             "backfill": self.backfill.report() if self.backfill else None,
@@ -274,33 +281,114 @@ def tune_gc() -> None:
 class Daemon:
     """Everything one ``eventswarm run`` runs."""
 
-    def __init__(self, config: ConfigBase) -> None:
+    def __init__(self, config: ConfigBase, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        """The file ``reload`` reads again (None: a config given in code, which cannot be reloaded)."""
+        self.loaded = _Loaded.of(config_path)
         self.metrics = Metrics()
         self.owner = owner_id(config.daemon.state_path)
-        self.store = Store(config.daemon.state_path, check=True)
-        self.state = StateStore(self.store)
-        self.executor: Executor = create(config, self.owner)
+        self.lock = StoreLock(config.daemon.state_path).acquire()  # before anything is touched
+        try:
+            self.store = Store(config.daemon.state_path, check=True)
+            self.state = StateStore(self.store)
+            self.executor: Executor = create(config, self.owner)
+        except BaseException:
+            self.lock.release()
+            raise
         host, port = config.daemon.host_port
         self.http = HttpServer(host, port, metrics=self.metrics, state=self.state, status=self._status, ready=self._ready,
-                               replay=self._replay, client_timeout=config.daemon.client_timeout,
-                               max_connections=config.daemon.max_connections)
+                               replay=self._replay, reload=self._reload_request,
+                               client_timeout=config.daemon.client_timeout,
+                               max_connections=config.daemon.max_connections,
+                               tokens=config.daemon.api_token.values() if config.daemon.api_token.given else (),
+                               metrics_public=config.daemon.metrics_public)
         self.triggers: dict[str, Trigger] = {}
         self.limiter = anyio.CapacityLimiter(config.executor.max_in_flight)
         self.started = anyio.Event()
         self._stop = anyio.Event()
         self._tg: TaskGroup | None = None
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._reloading = anyio.Lock()
 
     def build_triggers(self) -> None:
-        kinds = connectors()
-        for name, tconfig in self.config.triggers.items():
-            function = self.config.functions[tconfig.function]
-            dispatcher = Dispatcher(
-                trigger=name, config=tconfig, function_name=tconfig.function, function=function,
-                executor=self.executor, state=self.state, metrics=self.metrics, limiter=self.limiter, owner=self.owner)
-            pipeline = Pipeline(name, tconfig, dispatcher, self.metrics, single_events=function.templated)
-            source = kinds[tconfig.source.kind](tconfig.source)
-            self.triggers[name] = Trigger(name, tconfig, source, pipeline, dispatcher, self.state, self.http, self.metrics)
+        for name in self.config.triggers:
+            self.triggers[name] = self._build(self.config, name)
+
+    def _build(self, config: ConfigBase, name: str) -> Trigger:
+        tconfig = config.triggers[name]
+        function = config.functions[tconfig.function]
+        dispatcher = Dispatcher(
+            trigger=name, config=tconfig, function_name=tconfig.function, function=function,
+            executor=self.executor, state=self.state, metrics=self.metrics, limiter=self.limiter, owner=self.owner)
+        pipeline = Pipeline(name, tconfig, dispatcher, self.metrics, single_events=function.templated)
+        source = connectors()[tconfig.source.kind](tconfig.source)
+        return Trigger(name, tconfig, source, pipeline, dispatcher, self.state, self.http, self.metrics)
+
+    def _start(self, trigger: Trigger) -> None:
+        assert self._tg is not None
+        scope = self._scopes[trigger.trigger] = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await trigger.run()
+
+        self._tg.start_soon(run)
+
+    async def reload(self) -> dict[str, Any]:
+        """Read the config file again and apply it trigger by trigger (SIGHUP, ``eventswarm reload``): added
+        triggers start; removed ones stop taking events, finish what they hold, and stop; changed ones (their
+        table, or their function's) do the same, then start again under the new config. Unchanged triggers are
+        not touched. An invalid config changes nothing: raises ``ConfigError`` (and logs every error)."""
+        if self.config_path is None:
+            raise ConfigError([("", "this daemon was not started from a config file: nothing to reload")])
+        async with self._reloading:
+            try:
+                config = configuration.load(self.config_path)
+            except ConfigError as exc:
+                for line in exc.lines():
+                    log.error("reload refused, the running config stays: %s", line)
+                raise
+            old = self.config
+            for section in ("daemon", "executor"):
+                if getattr(old, section).model_dump() != getattr(config, section).model_dump():
+                    log.warning("reload: the [%s] section changed; it takes effect at the next start", section)
+            added = [n for n in config.triggers if n not in old.triggers]
+            removed = [n for n in old.triggers if n not in config.triggers]
+            changed = [n for n in config.triggers if n in old.triggers and _setup(config, n) != _setup(old, n)]
+            new = {n: self._build(config, n) for n in [*changed, *added]}  # (before anything stops: may raise)
+            self.config = config.model_copy(update={"daemon": old.daemon, "executor": old.executor})
+            self.loaded = _Loaded.of(self.config_path)
+            log.info("reload: %d triggers added, %d changed, %d removed, %d unchanged (config %s)", len(added),
+                     len(changed), len(removed), len(config.triggers) - len(added) - len(changed), self.loaded.hash[:12])
+            async with anyio.create_task_group() as tg:
+                for name in [*removed, *changed]:
+                    tg.start_soon(self._retire, name)
+            for name, trigger in new.items():
+                self.triggers[name] = trigger
+                self._start(trigger)
+            return {"added": added, "changed": changed, "removed": removed, "config": self.loaded.report()}
+
+    async def _retire(self, name: str) -> None:
+        """Stop trigger ``name`` without losing what it took: it takes nothing more (its routes answer 503), what
+        it holds runs (within ``shutdown_grace``; past it, batches in flight are handed back), then it stops."""
+        trigger = self.triggers[name]
+        self.http.remove_routes(trigger._handlers)
+        grace = self.config.daemon.shutdown_grace
+        with anyio.move_on_after(grace) as scope:
+            # (requests it was answering finish first: what they accepted is in its buffer then)
+            while any(self.http.busy.get(h) for h in trigger._handlers) or trigger.pipeline.holding:  # noqa: ASYNC110 (a bounded poll)
+                await anyio.sleep(RETIRE_POLL)
+        trigger.pipeline.drain()
+        with anyio.move_on_after(0 if scope.cancelled_caught else grace):
+            await trigger.done.wait()
+        if not trigger.done.is_set():
+            log.warning("trigger %s: what it held after %gs is handed back to its source", name, grace)
+            self._scopes[name].cancel()
+            await trigger.done.wait()
+        trigger.pipeline.close()
+        del self.triggers[name]
+        self._scopes.pop(name, None)
 
     async def invoke_once(self, trigger: str, event: Event) -> Outcome:
         """One invocation of ``event`` through ``trigger``'s function and executor, as the daemon would run it."""
@@ -312,7 +400,8 @@ class Daemon:
             await self.close()
 
     async def _status(self) -> dict[str, Any]:
-        return {"triggers": [t.status() for t in self.triggers.values()], "executor": self.executor.kind}
+        return {"triggers": [t.status() for t in self.triggers.values()], "executor": self.executor.kind,
+                "config": self.loaded.report()}
 
     async def _ready(self) -> dict[str, Any]:
         executor_ok = await self.executor.ping()
@@ -367,7 +456,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 for trigger in self.triggers.values():
-                    tg.start_soon(trigger.run)
+                    self._start(trigger)
                 if handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._housekeeping)
@@ -396,11 +485,28 @@ class Daemon:
             log.warning("batches still in flight after %gs are handed back to their sources", grace)
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    assert self._tg is not None
+                    self._tg.start_soon(self._reload_quietly)
+                    continue
                 self.stop()
                 return
+
+    async def _reload_request(self) -> tuple[int, dict[str, Any]]:
+        """``POST /v1/reload``: 200 with what changed, or 422 with every error of the config (nothing changed)."""
+        try:
+            return 200, await self.reload()
+        except ConfigError as exc:
+            return 422, {"error": "the config is invalid: the running one stays", "problems": exc.lines()}
+
+    async def _reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError:
+            pass  # (logged, line by line)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -421,3 +527,34 @@ class Daemon:
         except ExecutorError:
             pass
         self.store.close()
+        self.lock.release()
+
+
+RETIRE_POLL = 0.05
+"""How often a trigger being retired is checked for what it still holds."""
+
+
+def _setup(config: ConfigBase, name: str) -> Any:
+    """What a trigger runs with: its table and its function's (a change to either restarts it)."""
+    trigger = config.triggers[name]
+    return trigger.model_dump(), config.functions[trigger.function].model_dump()
+
+
+class _Loaded:
+    """Which config the daemon runs: its file, the hash of its text, when it was read."""
+
+    def __init__(self, file: str | None, digest: str, at: float) -> None:
+        self.file = file
+        self.hash = digest
+        self.at = at
+
+    @classmethod
+    def of(cls, path: str | None) -> _Loaded:
+        try:
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+        except OSError:
+            digest = ""
+        return cls(path, digest, time.time())
+
+    def report(self) -> dict[str, Any]:
+        return {"file": self.file, "hash": self.hash, "loaded_at": rfc3339(self.at)}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -88,13 +89,15 @@ logging.getLogger("aiohttp.server").addFilter(_QuietBadRequests())
 
 Probe = Callable[[], Awaitable[dict[str, Any]]]
 Replay = Callable[[list[str], str | None], Awaitable[dict[str, Any]]]
+Reload = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
 
 
 class HttpServer:
     """Serves the daemon's endpoints and the routes sources add (``SourceContext.add_route``)."""
 
     def __init__(self, host: str, port: int, *, metrics: Metrics, state: StateStore, status: Probe, ready: Probe,
-                 replay: Replay, client_timeout: float = 30.0, max_connections: int = 1000) -> None:
+                 replay: Replay, reload: Reload | None = None, client_timeout: float = 30.0, max_connections: int = 1000,
+                 tokens: Sequence[str] = (), metrics_public: bool = False) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
@@ -102,14 +105,20 @@ class HttpServer:
         self.status = status
         self.ready = ready
         self.replay = replay
+        self.reload = reload
         self.accepting = True
         self.client_timeout = client_timeout
         self.max_connections = max_connections
+        self.tokens = [token.encode() for token in tokens if token]
+        """Bearer tokens that open ``/v1`` (and ``/metrics`` unless ``metrics_public``); none: open to all."""
+        self.metrics_public = metrics_public
         self._routes: dict[str, dict[str, tuple[HttpHandler | None, int]]] = {}
         self._runner: web.ServerRunner | None = None
         self._listener: asyncio.Server | None = None
         self.connections = 0
         """Open HTTP connections."""
+        self.busy: dict[HttpHandler, int] = {}
+        """Requests each source route's handler is answering now."""
 
     def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int) -> None:
         methods = self._routes.setdefault(path, {})
@@ -133,6 +142,7 @@ class HttpServer:
             "/v1/invocations": {"GET": self._invocations},
             "/v1/status": {"GET": self._status},
             "/v1/dead-letters/replay": {"POST": self._replay},
+            "/v1/reload": {"POST": self._reload},
         }
         # aiohttp's low-level server with one handler: a webhook costs one dict lookup to route, not a
         # walk through an application's router and middlewares (measured: about a tenth of a request's cost).
@@ -179,7 +189,22 @@ class HttpServer:
         endpoint = endpoints.get("GET" if request.method == "HEAD" else request.method)
         if endpoint is None:
             return _error(405, f"{request.method} not allowed", {"Allow": ", ".join(sorted(endpoints))})
+        if self.tokens and (path.startswith("/v1/") or (path == "/metrics" and not self.metrics_public)):
+            refused = self._unauthorized(request)
+            if refused is not None:
+                return refused
         return await endpoint(request)
+
+    def _unauthorized(self, request: web.BaseRequest) -> web.Response | None:
+        """None when the request carries one of the tokens (``Authorization: Bearer …``); else the 401."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return _error(401, "this endpoint needs the API token: Authorization: Bearer <token>",
+                          {"WWW-Authenticate": 'Bearer realm="eventswarm"'})
+        candidate = given.strip().encode()
+        if any(hmac.compare_digest(candidate, token) for token in self.tokens):
+            return None
+        return _error(401, "wrong API token", {"WWW-Authenticate": 'Bearer realm="eventswarm", error="invalid_token"'})
 
     async def _healthz(self, _request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -211,6 +236,12 @@ class HttpServer:
         if not ids and not trigger:
             return _error(400, f"name the dead letters to replay: {usage}")
         return web.json_response(await self.replay(ids, trigger))
+
+    async def _reload(self, _request: web.BaseRequest) -> web.Response:
+        if self.reload is None:
+            return _error(404, "this server cannot reload")
+        status, report = await self.reload()
+        return web.json_response(report, status=status)
 
     async def _invocations(self, request: web.BaseRequest) -> web.Response:
         query = request.query
@@ -245,8 +276,14 @@ class HttpServer:
         body = await self._body(request, max_body)
         if isinstance(body, web.StreamResponse):
             return body
-        response: HttpResponse = await handler(HttpRequest(
-            method=request.method, path=request.path, headers=request.headers, body=body, query=request.query))
+        self.busy[handler] = self.busy.get(handler, 0) + 1
+        try:
+            response: HttpResponse = await handler(HttpRequest(
+                method=request.method, path=request.path, headers=request.headers, body=body, query=request.query))
+        finally:
+            left = self.busy.pop(handler) - 1
+            if left:
+                self.busy[handler] = left
         return web.Response(status=response.status, body=response.body, headers=response.headers)
 
     async def _body(self, request: web.BaseRequest, max_body: int) -> bytes | web.StreamResponse:

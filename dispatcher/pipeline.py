@@ -152,6 +152,8 @@ class Lane:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.max_wait = max_wait
+        self.collected = 0
+        """Events taken from the queue into the batch being collected."""
         self._lock = anyio.Lock()
 
     @property
@@ -165,19 +167,23 @@ class Lane:
             builder = BatchBuilder(self.max_events, self.max_bytes)
             await queue.wait()
             deadline = anyio.current_time() + self.max_wait
-            while True:
-                while queue.runs:
-                    head = queue.runs[0]
-                    fits = builder.room(head)
-                    if fits:
-                        builder.add(queue.take(fits))
-                    if fits < len(head) or builder.full:
+            try:
+                while True:
+                    while queue.runs:
+                        head = queue.runs[0]
+                        fits = builder.room(head)
+                        if fits:
+                            builder.add(queue.take(fits))
+                            self.collected = builder.count
+                        if fits < len(head) or builder.full:
+                            return builder.take()
+                    remaining = deadline - anyio.current_time()
+                    if remaining <= 0:
                         return builder.take()
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
-                    return builder.take()
-                with anyio.move_on_after(remaining):
-                    await queue.wait(builder.max_events - builder.count, builder.max_bytes - builder.bytes)
+                    with anyio.move_on_after(remaining):
+                        await queue.wait(builder.max_events - builder.count, builder.max_bytes - builder.bytes)
+            finally:
+                self.collected = 0
 
 
 class Pipeline:
@@ -203,6 +209,8 @@ class Pipeline:
         self._round_robin = 0
         self._sticky: dict[str, int] = {}
         self._collecting: set[anyio.CancelScope] = set()
+        self.delivering = 0
+        """Batches being delivered (run, retried, acknowledged) now."""
         self._received = metrics.events_received.labels(trigger)
         metrics.buffered.labels(trigger).set_function(lambda: self.depth)
 
@@ -318,4 +326,13 @@ class Pipeline:
                     self._collecting.discard(scope)
             if scope.cancelled_caught or self.dispatcher.draining.is_set():
                 return  # what was collected is handed back: never acknowledged
-            await self.dispatcher.deliver(batch)
+            self.delivering += 1
+            try:
+                await self.dispatcher.deliver(batch)
+            finally:
+                self.delivering -= 1
+
+    @property
+    def holding(self) -> int:
+        """Events buffered or being collected into a batch, plus batches being delivered (0: it holds nothing)."""
+        return self.depth + sum(lane.collected for lane in self.lanes) + self.delivering

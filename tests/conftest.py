@@ -28,14 +28,14 @@ def docker_engine() -> str:
 
 
 @pytest.fixture
-def daemon_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], DaemonProcess]]:
+def daemon_process(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def make(doc: dict[str, Any]) -> DaemonProcess:
+    def make(doc: dict[str, Any], env: dict[str, str] | None = None) -> DaemonProcess:
         port = int(doc["daemon"]["listen"].rsplit(":", 1)[1])
         config_file = tmp_path / "eventswarm.toml"
         config_file.write_text(toml(doc))
-        process = DaemonProcess(config_file, port, tmp_path / "daemon.log")
+        process = DaemonProcess(config_file, port, tmp_path / "daemon.log", env=env)
         started.append(process)
         return process
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import math
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from dispatcher.config import ExecutorConfig
+from dispatcher.config import ExecutorConfig, FunctionConfig, Identity
 from dispatcher.errors import ExecutorError
 from dispatcher.events import new_id
 from dispatcher.executors import reaper
@@ -63,7 +64,8 @@ class ProcessExecutor:
         self.owner = owner or "none"
         self.mark = f"{self.owner}.{new_id()[:12]}"
         """This run's ``EVENTSWARM_OWNER``: the owner (which state store), then this incarnation."""
-        self._environ = dict(os.environ)  # functions inherit the daemon's environment as it started
+        self._path = os.environ.get("PATH") or DEFAULT_PATH
+        """The one variable of the daemon's own a function gets: the rest (secrets among them) stays the daemon's."""
         self._running: set[int] = set()
         self._reaper: subprocess.Popen[bytes] | None = None
 
@@ -111,13 +113,22 @@ class ProcessExecutor:
                     await anyio.Path(input_path).write_bytes(invocation.input)
             except OSError as exc:
                 raise _unavailable(exc) from None
-            env = {**self._environ, **environment(invocation, str(input_path)), reaper.OWNER_VARIABLE: self.mark}
+            function = invocation.function
+            env = {"PATH": self._path, **environment(invocation, str(input_path)), reaper.OWNER_VARIABLE: self.mark}
+            identity = Identity.of(function.user) if function.user else None
+            if function.secrets:
+                env["EVENTSWARM_SECRETS"] = _copy_secrets(function.secrets, Path(scratch) / "secrets", identity)
+            if identity is not None:
+                os.chown(scratch, identity.uid, identity.gid)
+                os.chown(input_path, identity.uid, identity.gid)
+            argv = [*limits(function), *argv]
             started = time.monotonic()
             try:
                 with input_path.open("rb") as stdin:  # the document on stdin straight from its file: no pipe to feed
                     # vfork and exec, as asyncio's own subprocess support does from the loop
                     process = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: ASYNC220
-                                               env=env, cwd=scratch, start_new_session=True)
+                                               env=env, cwd=scratch, start_new_session=True,
+                                               **(identity.popen() if identity else {}))
             except OSError as exc:
                 raise ExecutorError(f"cannot start {argv[0]!r}: {exc}", temporary=False) from exc
             self._running.add(process.pid)
@@ -151,6 +162,46 @@ class ProcessExecutor:
                 return
             for pid in ended:
                 await _reap(pid)
+
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def limits(function: FunctionConfig) -> list[str]:
+    """The command that starts ``function`` under its resource limits (none: nothing): ``memory`` as the data
+    segment's limit (heap and private mappings: an allocation past it fails), an explicit ``pids_limit`` as
+    the processes its user may have, ``cpus`` as that many CPUs (rounded up) it may run on."""
+    prefix: list[str] = []
+    if function.cpus is not None:
+        allowed = sorted(os.sched_getaffinity(0))
+        prefix += ["taskset", "--cpu-list", ",".join(str(c) for c in allowed[:max(1, math.ceil(function.cpus))])]
+    resources = []
+    if function.memory is not None:
+        resources.append(f"--data={function.memory}")
+    if "pids_limit" in function.model_fields_set and function.pids_limit is not None:
+        resources.append(f"--nproc={function.pids_limit}")
+    if resources:
+        prefix += ["prlimit", *resources]
+    return prefix
+
+
+def _copy_secrets(files: list[str], folder: Path, identity: Identity | None) -> str:
+    """Each secret file copied (mode 0400, owned by the function's user) into ``folder``; its path."""
+    folder.mkdir(mode=0o700)
+    for source in files:
+        target = folder / os.path.basename(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ExecutorError(f"secret {source}: {exc.strerror}", temporary=False) from None
+        descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data)
+        if identity is not None:
+            os.chown(target, identity.uid, identity.gid)
+    if identity is not None:
+        os.chown(folder, identity.uid, identity.gid)
+    return str(folder)
 
 
 def _become_subreaper() -> None:

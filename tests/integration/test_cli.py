@@ -133,6 +133,11 @@ def _webhook(doc: dict[str, Any], name: str, **source: Any) -> None:
     ("a standard-webhooks secret that is not base64", "triggers.t.source.signature: a standard-webhooks secret is base64"),
     ("a topic_pattern that is not a regular expression", "triggers.k.source.topic_pattern: not a regular expression"),
     ("an environment override that is not JSON", "daemon: the environment variable EVENTSWARM_DAEMON is not valid JSON"),
+    ("a listen address beyond loopback without an API token", "daemon.listen: 0.0.0.0:8080 is reachable beyond this "
+                                                             "machine, and the API has no token"),
+    ("an API token variable that is not set", "daemon.api_token_env: environment variable ES_NO_TOKEN is not set"),
+    ("read_only under the process executor", "functions.f.read_only: a process cannot be given a read-only root"),
+    ("a user this host does not know", "functions.f.user: no user 'no-such-user' on this host"),
 ])
 def test_validate_refuses_configs_that_could_not_run_with_the_key_path(tmp_path, case, expected):
     doc = config(tmp_path, "cat")
@@ -145,6 +150,14 @@ def test_validate_refuses_configs_that_could_not_run_with_the_key_path(tmp_path,
     elif case.startswith("a topic_pattern"):
         doc["triggers"]["k"] = {"function": "f", "source": {"kind": "kafka", "bootstrap_servers": ["127.0.0.1:1"],
                                                             "topic_pattern": "votes-(", "group_id": "g"}}
+    elif case.startswith("a listen address"):
+        doc["daemon"]["listen"] = "0.0.0.0:8080"
+    elif case.startswith("read_only"):
+        doc["functions"]["f"]["read_only"] = True
+    elif case.startswith("a user"):
+        doc["functions"]["f"]["user"] = "no-such-user"
+    elif case.startswith("an API token"):
+        doc["daemon"]["api_token_env"] = "ES_NO_TOKEN"
     else:
         env["EVENTSWARM_DAEMON"] = "garbage{"
     done = _validate(tmp_path, doc, env)
