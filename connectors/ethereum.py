@@ -47,11 +47,8 @@ from dispatcher.api import (
 )
 
 try:
-    from eth_abi.abi import decode as abi_decode
-    from eth_abi.exceptions import DecodingError
     from eth_utils.address import to_checksum_address
     from eth_utils.crypto import keccak
-    from web3 import AsyncHTTPProvider
     from websockets.asyncio.client import connect as ws_connect
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the ethereum source needs web3: pip install 'eventswarm[ethereum]'") from exc
@@ -180,6 +177,10 @@ checksummed = functools.lru_cache(maxsize=1 << 16)(to_checksum_address)
 
 
 def _decode_one(types: list[str], blob: bytes) -> tuple[Any, ...]:
+    # (imported here: eth-abi takes a third of a second to import, and the CLI reads the config at every command)
+    from eth_abi.abi import decode as abi_decode
+    from eth_abi.exceptions import DecodingError
+
     try:
         return tuple(abi_decode(types, blob, strict=False))
     except (DecodingError, ValueError, OverflowError, TypeError) as exc:
@@ -290,7 +291,9 @@ class EthereumSourceConfig(SourceConfig):
         if self.abi_file:
             try:
                 load_decoders([], self.abi_file)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except OSError as exc:
+                raise ValueError(f"abi_file: cannot read {self.abi_file}: {exc.strerror}") from None
+            except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"abi_file: {exc}") from None
         return self
 
@@ -340,7 +343,12 @@ class Endpoint:
         self.name = name
         self.timeout = timeout
         self.ws = url.startswith(("ws://", "wss://"))
-        self._http = None if self.ws else AsyncHTTPProvider(url, request_kwargs={"timeout": timeout})
+        self._http = None
+        if not self.ws:
+            from web3 import AsyncHTTPProvider  # (here: web3 takes most of a second to import, and the CLI reads
+            #                                       the config, hence this module, at every command)
+
+            self._http = AsyncHTTPProvider(url, request_kwargs={"timeout": timeout})
         self._socket: Any = None
         self._ids = itertools.count(1)
 
@@ -381,6 +389,7 @@ class Endpoint:
                 answer = json.loads(await socket.recv())
             if not isinstance(answer, dict) or "result" not in answer:
                 raise RpcError(f"eth_subscribe newHeads: {(answer or {}).get('error', answer)}"[:300])
+            yield  # once subscribed: a block mined while it was being set up is read now, not at the next poll
             async for _ in socket:
                 yield
 

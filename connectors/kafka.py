@@ -99,7 +99,7 @@ class KafkaSourceConfig(SourceConfig):
     @model_validator(mode="after")
     def _check(self) -> KafkaSourceConfig:
         if bool(self.topics) == bool(self.topic_pattern):
-            raise ValueError("give exactly one of topics or topic_pattern")
+            raise ValueError(f"{'topic_pattern' if self.topics else 'topics'}: give exactly one of topics or topic_pattern")
         if self.topic_pattern:
             try:
                 re.compile(self.topic_pattern)

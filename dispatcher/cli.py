@@ -303,7 +303,9 @@ def status(config_path: str | None, url: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"executor: {report['executor']}")
+    config = report.get("config") or {}
+    click.echo(f"executor: {report['executor']}" + (f"  config: {config['hash'][:12]} (loaded {config['loaded_at']})"
+                                                     if config.get("hash") else ""))
     click.echo(f"{'TRIGGER':16} {'SOURCE':9} {'STATE':9} {'BUFFERED':>8} {'IN-FLIGHT':>9} {'LAG':>8}  LAST ERROR")
     for t in report["triggers"]:
         click.echo(f"{t['trigger']:16} {t['source']:9} {t['state']:9} {t['buffered']:>8} {t['in_flight']:>9} "

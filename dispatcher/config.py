@@ -411,9 +411,8 @@ def parse(document: dict[str, Any], file: str | None = None) -> ConfigBase:
                 loc, msg = inner.loc, str(inner)
             elif msg.startswith("filter: "):
                 loc, msg = (*loc, "filter"), msg.removeprefix("filter: ")
-            elif (named := re.match(r"^([a-z_]+): ", msg)) and isinstance(error.get("input"), dict) \
-                    and named.group(1) in error["input"]:
-                key, _, msg = msg.partition(": ")  # a model's check about one of its keys: name that key
+            elif re.match(r"^[a-z_]+: ", msg) and isinstance(error.get("input"), dict):
+                key, _, msg = msg.partition(": ")  # a model's check about one of its keys (given or not): name it
                 loc = (*loc, key)
             problems.append((_toml_path(loc, kinds), msg))
         raise ConfigError(problems, file) from None

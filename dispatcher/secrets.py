@@ -34,7 +34,7 @@ class Secret:
     def problem(self, name: str) -> str | None:
         """What keeps it from being read, said for config keys ``<name>_env`` / ``<name>_file``; None if nothing."""
         if bool(self.env) == bool(self.file):
-            return f"give exactly one of {name}_env or {name}_file"
+            return f"{name}_env: give exactly one of {name}_env or {name}_file"
         for variable in self.env:
             if not os.environ.get(variable):
                 return f"{name}_env: environment variable {variable} is not set"

@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,15 @@ def test_a_backfill_shows_blocks_done_of_blocks_to_do_and_the_time_left_in_statu
         doc["functions"]["f"]["command"] += ["--slow"]
         doc["daemon"]["listen"] = f"127.0.0.1:{free_port()}"
         daemon = daemon_process(doc).start()
+        url = f"http://127.0.0.1:{daemon.port}/v1/status"
+
+        def reported() -> dict[str, Any] | None:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                backfill = json.loads(response.read())["triggers"][0]["backfill"]
+            return backfill if backfill and backfill["eta_seconds"] is not None else None
+
+        report = wait_until(reported, timeout=60, interval=0.2, what="the backfill's progress in /v1/status")
+        assert report["unit"] == "blocks" and report["total"] >= 100 and 0 < report["done"] < report["total"], report
         shown: list[str] = []
 
         def midway() -> bool:
@@ -304,9 +314,7 @@ def test_a_backfill_shows_blocks_done_of_blocks_to_do_and_the_time_left_in_statu
                 shown.append(line)
             return bool(shown)
 
-        wait_until(midway, timeout=60, interval=0.5, what="the backfill's progress in `eventswarm status`")
-        report = json.loads(cli(tmp_path, "status", "--json").stdout)["triggers"][0]["backfill"]
-        assert report["unit"] == "blocks" and report["total"] >= 100, report
+        wait_until(midway, timeout=60, interval=0.2, what="the backfill's progress in `eventswarm status`")
         wait_until(lambda: len(reports(doc)) >= 100, timeout=120, interval=0.5, what="all 100 logs")
         wait_until(lambda: "backfill done" in daemon.log.read_text(), timeout=30, what="the end of the backfill")
         assert json.loads(cli(tmp_path, "status", "--json").stdout)["triggers"][0]["backfill"] is None
