@@ -15,12 +15,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The Docker engine (a single-node Swarm manager, no default bridge), the test function images and
-# a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc.
+# a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc,
+# and Debian's chromium (the status page's tests drive it headless with playwright).
 services: install
 	bash scripts/services.sh
 	bash scripts/images.sh
 	PYTHON=$(BIN)/python bash scripts/kafka.sh
 	bash scripts/ethereum.sh
+	bash scripts/browser.sh
 
 run: install services
 	$(BIN)/eventswarm run -c config.example.toml

@@ -569,7 +569,7 @@ class EthereumSource(Source[EthereumSourceConfig]):
         range behind, a backfill begins: its progress (blocks checkpointed of blocks to do) goes to the daemon."""
         assert self.checkpoint is not None
         settled = self.checkpoint[0]
-        ctx.set_lag(max(0, target - settled))
+        ctx.set_lag(max(0, target - settled), "blocks")
         if self.backfill_from is None and target - settled > self.range:
             self.backfill_from = settled
         if self.backfill_from is not None:

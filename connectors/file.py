@@ -248,14 +248,14 @@ class FileSource(Source[FileSourceConfig]):
             else:
                 soonest = min(soonest, wait)
         self._pending = pending
-        ctx.set_lag(len(pending))
+        ctx.set_lag(len(pending), "files")
         ordered = [rel for _, rel in sorted(ready)]  # oldest first
         for at in range(0, len(ordered), CLAIM_CHUNK):
             chunk = ordered[at:at + CLAIM_CHUNK]
             claimed = await anyio.to_thread.run_sync(self._claim_all, chunk)
             for rel in chunk:
                 self._pending.pop(rel, None)
-            ctx.set_lag(len(self._pending))
+            ctx.set_lag(len(self._pending), "files")
             await self._dispatch(ctx, claimed)  # waits while the trigger's buffer is full: claiming stops
         return soonest + 0.01
 

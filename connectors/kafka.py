@@ -43,6 +43,7 @@ from dispatcher.api import (
     Span,
     rfc3339,
     rfc3339_ms,
+    traceparent,
 )
 
 try:
@@ -238,6 +239,9 @@ def to_event(record: Any, value_format: str, received: float | None = None) -> E
     extensions: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
     if record.headers:
         extensions["kafkaheaders"] = _headers_json(record.headers)
+        trace = _trace(record.headers)
+        if trace:
+            extensions["traceparent"] = trace
     key = record.key
     subject = None
     if key is not None:
@@ -289,7 +293,14 @@ def _key(key: bytes | None) -> tuple[str | None, bytes]:
 
 
 def _headers(headers: Any) -> bytes:
-    return b',"kafkaheaders":' + encode_basestring(_headers_json(headers)).encode()
+    trace = _trace(headers)
+    return (b',"kafkaheaders":' + encode_basestring(_headers_json(headers)).encode()
+            + (b',"traceparent":"' + trace.encode() + b'"' if trace else b""))
+
+
+def _trace(headers: Any) -> str | None:
+    """A record's W3C ``traceparent`` header, when it has a well-formed one."""
+    return next((trace for key, value in headers if key == "traceparent" and (trace := traceparent(value))), None)
 
 
 def _headers_json(headers: Any) -> str:
@@ -478,8 +489,10 @@ class KafkaSource(Source[KafkaSourceConfig]):
 
         def event(payload: Payload) -> Event:
             return to_event(Record(tp.topic, tp.partition, *payload), value_format, received)
-        return Run(encoded, ids, payloads, event, ack=self._settle, token=span,
-                   partition=f"{tp.topic}/{tp.partition}", subjects=subjects, received=received)
+        run = Run(encoded, ids, payloads, event, ack=self._settle, token=span,
+                  partition=f"{tp.topic}/{tp.partition}", subjects=subjects, received=received)
+        run.trace = next((trace for *_, headers in payloads if headers and (trace := _trace(headers))), None)
+        return run
 
     async def _emit_paused(self, ctx: SourceContext, consumer: AIOKafkaConsumer, run: Run) -> None:
         """The buffer is full: pause every partition, keep polling (to stay in the group) until there is room."""
@@ -549,7 +562,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 high = consumer.highwater(tp)
                 if high is not None:
                     lag += max(0, high - mark.committable)
-            ctx.set_lag(lag)
+            ctx.set_lag(lag, "records")
             await anyio.sleep(LAG_EVERY)
 
     async def assigned(self, partitions: set[TopicPartition]) -> None:

@@ -264,7 +264,7 @@ class Lines:
                 busy |= await self._read(tail)
             elif not tail.present and time.monotonic() - tail.grew > ROTATED_GRACE and not tail.progress.in_flight:
                 await self._close(tail)
-        self.ctx.set_lag(lag)
+        self.ctx.set_lag(lag, "bytes")
         return busy
 
     async def _read(self, tail: Tail) -> bool:

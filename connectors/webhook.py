@@ -32,6 +32,7 @@ from dispatcher.api import (
     SourceContext,
     StoreError,
     parse_json,
+    traceparent,
 )
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/v1")
@@ -207,6 +208,11 @@ class WebhookSource(Source[WebhookSourceConfig]):
         delivery = headers.get(self.config.delivery_header) if self.config.delivery_header else None
         if delivery:
             extensions["deliveryid"] = delivery
+        trace = traceparent(headers.get("traceparent"))
+        if trace:  # the CloudEvents distributed-tracing extension: a trace begun outside continues in the function
+            extensions["traceparent"] = trace
+            if headers.get("tracestate"):
+                extensions["tracestate"] = headers["tracestate"][:512]
         common = {"source": f"webhook:{self.config.path}", "type": "eventswarm.webhook.request", "extensions": extensions}
         if not body:
             return Event(**common)  # type: ignore[arg-type]

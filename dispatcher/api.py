@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from dispatcher.errors import SourceError, StoreError
-from dispatcher.events import Event, Outcome, Run, RunAck, new_id, parse_json, rfc3339, rfc3339_ms
+from dispatcher.events import Event, Outcome, Run, RunAck, new_id, parse_json, rfc3339, rfc3339_ms, traceparent
 from dispatcher.progress import Committer, Progress, Span
 from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
@@ -72,6 +72,7 @@ __all__ = [
     "parse_json",
     "rfc3339",
     "rfc3339_ms",
+    "traceparent",
 ]
 
 
@@ -202,8 +203,8 @@ class SourceContext(Protocol):
         """Report whether the source is connected (for ``/readyz`` and ``status``)."""
         ...
 
-    def set_lag(self, lag: float) -> None:
-        """Report how far behind the source is (offsets, blocks, files waiting)."""
+    def set_lag(self, lag: float, unit: str = "events") -> None:
+        """Report how far behind the source is, in ``unit`` (``records``, ``blocks``, ``files``, ``bytes``)."""
         ...
 
     def set_paused(self, paused: bool) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -20,12 +21,15 @@ from dispatcher.errors import ConfigError, EventswarmError, StoreError
 from dispatcher.lock import StoreLock, StoreLocked
 from dispatcher.progress import duration_text
 from dispatcher.store import Store
+from dispatcher.units import parse_duration
 
 T = TypeVar("T")
 
 EXIT_RUNTIME = 1
 TOKEN_ENV = "EVENTSWARM_API_TOKEN"
 REQUEST_TIMEOUT = 120
+WATCH_EVERY = 2.0
+"""Seconds between two lists of `invocations --watch`."""
 """Seconds the CLI waits for the daemon (a reload waits for the changed triggers to finish what they hold)."""
 """Where the CLI finds the API token first (then in the config)."""
 EXIT_USAGE = 2
@@ -177,26 +181,45 @@ def schema() -> None:
 @main.command()
 @config_option
 @click.argument("trigger")
-@click.option("--data", "data", default=None, help="The event's data: JSON, or @FILE to read it from a file.")
+@click.option("--data", "data", default=None,
+              help="The event's data: JSON, or @FILE to read it from a file. Without it: stdin, when it is not a terminal.")
+@click.option("--filter", "filter_only", is_flag=True,
+              help="Only test the trigger's filter on this event: print `match` (exit 0) or `no match` (exit 1); "
+                   "nothing runs.")
 @click.option("--wait", is_flag=True, help="Wait for the function to finish (always the case: kept for scripts).")
-def invoke(config_path: str | None, trigger: str, data: str | None, wait: bool) -> None:
+def invoke(config_path: str | None, trigger: str, data: str | None, filter_only: bool, wait: bool) -> None:
     """Run one invocation through TRIGGER's function and executor; print its stdout."""
     from dispatcher.daemon import Daemon
     from dispatcher.events import Event
+    from dispatcher.filters import compile_filter
 
     config = _load(config_path)
     if trigger not in config.triggers:
         _fail(f"no trigger {trigger!r} (triggers: {', '.join(sorted(config.triggers)) or 'none'})", EXIT_USAGE)
     payload: Any = None
+    text: str | None = None
     if data is not None:
-        text = Path(data[1:]).read_text() if data.startswith("@") else data
+        try:
+            text = Path(data[1:]).read_text() if data.startswith("@") else data
+        except OSError as exc:
+            _fail(f"--data {data}: {exc.strerror}", EXIT_USAGE)
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()  # as faas-cli does: `echo '{"n": 1}' | eventswarm invoke t`
+    if text is not None and text.strip():
         try:
             payload = json.loads(text)
         except ValueError as exc:
-            _fail(f"--data is not JSON: {exc}", EXIT_USAGE)
+            _fail(f"the data is not JSON: {exc}", EXIT_USAGE)
     event = Event(source="eventswarm:invoke", type="eventswarm.invoke", data=payload)
+    if filter_only:
+        predicate = compile_filter(config.triggers[trigger].filter)
+        if predicate is None or predicate(event):
+            click.echo("match" if predicate else "match (the trigger has no filter)")
+            return
+        click.echo("no match")
+        sys.exit(1)
 
-    outcome = _run(lambda: Daemon(config).invoke_once(trigger, event))
+    outcome = _run(lambda: Daemon(config, exclusive=False).invoke_once(trigger, event))
     sys.stdout.buffer.write(outcome.stdout)
     sys.stdout.flush()
     if outcome.status != "succeeded":
@@ -205,32 +228,158 @@ def invoke(config_path: str | None, trigger: str, data: str | None, wait: bool) 
 
 
 @main.command()
-@config_option
-@click.option("--trigger", default=None)
-@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "timed_out"]), default=None)
-@click.option("--limit", type=click.IntRange(1, 100000), default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-def invocations(config_path: str | None, trigger: str | None, status: str | None, limit: int, as_json: bool) -> None:
-    """Invocation records, newest first."""
-    records = _store(config_path).invocations(trigger=trigger, status=status, limit=limit)
-    if as_json:
-        click.echo(json.dumps([r.to_json() for r in records], indent=2))
-        return
-    click.echo(f"{'ID':32}  {'TRIGGER':16} {'STATUS':10} {'ATTEMPT':>7} {'EVENTS':>6} {'EXIT':>4}  QUEUED")
+@click.option("--dir", "folder", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write eventswarm.toml and functions/.")
+@click.option("--executor", type=click.Choice(["auto", "process", "docker"]), default="auto", show_default=True,
+              help="auto: docker when a Docker engine answers here, else process.")
+@click.option("--force", is_flag=True, help="Replace files that exist.")
+def init(folder: str, executor: str, force: bool) -> None:
+    """Write a commented starter eventswarm.toml and a function skeleton (a webhook trigger to try at once)."""
+    from dispatcher import starter
+
+    kind = executor if executor != "auto" else ("docker" if starter.docker_answers() else "process")
+    try:
+        written = starter.write(Path(folder), kind, force)
+    except FileExistsError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        _fail(f"cannot write the starter files: {exc}")
+    for path in written:
+        click.echo(f"wrote {path}")
+    config = written[0]
+    if kind == "docker":
+        click.echo(f"next: docker build -t hello-fn:latest {written[1].parent}")
+    click.echo(f"then: eventswarm run -c {config}   and   curl -d '{{\"n\": 1}}' http://127.0.0.1:8080/hooks/hello")
+
+
+def output_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o table|wide|json`` (``--json`` is kept as an alias of ``-o json``)."""
+    fn = click.option("--json", "as_json", is_flag=True, help="The same as -o json.")(fn)
+    return click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table",
+                        show_default=True, help="table, wide (every column) or json (an array of objects).")(fn)
+
+
+def _resolve(store: Store, table: str, prefix: str, what: str) -> str:
+    """The whole id that ``prefix`` names (a unique prefix is enough, as docker takes them); else exit 1."""
+    found = store.resolve(table, prefix)
+    if not found:
+        _fail(f"no {what} {prefix}")
+    if len(found) > 1:
+        _fail(f"{prefix} is the start of several {what} ids ({', '.join(found)}, …): give more of it")
+    return found[0]
+
+
+def _age(ts: float | None, now: float) -> str:
+    return "" if ts is None else _short(now - ts)
+
+
+def _short(seconds: float) -> str:
+    """``850ms``, ``42s``, ``3m``, ``5h``, ``2d``: kubectl's way."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit != "m" else 1):
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+
+
+def _duration(record: Any, now: float) -> str:
+    if record.started_at is None:
+        return ""
+    end = record.finished_at if record.finished_at is not None else now
+    return _short(end - record.started_at) + ("" if record.finished_at is not None else "…")
+
+
+def _invocation_rows(records: list[Any], wide: bool) -> list[str]:
+    now = time.time()
+    header = f"{'ID':32}  {'TRIGGER':16} {'STATUS':10} {'ATTEMPT':>7} {'EVENTS':>6} {'EXIT':>4} {'AGE':>6} {'DURATION':>9}"
+    if wide:
+        header += f"  {'FUNCTION':16} {'QUEUED':24} EXECUTOR REF"
+    lines = [header]
     for r in records:
-        doc = r.to_json()
         exit_code = "" if r.exit_code is None else str(r.exit_code)
-        click.echo(f"{r.id:32}  {r.trigger:16} {r.status:10} {r.attempt:>7} {r.batch_size:>6} {exit_code:>4}  {doc['queued_at']}")
+        line = (f"{r.id:32}  {r.trigger:16} {r.status:10} {r.attempt:>7} {r.batch_size:>6} {exit_code:>4} "
+                f"{_age(r.queued_at, now):>6} {_duration(r, now):>9}")
+        if wide:
+            line += f"  {r.function:16} {r.to_json()['queued_at']:24} {r.executor_ref or ''}"
+        lines.append(line)
+    return lines
+
+
+@main.group(invoke_without_command=True)
+@config_option
+@click.option("--trigger", default=None, help="Only this trigger's.")
+@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "timed_out"]), default=None)
+@click.option("--since", default=None, help="Only those queued within this long, e.g. 10m, 2h.")
+@click.option("--limit", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option("--watch", is_flag=True, help="Print the list again every 2 s, until interrupted.")
+@output_option
+@click.pass_context
+def invocations(ctx: click.Context, config_path: str | None, trigger: str | None, status: str | None,
+                since: str | None, limit: int, watch: bool, output: str, as_json: bool) -> None:
+    """Invocation records, newest first (AGE since queued, DURATION of the run); `invocations show ID` for one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        window = parse_duration(since) if since else None
+    except ValueError as exc:
+        _fail(f"--since: {exc}", EXIT_USAGE)
+    store = _store(config_path)
+    while True:
+        records = store.invocations(trigger=trigger, status=status, limit=limit,
+                                    since=time.time() - window if window is not None else None)
+        if as_json or output == "json":
+            click.echo(json.dumps([r.to_json() for r in records], indent=2))
+        else:
+            click.echo("\n".join(_invocation_rows(records, output == "wide")))
+        if not watch:
+            return
+        try:
+            time.sleep(WATCH_EVERY)
+        except KeyboardInterrupt:
+            return
+        click.echo(f"\n-- {time.strftime('%H:%M:%S')}")
+
+
+@invocations.command("show")
+@config_option
+@click.argument("invocation_id")
+@output_option
+def invocations_show(config_path: str | None, invocation_id: str, output: str, as_json: bool) -> None:
+    """One invocation, every field (a unique prefix of its id is enough)."""
+    store = _store(config_path)
+    record = store.invocation(_resolve(store, "invocations", invocation_id, "invocation"))
+    assert record is not None
+    doc = record.to_json()
+    stdout, stderr = store.logs(record.id) or (b"", b"")
+    doc["stdout_bytes"], doc["stderr_bytes"] = len(stdout), len(stderr)
+    if as_json or output == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    width = max(len(k) for k in doc)
+    for key, value in doc.items():
+        shown = ", ".join(value) if isinstance(value, list) else ("" if value is None else value)
+        click.echo(f"{key + ':':{width + 1}} {shown}")
 
 
 @main.command()
 @config_option
-@click.argument("invocation_id")
-def logs(config_path: str | None, invocation_id: str) -> None:
-    """Captured stdout, then stderr, of one invocation."""
-    found = _store(config_path).logs(invocation_id)
-    if found is None:
-        _fail(f"no invocation {invocation_id}")
+@click.argument("invocation_id", required=False)
+@click.option("--last", "last_of", default=None, metavar="TRIGGER", help="The newest invocation of TRIGGER.")
+def logs(config_path: str | None, invocation_id: str | None, last_of: str | None) -> None:
+    """Captured stdout, then stderr, of one invocation (a unique prefix of its id is enough)."""
+    store = _store(config_path)
+    if last_of:
+        newest = store.invocations(trigger=last_of, limit=1)
+        if not newest:
+            _fail(f"trigger {last_of!r} has no invocations")
+        invocation_id = newest[0].id
+    elif not invocation_id:
+        _fail("name an invocation, or --last TRIGGER", EXIT_USAGE)
+    else:
+        invocation_id = _resolve(store, "invocations", invocation_id, "invocation")
+    found = store.logs(invocation_id)
+    assert found is not None
     stdout, stderr = found
     sys.stdout.buffer.write(stdout)
     sys.stdout.flush()
@@ -246,16 +395,19 @@ def dlq() -> None:
 @dlq.command("list")
 @config_option
 @click.option("--trigger", default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-def dlq_list(config_path: str | None, trigger: str | None, as_json: bool) -> None:
-    """List dead letters, oldest first."""
+@output_option
+def dlq_list(config_path: str | None, trigger: str | None, output: str, as_json: bool) -> None:
+    """List dead letters, oldest first (AGE since created)."""
     letters = _store(config_path).dead_letters(trigger=trigger)
-    if as_json:
+    if as_json or output == "json":
         click.echo(json.dumps([d.to_json() for d in letters], indent=2))
         return
-    click.echo(f"{'ID':32}  {'TRIGGER':16} {'EVENT':32} {'ATTEMPTS':>8}  CREATED")
+    now = time.time()
+    wide = output == "wide"
+    click.echo(f"{'ID':32}  {'TRIGGER':16} {'EVENT':32} {'ATTEMPTS':>8} {'AGE':>6}" + ("  CREATED" if wide else ""))
     for d in letters:
-        click.echo(f"{d.id:32}  {d.trigger:16} {d.event.get('id', ''):32} {len(d.attempts):>8}  {d.to_json()['created_at']}")
+        click.echo(f"{d.id:32}  {d.trigger:16} {d.event.get('id', ''):32} {len(d.attempts):>8} "
+                   f"{_age(d.created_at, now):>6}" + (f"  {d.to_json()['created_at']}" if wide else ""))
 
 
 @dlq.command("show")
@@ -263,7 +415,8 @@ def dlq_list(config_path: str | None, trigger: str | None, as_json: bool) -> Non
 @click.argument("dead_letter_id")
 def dlq_show(config_path: str | None, dead_letter_id: str) -> None:
     """One dead letter as JSON: the event and every attempt."""
-    letter = _store(config_path).dead_letter(dead_letter_id)
+    store = _store(config_path)
+    letter = store.dead_letter(_resolve(store, "dead_letters", dead_letter_id, "dead letter"))
     if letter is None:
         _fail(f"no dead letter {dead_letter_id}")
     click.echo(json.dumps(letter.to_json(), indent=2))
@@ -279,6 +432,9 @@ def dlq_replay(config_path: str | None, ids: tuple[str, ...], trigger: str | Non
     if not ids and not trigger:
         _fail("name dead letter ids or --trigger", EXIT_USAGE)
     base = _daemon_url(config_path, url)
+    if ids:
+        store = _store(config_path)
+        ids = tuple(_resolve(store, "dead_letters", i, "dead letter") for i in ids)
     answer = _request(f"{base}/v1/dead-letters/replay", {"ids": list(ids), "trigger": trigger},
                       config_path=config_path)
     click.echo(f"replaying {answer['replayed']} dead letters")
@@ -306,10 +462,11 @@ def status(config_path: str | None, url: str | None, as_json: bool) -> None:
     config = report.get("config") or {}
     click.echo(f"executor: {report['executor']}" + (f"  config: {config['hash'][:12]} (loaded {config['loaded_at']})"
                                                      if config.get("hash") else ""))
-    click.echo(f"{'TRIGGER':16} {'SOURCE':9} {'STATE':9} {'BUFFERED':>8} {'IN-FLIGHT':>9} {'LAG':>8}  LAST ERROR")
+    click.echo(f"{'TRIGGER':16} {'SOURCE':9} {'STATE':9} {'BUFFERED':>8} {'IN-FLIGHT':>9} {'LAG':>16}  LAST ERROR")
     for t in report["triggers"]:
+        lag = f"{t['lag']:,.0f} {t.get('lag_unit', '')}".strip()
         click.echo(f"{t['trigger']:16} {t['source']:9} {t['state']:9} {t['buffered']:>8} {t['in_flight']:>9} "
-                   f"{t['lag']:>8g}  {t['last_error'] or ''}")
+                   f"{lag:>16}  {t['last_error'] or ''}")
     for t in report["triggers"]:
         backfill = t.get("backfill")
         if backfill:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from dispatcher.errors import ConfigError, ExecutorError, SourceError, StoreErro
 from dispatcher.executors import Executor, create
 from dispatcher.http import HttpServer
 from dispatcher.lock import StoreLock
+from dispatcher.logs import fields
 from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
 from dispatcher.plugins import connectors
@@ -115,8 +117,10 @@ class Trigger:
         self.stopped: str | None = None
         self.source_error: str | None = None
         self.lag = 0.0
+        self.lag_unit = "events"
         self.paused = False
         self.backfill: Backfill | None = None
+        self._samples: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW // RATE_EVERY + 1)
         self.done = anyio.Event()
         self._handlers: set[HttpHandler] = set()
         self._sync = anyio.CapacityLimiter(config.max_in_flight)
@@ -144,7 +148,7 @@ class Trigger:
             return await self.dispatcher.invoke_once(event)
 
     def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int) -> None:
-        self.http.add_route(method, path, handler, max_body=max_body)
+        self.http.add_route(method, path, handler, max_body=max_body, trigger=self.trigger)
         self._handlers.add(handler)
 
     def set_ready(self, ready: bool, error: str | None = None) -> None:
@@ -152,13 +156,19 @@ class Trigger:
         if error:
             self.source_error = error
 
-    def set_lag(self, lag: float) -> None:
-        self.lag = lag
-        self.metrics.source_lag.labels(self.trigger).set(lag)
+    def set_lag(self, lag: float, unit: str = "events") -> None:
+        if unit != self.lag_unit:
+            try:
+                self.metrics.source_lag.remove(self.trigger, self.lag_unit)
+            except KeyError:
+                pass
+        self.lag, self.lag_unit = lag, unit
+        self.metrics.source_lag.labels(self.trigger, unit).set(lag)
 
     def set_paused(self, paused: bool) -> None:
         if paused != self.paused:
-            log.info("source of trigger %s %s", self.trigger, "paused: it stops reading until there is room" if paused else "resumed")
+            what = "paused: it stops reading until there is room" if paused else "resumed"
+            log.info("source of trigger %s %s", self.trigger, what, extra=fields(f"source {what}", trigger=self.trigger))
         self.paused = paused
         self.metrics.source_paused.labels(self.trigger).set(1 if paused else 0)
 
@@ -174,7 +184,9 @@ class Trigger:
             self.backfill = Backfill(unit, done, total, now)
             log.info("source of trigger %s: backfill of %s %s begins", self.trigger, f"{total - done:,.0f}", unit)
         elif self.backfill.update(done, total, now):
-            log.info("source of trigger %s: backfill: %s", self.trigger, self.backfill.describe())
+            log.info("source of trigger %s: backfill: %s", self.trigger, self.backfill.describe(),
+                     extra=fields(f"backfill: {self.backfill.describe()}", trigger=self.trigger,
+                                  backfill=self.backfill.report()))
 
     # -- running ----------------------------------------------------------------------------
 
@@ -231,10 +243,12 @@ class Trigger:
                 if not exc.temporary:
                     raise
                 self.set_ready(False, str(exc))
-                log.warning("source of trigger %s failed: %s; restarting in %.0fs", self.trigger, exc, delay)
+                log.warning("source of trigger %s failed: %s; restarting in %.0fs", self.trigger, exc, delay,
+                            extra=fields(f"source failed: {exc}; restarting in {delay:.0f}s", trigger=self.trigger))
             except Exception as exc:
                 self.set_ready(False, f"{type(exc).__name__}: {exc}")
-                log.exception("source of trigger %s crashed; restarting in %.0fs", self.trigger, delay)
+                log.exception("source of trigger %s crashed; restarting in %.0fs", self.trigger, delay,
+                              extra=fields(f"source crashed; restarting in {delay:.0f}s", trigger=self.trigger))
             finally:
                 self._source_scope = None
                 # Its routes answer 503 until it serves them again: nothing is accepted without a live source.
@@ -257,12 +271,29 @@ class Trigger:
             "buffered": self.pipeline.depth,
             "in_flight": self.in_flight,
             "lag": self.lag,
+            "lag_unit": self.lag_unit,
             "paused": self.paused,
             "backfill": self.backfill.report() if self.backfill else None,
             # A source down for a reason says so first; else the last failed invocation, else the source's last error.
             "last_error": (self.stopped or (self.source_error if not self.ready else None) or self.dispatcher.last_error
                            or self.source_error),
+            "last_error_at": rfc3339(self.dispatcher.last_error_at) if self.dispatcher.last_error_at else None,
+            "last_error_invocation": self.dispatcher.last_error_invocation,
+            "received": int(self.metrics.events_received.labels(self.trigger)._value.get()),
+            "acked": int(self.metrics.events_acked.labels(self.trigger)._value.get()),
+            "events_per_s": round(self.rate(), 2),
         }
+
+    def sample(self, now: float) -> None:
+        """Note how many events have come so far (every few seconds: the rate over the last minute)."""
+        self._samples.append((now, self.metrics.events_received.labels(self.trigger)._value.get()))
+
+    def rate(self) -> float:
+        """Events received per second over the last minute (0 before two samples)."""
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 GC_THRESHOLDS = (10_000, 10, 10)
@@ -281,14 +312,16 @@ def tune_gc() -> None:
 class Daemon:
     """Everything one ``eventswarm run`` runs."""
 
-    def __init__(self, config: ConfigBase, config_path: str | None = None) -> None:
+    def __init__(self, config: ConfigBase, config_path: str | None = None, *, exclusive: bool = True) -> None:
         self.config = config
         self.config_path = config_path
         """The file ``reload`` reads again (None: a config given in code, which cannot be reloaded)."""
         self.loaded = _Loaded.of(config_path)
         self.metrics = Metrics()
         self.owner = owner_id(config.daemon.state_path)
-        self.lock = StoreLock(config.daemon.state_path).acquire()  # before anything is touched
+        self.lock = StoreLock(config.daemon.state_path)
+        if exclusive:  # (``invoke`` runs one invocation beside a running daemon: it takes no lock)
+            self.lock.acquire()  # before anything is touched
         try:
             self.store = Store(config.daemon.state_path, check=True)
             self.state = StateStore(self.store)
@@ -298,7 +331,7 @@ class Daemon:
             raise
         host, port = config.daemon.host_port
         self.http = HttpServer(host, port, metrics=self.metrics, state=self.state, status=self._status, ready=self._ready,
-                               replay=self._replay, reload=self._reload_request,
+                               replay=self._replay, reload=self._reload_request, letters=self._letters,
                                client_timeout=config.daemon.client_timeout,
                                max_connections=config.daemon.max_connections,
                                tokens=config.daemon.api_token.values() if config.daemon.api_token.given else (),
@@ -460,6 +493,7 @@ class Daemon:
                 if handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._housekeeping)
+                tg.start_soon(self._sampling)
                 self.started.set()
                 await self._stop.wait()
                 await self._shutdown()
@@ -495,6 +529,10 @@ class Daemon:
                 self.stop()
                 return
 
+    async def _letters(self, trigger: str | None, limit: int) -> list[dict[str, Any]]:
+        letters = await self.state.read(lambda s: s.dead_letters(trigger=trigger, limit=limit))
+        return [letter.to_json() for letter in letters]
+
     async def _reload_request(self) -> tuple[int, dict[str, Any]]:
         """``POST /v1/reload``: 200 with what changed, or 422 with every error of the config (nothing changed)."""
         try:
@@ -507,6 +545,13 @@ class Daemon:
             await self.reload()
         except ConfigError:
             pass  # (logged, line by line)
+
+    async def _sampling(self) -> None:
+        while True:
+            now = time.monotonic()
+            for trigger in list(self.triggers.values()):
+                trigger.sample(now)
+            await anyio.sleep(RATE_EVERY)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -530,6 +575,10 @@ class Daemon:
         self.lock.release()
 
 
+RATE_EVERY = 5
+"""Seconds between two samples of each trigger's events received (for its events/s)."""
+RATE_WINDOW = 60
+"""The rate in status is over this many seconds."""
 RETIRE_POLL = 0.05
 """How often a trigger being retired is checked for what it still holds."""
 

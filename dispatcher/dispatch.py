@@ -20,6 +20,7 @@ from dispatcher.config import FunctionConfig, RetryConfig, TriggerBase
 from dispatcher.errors import ExecutorError, SourceError, StoreError
 from dispatcher.events import Event, Run, new_id
 from dispatcher.executors import Executor, Invocation, Result
+from dispatcher.logs import fields
 from dispatcher.metrics import Metrics
 from dispatcher.store import (
     DeadLetter,
@@ -163,7 +164,11 @@ class Dispatcher:
         self.owner = owner
         self.draining = anyio.Event()
         self._acked = metrics.events_acked.labels(trigger)
+        self._latency = metrics.event_latency.labels(trigger)
         self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_error_invocation: str | None = None
+        """When the last failed invocation ended, and which one it was (the status page links to its logs)."""
         self.ack_failed: Callable[[str], None] = lambda reason: None
         """Called when a source's acknowledgement raised: the trigger fails its source, which restarts."""
 
@@ -178,7 +183,9 @@ class Dispatcher:
             await self._deliver(batch)
         except HandedBack:
             log.warning("a batch of trigger %s is handed back to its source: the daemon stops while the state "
-                        "store fails", self.trigger)
+                        "store fails", self.trigger, extra=fields("a batch is handed back to its source: the daemon "
+                                                                  "stops while the state store fails",
+                                                                  trigger=self.trigger, events=sum(map(len, batch))))
 
     async def _deliver(self, batch: list[Run]) -> None:
         retry = self.config.retry
@@ -290,7 +297,8 @@ class Dispatcher:
                 input=input_document(self.trigger, self.function_name, invocation_id, attempt, runs),
                 env={"EVENTSWARM_TRIGGER": self.trigger, "EVENTSWARM_FUNCTION": self.function_name,
                      "EVENTSWARM_BATCH_ID": invocation_id, "EVENTSWARM_ATTEMPT": str(attempt),
-                     "EVENTSWARM_EVENT_COUNT": str(count)},
+                     "EVENTSWARM_EVENT_COUNT": str(count),
+                     **_trace_env(runs)},
                 args=args, owner=self.owner,
             )
             async with self.limiter:
@@ -317,8 +325,11 @@ class Dispatcher:
         self.metrics.batches.labels(self.trigger, status).inc()
         if status != "succeeded":
             self.last_error = error
+            self.last_error_at, self.last_error_invocation = time.time(), invocation_id
             log.warning("invocation %s of trigger %s failed (attempt %d, %d events): %s",
-                        invocation_id, self.trigger, attempt, count, error)
+                        invocation_id, self.trigger, attempt, count, error,
+                        extra=fields(f"invocation failed: {error}", trigger=self.trigger, invocation_id=invocation_id,
+                                     events=count, attempt=attempt))
         with anyio.CancelScope(shield=True):
             await self.durably(*pending, finish_invocation(
                 invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,
@@ -362,7 +373,9 @@ class Dispatcher:
         why = final.error or (f"exit code {final.exit_code}" if final.exit_code is not None else None)
         if policy == "drop":
             self.metrics.events_dropped.labels(self.trigger, "exhausted").inc(len(run))
-            log.warning("%s of trigger %s dropped after %d attempts", what, self.trigger, tries)
+            log.warning("%s of trigger %s dropped after %d attempts", what, self.trigger, tries,
+                        extra=fields(f"dropped after {tries} attempts", trigger=self.trigger, invocation_id=last,
+                                     events=len(run), first_event=run.ids[0]))
             await self.ack(run, Outcome("dropped", last, exit_code=final.exit_code, error=why))
             return
         attempts = [asdict(a) for a in delivery.attempts]
@@ -371,7 +384,10 @@ class Dispatcher:
         self.metrics.dead_letters.labels(self.trigger).inc(len(letters))
         log.warning("%s of trigger %s stored as dead letter%s %s after %d attempts", what, self.trigger,
                     "s" if len(letters) > 1 else "", ", ".join(letter.id for letter in letters[:3]) +
-                    (", …" if len(letters) > 3 else ""), tries)
+                    (", …" if len(letters) > 3 else ""), tries,
+                    extra=fields(f"stored as dead letters after {tries} attempts", trigger=self.trigger,
+                                 invocation_id=last, events=len(run), first_event=run.ids[0],
+                                 dead_letters=[letter.id for letter in letters[:10]]))
         await self.ack(run, Outcome("dead-lettered", last, exit_code=final.exit_code, error=why))
 
     async def ack_all(self, runs: list[Run], outcome: Outcome) -> None:
@@ -399,6 +415,7 @@ class Dispatcher:
         restarts, and the events it could not acknowledge come again from their origin.
         """
         self._acked.inc(len(run))
+        self._latency.observe(time.time() - run.received)
         ack = run.ack
         if ack is None:
             return
@@ -409,5 +426,13 @@ class Dispatcher:
         except Exception as exc:
             reason = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
             log.error("acknowledging %d events of trigger %s (from %s) failed: %s", len(run), self.trigger,
-                      run.ids[0], reason, exc_info=not isinstance(exc, SourceError))
+                      run.ids[0], reason, exc_info=not isinstance(exc, SourceError),
+                      extra=fields(f"acknowledging events failed: {reason}", trigger=self.trigger, events=len(run),
+                                   first_event=run.ids[0]))
             self.ack_failed(f"acknowledging events failed: {reason}")
+
+
+def _trace_env(runs: list[Run]) -> dict[str, str]:
+    """``TRACEPARENT`` for the function: the trace of the batch's first event that came with one."""
+    trace = next((run.trace for run in runs if run.trace), None)
+    return {"TRACEPARENT": trace} if trace else {}

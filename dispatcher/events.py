@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time as _time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,21 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def traceparent(value: str | bytes | None) -> str | None:
+    """A W3C ``traceparent`` header's value when it is one (version-traceid-parentid-flags, lower-case hex, the
+    all-zero ids refused); else None: a malformed one is dropped, never passed on."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not value:
+        return None
+    value = value.strip()
+    if not _TRACEPARENT.match(value) or value.startswith("ff") or value[3:35] == "0" * 32 or value[36:52] == "0" * 16:
+        return None
+    return value
 
 _MISSING = object()
 _CORE = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data", "data_base64")
@@ -225,7 +241,8 @@ class Run:
     ``ordering = "partition"``.
     """
 
-    __slots__ = ("_nbytes", "ack", "encoded", "ids", "make", "partition", "payloads", "received", "subjects", "token")
+    __slots__ = ("_nbytes", "ack", "encoded", "ids", "make", "partition", "payloads", "received", "subjects", "token",
+                 "trace")
 
     def __init__(self, encoded: list[bytes], ids: list[str], payloads: list[Any], make: Callable[[Any], Event] = _same,
                  *, ack: RunAck | None = None, token: Any = None, partition: str | None = None,
@@ -239,14 +256,19 @@ class Run:
         self.partition = partition
         self.subjects = subjects
         self.received = _time.time() if received is None else received
+        self.trace: str | None = None
+        """The W3C ``traceparent`` of its first event that has one (the function's ``TRACEPARENT``)."""
         self._nbytes = -1
 
     @classmethod
     def of(cls, events: list[Event], ack: RunAck | None = None, token: Any = None) -> Run:
         """A run of ready-made events (webhooks, replays); its partition is the first event's."""
-        return cls([e.encode() for e in events], [e.id for e in events], events, ack=ack, token=token,
-                   partition=events[0].partition if events else None, subjects=[e.subject for e in events],
-                   received=min((e.received for e in events), default=None))
+        run = cls([e.encode() for e in events], [e.id for e in events], events, ack=ack, token=token,
+                  partition=events[0].partition if events else None, subjects=[e.subject for e in events],
+                  received=min((e.received for e in events), default=None))
+        run.trace = next((e.extensions["traceparent"] for e in events if e.extensions and "traceparent" in e.extensions),
+                         None)
+        return run
 
     @classmethod
     def single(cls, event: Event, ack: Callable[[Outcome], Awaitable[None]] | None = None) -> Run:
@@ -282,8 +304,10 @@ class Run:
 
     def _part(self, encoded: list[bytes], ids: list[str], payloads: list[Any],
               subjects: list[str | None] | None) -> Run:
-        return Run(encoded, ids, payloads, self.make, ack=self.ack, token=self.token, partition=self.partition,
+        part = Run(encoded, ids, payloads, self.make, ack=self.ack, token=self.token, partition=self.partition,
                    subjects=subjects, received=self.received)
+        part.trace = self.trace
+        return part
 
     def slice(self, start: int, stop: int | None = None) -> Run:
         """Events ``start`` to ``stop`` as a run of their own, settled through the same ack."""

@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,7 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from dispatcher.api import HttpHandler, HttpRequest, HttpResponse
-from dispatcher.metrics import CONTENT_TYPE, Metrics
+from dispatcher.metrics import Metrics
 from dispatcher.store import StateStore
 
 log = logging.getLogger("eventswarm.http")
@@ -90,13 +91,17 @@ logging.getLogger("aiohttp.server").addFilter(_QuietBadRequests())
 Probe = Callable[[], Awaitable[dict[str, Any]]]
 Replay = Callable[[list[str], str | None], Awaitable[dict[str, Any]]]
 Reload = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
+Letters = Callable[[str | None, int], Awaitable[list[dict[str, Any]]]]
+PAGE = Path(__file__).parent / "static" / "index.html"
+"""The status page: HTML, CSS and JavaScript in one file, nothing fetched from elsewhere."""
 
 
 class HttpServer:
     """Serves the daemon's endpoints and the routes sources add (``SourceContext.add_route``)."""
 
     def __init__(self, host: str, port: int, *, metrics: Metrics, state: StateStore, status: Probe, ready: Probe,
-                 replay: Replay, reload: Reload | None = None, client_timeout: float = 30.0, max_connections: int = 1000,
+                 replay: Replay, reload: Reload | None = None, letters: Letters | None = None,
+                 client_timeout: float = 30.0, max_connections: int = 1000,
                  tokens: Sequence[str] = (), metrics_public: bool = False) -> None:
         self.host = host
         self.port = port
@@ -106,6 +111,7 @@ class HttpServer:
         self.ready = ready
         self.replay = replay
         self.reload = reload
+        self.letters = letters
         self.accepting = True
         self.client_timeout = client_timeout
         self.max_connections = max_connections
@@ -117,10 +123,14 @@ class HttpServer:
         self._listener: asyncio.Server | None = None
         self.connections = 0
         """Open HTTP connections."""
+        self._route_triggers: dict[str, str] = {}
         self.busy: dict[HttpHandler, int] = {}
         """Requests each source route's handler is answering now."""
 
-    def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int) -> None:
+    def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int, trigger: str = "") -> None:
+        """Serve ``method path`` with ``handler`` (for ``trigger``: its answers are counted under its name)."""
+        if trigger:
+            self._route_triggers[path] = trigger
         methods = self._routes.setdefault(path, {})
         current = methods.get(method.upper())
         if current is not None and current[0] is not None:
@@ -143,6 +153,8 @@ class HttpServer:
             "/v1/status": {"GET": self._status},
             "/v1/dead-letters/replay": {"POST": self._replay},
             "/v1/reload": {"POST": self._reload},
+            "/v1/dead-letters": {"GET": self._dead_letters},
+            "/": {"GET": self._page},
         }
         # aiohttp's low-level server with one handler: a webhook costs one dict lookup to route, not a
         # walk through an application's router and middlewares (measured: about a tenth of a request's cost).
@@ -178,12 +190,16 @@ class HttpServer:
         path = request.path
         methods = self._routes.get(path)
         if methods:
-            return await self._source_route(request, methods)
+            response = await self._source_route(request, methods)
+            self.metrics.webhook_responses.labels(self._route_triggers.get(path, ""), str(response.status)).inc()
+            return response
         endpoints = self._endpoints.get(path)
-        if endpoints is None and path.startswith(LOGS_PREFIX) and path.endswith(LOGS_SUFFIX):
-            invocation_id = path[len(LOGS_PREFIX):-len(LOGS_SUFFIX)]
+        if endpoints is None and path.startswith(LOGS_PREFIX):
+            rest = path[len(LOGS_PREFIX):]
+            invocation_id = rest.removesuffix(LOGS_SUFFIX)
             if invocation_id and "/" not in invocation_id:
-                endpoints = {"GET": lambda request: self._logs(request, invocation_id)}
+                wanted = self._logs if rest.endswith(LOGS_SUFFIX) else self._invocation
+                endpoints = {"GET": lambda request: wanted(request, invocation_id)}
         if endpoints is None:
             return _error(404, f"nothing is served at {path}")
         endpoint = endpoints.get("GET" if request.method == "HEAD" else request.method)
@@ -214,7 +230,8 @@ class HttpServer:
         return web.json_response(report, status=200 if report.get("ready") else 503)
 
     async def _metrics(self, _request: web.BaseRequest) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        body, content_type = self.metrics.render(_request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _status(self, _request: web.BaseRequest) -> web.Response:
         return web.json_response(await self.status())
@@ -237,6 +254,22 @@ class HttpServer:
             return _error(400, f"name the dead letters to replay: {usage}")
         return web.json_response(await self.replay(ids, trigger))
 
+    async def _page(self, _request: web.BaseRequest) -> web.Response:
+        """The status page (it reads /v1 with the API token it is given, so it needs none itself)."""
+        return web.Response(body=PAGE.read_bytes(), headers={
+            "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache",
+            "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                                       "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"})
+
+    async def _dead_letters(self, request: web.BaseRequest) -> web.Response:
+        if self.letters is None:
+            return _error(404, "this server keeps no dead letters")
+        try:
+            limit = max(1, min(int(request.query.get("limit", "100")), 1000))
+        except ValueError:
+            return _error(400, "limit must be a number")
+        return web.json_response(await self.letters(request.query.get("trigger"), limit))
+
     async def _reload(self, _request: web.BaseRequest) -> web.Response:
         if self.reload is None:
             return _error(404, "this server cannot reload")
@@ -255,10 +288,23 @@ class HttpServer:
             lambda s: s.invocations(trigger=query.get("trigger"), status=query.get("status"), limit=limit))
         return web.json_response([r.to_json() for r in records])
 
-    async def _logs(self, _request: web.BaseRequest, invocation_id: str) -> web.Response:
-        found = await self.state.read(lambda s: s.logs(invocation_id))
-        if found is None:
-            return web.json_response({"error": f"no invocation {invocation_id}"}, status=404)
+    async def _of_invocation(self, prefix: str, read: Callable[[Any, str], Any]) -> Any:
+        """``read(store, id)`` for the invocation ``prefix`` names (whole, or a unique prefix); else the 404 or 400
+        answer saying why."""
+        found = await self.state.read(lambda s: s.resolve("invocations", prefix))
+        if len(found) > 1:
+            return _error(400, f"{prefix} is the start of several invocation ids: give more of it")
+        result = await self.state.read(lambda s: read(s, found[0])) if found else None
+        return _error(404, f"no invocation {prefix}") if result is None else result
+
+    async def _invocation(self, _request: web.BaseRequest, prefix: str) -> web.Response:
+        record = await self._of_invocation(prefix, lambda s, i: s.invocation(i))
+        return record if isinstance(record, web.Response) else web.json_response(record.to_json())
+
+    async def _logs(self, _request: web.BaseRequest, prefix: str) -> web.Response:
+        found = await self._of_invocation(prefix, lambda s, i: s.logs(i))
+        if isinstance(found, web.Response):
+            return found
         return web.json_response({"stdout": found[0].decode("utf-8", "replace"), "stderr": found[1].decode("utf-8", "replace")})
 
     async def _source_route(self, request: web.BaseRequest,

@@ -8,14 +8,22 @@ import sys
 import time
 
 
+def fields(message: str, **values: object) -> dict[str, object]:
+    """``extra=`` for a log call about a trigger, an invocation or a run of events: JSON logs put these values in
+    fields of their own (``trigger``, ``invocation_id``, ``events``, ``attempt``…) beside ``message``, the line
+    without them; text logs keep the whole line."""
+    return {"fields": {k: v for k, v in values.items() if v is not None}, "plain": message}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": getattr(record, "plain", None) or record.getMessage(),
         }
+        doc.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
         return json.dumps(doc)

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: a timestamp per counter nobody alerts on
+
+
+def _version() -> str:
+    try:
+        return version("eventswarm")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
@@ -26,7 +50,23 @@ class Metrics:
                                    ["trigger"], registry=r)
         self.source_errors = Counter("eventswarm_source_errors", "Times a source failed (it restarts; last_error in status says why).",
                                      ["trigger"], registry=r)
-        self.source_lag = Gauge("eventswarm_source_lag", "How far behind the source is (offsets, blocks, files).", ["trigger"], registry=r)
+        self.source_lag = Gauge("eventswarm_source_lag", "How far behind the source is, in its unit (the unit label): "
+                                "records (Kafka), blocks (Ethereum), files or bytes (file).", ["trigger", "unit"], registry=r)
+        self.webhook_responses = Counter("eventswarm_webhook_responses", "Webhook requests answered, by status code.",
+                                         ["trigger", "code"], registry=r)
+        self.event_latency = Histogram("eventswarm_event_latency_seconds", "From events received to settled "
+                                       "(acknowledged or dead-lettered), one observation per run of events handed over "
+                                       "together (a webhook request, a Kafka fetch's records of a partition, a block range's logs).",
+                                       ["trigger"], registry=r, buckets=LATENCY_BUCKETS)
+        self.build_info = Gauge("eventswarm_build_info", "Always 1: the daemon's version and Python's.", ["version", "python"],
+                                registry=r)
+        self.build_info.labels(_version(), platform.python_version()).set(1)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The metrics and their content type: OpenMetrics when ``accept`` (the scraper's Accept header) asks for it,
+        else Prometheus text."""
+        if "application/openmetrics-text" in accept:
+            return generate_openmetrics(self.registry), OPENMETRICS_TYPE  # type: ignore[no-untyped-call]
+        return generate_latest(self.registry), CONTENT_TYPE

@@ -231,20 +231,38 @@ class Store:
 
     # -- invocations ------------------------------------------------------------------------
 
-    def invocations(self, *, trigger: str | None = None, status: str | None = None, limit: int = 50) -> list[InvocationRecord]:
-        where, params = [], []
+    def invocations(self, *, trigger: str | None = None, status: str | None = None, limit: int = 50,
+                    since: float | None = None) -> list[InvocationRecord]:
+        where: list[str] = []
+        params: list[Any] = []
         if trigger:
             where.append("trigger = ?")
             params.append(trigger)
         if status:
             where.append("status = ?")
             params.append(status)
+        if since is not None:
+            where.append("queued_at >= ?")
+            params.append(since)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self.conn.execute(
             f"SELECT {_INVOCATION_COLUMNS} FROM invocations {clause} ORDER BY queued_at DESC, rowid DESC LIMIT ?",
             (*params, limit),
         ).fetchall()
         return [_invocation(row) for row in rows]
+
+    def resolve(self, table: str, prefix: str) -> list[str]:
+        """The ids in ``table`` (``invocations`` or ``dead_letters``) that are ``prefix`` or begin with it: the id
+        itself when it is whole; at most two otherwise (two mean: ambiguous)."""
+        assert table in ("invocations", "dead_letters")
+        if not prefix:
+            return []
+        exact = self.conn.execute(f"SELECT id FROM {table} WHERE id = ?", (prefix,)).fetchone()
+        if exact:
+            return [exact[0]]
+        rows = self.conn.execute(  # a range, not LIKE: no wildcard in an id can widen it
+            f"SELECT id FROM {table} WHERE id > ? AND id < ? ORDER BY id LIMIT 2", (prefix, prefix + "\uffff"))
+        return [row[0] for row in rows]
 
     def invocation(self, invocation_id: str) -> InvocationRecord | None:
         row = self.conn.execute(f"SELECT {_INVOCATION_COLUMNS} FROM invocations WHERE id = ?", (invocation_id,)).fetchone()

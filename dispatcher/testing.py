@@ -120,6 +120,7 @@ class StubContext:
         self.ready = False
         self.errors: list[str] = []
         self.lag = 0.0
+        self.lag_unit = "events"
         self.paused = False
         self.backfills: list[tuple[float, float, str]] = []
         """Every ``set_backfill`` call, in order."""
@@ -158,8 +159,8 @@ class StubContext:
             self.errors.append(error)
         self._notify()
 
-    def set_lag(self, lag: float) -> None:
-        self.lag = lag
+    def set_lag(self, lag: float, unit: str = "events") -> None:
+        self.lag, self.lag_unit = lag, unit
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused

@@ -47,25 +47,37 @@ def daemon_process(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
 
 
 
+def _service(script: str, **env: str) -> None:
+    """Run the project's ``scripts/<script>`` (it installs and starts a service); fail the test, never skip, if it
+    cannot."""
+    import os
+
+    done = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **env})
+    if done.returncode != 0:
+        pytest.fail(f"scripts/{script} failed:\n{done.stdout}\n{done.stderr}")
+
+
 @pytest.fixture(scope="session")
 def kafka_broker() -> str:
-    """A Kafka-protocol broker (tansu, started by scripts/kafka.sh) on 127.0.0.1; fails, never skips, without one."""
-    import os
+    """A Kafka-protocol broker (tansu, started by scripts/kafka.sh) on 127.0.0.1."""
     import sys
 
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "kafka.sh")], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHON": sys.executable})
-    if done.returncode != 0:
-        pytest.fail(f"scripts/kafka.sh failed:\n{done.stdout}\n{done.stderr}")
+    _service("kafka.sh", PYTHON=sys.executable)
     return "127.0.0.1:19092"
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium (installed by scripts/browser.sh), for playwright."""
+    _service("browser.sh")
+    return "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
 def eth_node() -> str:
-    """anvil and solc (installed and started by scripts/ethereum.sh) on 127.0.0.1; fails, never skips, without them."""
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "ethereum.sh")], capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        pytest.fail(f"scripts/ethereum.sh failed:\n{done.stdout}\n{done.stderr}")
+    """anvil and solc (installed and started by scripts/ethereum.sh) on 127.0.0.1."""
+    _service("ethereum.sh")
     return "http://127.0.0.1:18545"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -11,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import base_config, free_port, post, store_of, toml, wait_until
+from dispatcher.store import Store
+from tests.support import DaemonProcess, base_config, free_port, post, store_of, toml, wait_until
 
 
 def config(tmp_path: Path, script: str, port: int = 0) -> dict[str, Any]:
@@ -164,3 +166,116 @@ def test_validate_refuses_configs_that_could_not_run_with_the_key_path(tmp_path,
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
     assert expected in done.stderr, done.stderr
+
+
+def test_invocations_list_show_logs_and_watch_take_unique_prefixes_and_the_kubectl_habits(tmp_path, daemon_process):
+    doc = config(tmp_path, 'cat >/dev/null; if grep -q fail "$EVENTSWARM_INPUT"; then echo no >&2; exit 4; fi; echo ok')
+    doc["triggers"]["t"]["retry"] = {"max_attempts": 1}
+    daemon = daemon_process(doc).start()
+    hook = f"http://127.0.0.1:{daemon.port}/hooks/t"
+    assert post(hook, b'{"n": 1}')[0] == 202
+    wait_until(lambda: store_of(doc).invocations(status="succeeded"), timeout=30, what="a success")
+    assert post(hook, b'{"fail": 1}')[0] == 202
+    wait_until(lambda: store_of(doc).invocations(status="failed"), timeout=30, what="a failure")
+    failed = store_of(doc).invocations(status="failed")[0]
+
+    table = cli(tmp_path, "invocations").stdout.splitlines()
+    assert table[0].split() == ["ID", "TRIGGER", "STATUS", "ATTEMPT", "EVENTS", "EXIT", "AGE", "DURATION"]
+    assert len(table) == 3 and table[1].startswith(failed.id) and table[1].split()[2] == "failed"
+    assert re.fullmatch(r"\d+(\.\d)?(ms|s|m)", table[1].split()[6]), table[1]  # AGE
+    assert "FUNCTION" in cli(tmp_path, "invocations", "-o", "wide").stdout.splitlines()[0]
+    assert json.loads(cli(tmp_path, "invocations", "-o", "json").stdout) == \
+        json.loads(cli(tmp_path, "invocations", "--json").stdout)
+    assert len(json.loads(cli(tmp_path, "invocations", "--since", "1h", "-o", "json").stdout)) == 2
+    assert json.loads(cli(tmp_path, "invocations", "--since", "0s", "-o", "json").stdout) == []
+    assert cli(tmp_path, "invocations", "--since", "soon", check=False).returncode == 2
+
+    prefix = failed.id[:8]
+    shown = cli(tmp_path, "invocations", "show", prefix).stdout
+    assert "id:" in shown and failed.id in shown and "exit_code:" in shown and "stderr_bytes:" in shown
+    assert json.loads(cli(tmp_path, "invocations", "show", prefix, "-o", "json").stdout)["exit_code"] == 4
+    assert cli(tmp_path, "logs", prefix).stderr == "no\n"
+    assert cli(tmp_path, "logs", "--last", "t").stderr == "no\n"
+    missing = cli(tmp_path, "logs", "zzzz", check=False)
+    assert missing.returncode == 1 and "no invocation zzzz" in missing.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/v1/invocations/{prefix}", timeout=10) as answer:
+        assert json.loads(answer.read())["id"] == failed.id
+    letter = store_of(doc).dead_letters()[0]
+    assert json.loads(cli(tmp_path, "dlq", "show", letter.id[:8]).stdout)["id"] == letter.id
+    assert "AGE" in cli(tmp_path, "dlq", "list").stdout.splitlines()[0]
+
+    watch = subprocess.Popen([sys.executable, "-m", "dispatcher", "invocations", "--watch", "-c",
+                              str(tmp_path / "eventswarm.toml")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        lines: list[str] = []
+        while sum(1 for line in lines if line.startswith("ID ")) < 2:  # a second listing follows the first
+            line = watch.stdout.readline()
+            assert line, "invocations --watch ended"
+            lines.append(line)
+        assert sum(1 for line in lines if line.startswith("-- ")) == 1, lines
+    finally:
+        watch.terminate()
+        watch.communicate(timeout=30)  # (and its pipe closed)
+    for command in (["invocations"], ["invocations", "show"], ["logs"], ["dlq", "list"], ["reload"], ["status"]):
+        helped = cli(tmp_path, *command, "--help").stdout
+        assert "Usage:" in helped
+    assert all(flag in cli(tmp_path, "invocations", "--help").stdout for flag in ("--since", "--watch", "-o,"))
+    assert "--last" in cli(tmp_path, "logs", "--help").stdout
+    assert daemon.stop() == 0
+
+
+def test_init_writes_a_starter_that_validates_and_runs_and_refuses_to_overwrite(tmp_path, daemon_process):
+    folder = tmp_path / "project"
+    done = subprocess.run([sys.executable, "-m", "dispatcher", "init", "--dir", str(folder), "--executor", "process"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    config_file = folder / "eventswarm.toml"
+    assert "wrote" in done.stdout and config_file.exists() and (folder / "functions" / "hello.py").exists()
+    assert "# " in config_file.read_text()  # commented
+    checked = subprocess.run([sys.executable, "-m", "dispatcher", "validate", "-c", str(config_file)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    again = subprocess.run([sys.executable, "-m", "dispatcher", "init", "--dir", str(folder)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr
+    port = free_port()
+    process = DaemonProcess(config_file, port, tmp_path / "daemon.log",
+                            env={"EVENTSWARM_DAEMON__LISTEN": f"127.0.0.1:{port}"}).start()
+    try:
+        assert post(f"http://127.0.0.1:{port}/hooks/hello", b'{"n": 1}')[0] == 202
+        store = Store(str(folder / "eventswarm.db"))
+        record = wait_until(lambda: store.invocations(status="succeeded"), timeout=30, what="the starter function")[0]
+        out, err = store.logs(record.id)
+        assert json.loads(out.decode().splitlines()[0])["data"] == {"n": 1} and b"1 events in batch" in err
+    finally:
+        assert process.stop() == 0
+
+
+def test_invoke_filter_tests_the_filter_without_running_and_invoke_reads_stdin(tmp_path):
+    doc = config(tmp_path, "cat")
+    doc["triggers"]["t"]["filter"] = "data.amount > 100"
+    (tmp_path / "eventswarm.toml").write_text(toml(doc))
+    base = [sys.executable, "-m", "dispatcher", "invoke", "t", "-c", str(tmp_path / "eventswarm.toml")]
+    big = subprocess.run([*base, "--filter", "--data", '{"amount": 250}'], capture_output=True, text=True, timeout=60)
+    small = subprocess.run([*base, "--filter"], input='{"amount": 5}', capture_output=True, text=True, timeout=60)
+    assert (big.returncode, big.stdout) == (0, "match\n") and (small.returncode, small.stdout) == (1, "no match\n")
+    assert not (tmp_path / "state.db").exists(), "--filter ran something"
+    piped = subprocess.run(base, input='{"amount": 7}', capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and json.loads(piped.stdout)["events"][0]["data"] == {"amount": 7}
+    bad = subprocess.run(base, input="{not json", capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not JSON" in bad.stderr
+    assert "--filter" in cli(tmp_path, "invoke", "--help").stdout and "stdin" in cli(tmp_path, "invoke", "--help").stdout
+
+
+def test_shell_completion_as_the_readme_documents_it():
+    import os
+
+    env = {**os.environ, "_EVENTSWARM_COMPLETE": "bash_complete", "COMP_WORDS": "eventswarm invocations --out",
+           "COMP_CWORD": "2"}
+    command = str(Path(sys.executable).parent / "eventswarm")  # the console script: completion keys on its name
+    done = subprocess.run([command], capture_output=True, text=True, timeout=60, env=env)
+    assert "plain,--output" in done.stdout.splitlines(), done.stdout
+    script = subprocess.run([command], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "_EVENTSWARM_COMPLETE": "bash_source"})
+    assert "_eventswarm_completion()" in script.stdout

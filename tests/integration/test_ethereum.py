@@ -315,6 +315,11 @@ def test_a_backfill_shows_blocks_done_of_blocks_to_do_and_the_time_left_in_statu
             return bool(shown)
 
         wait_until(midway, timeout=60, interval=0.2, what="the backfill's progress in `eventswarm status`")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert json.loads(response.read())["triggers"][0]["lag_unit"] == "blocks"
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10) as response:
+            assert 'eventswarm_source_lag{trigger="t",unit="blocks"}' in response.read().decode()
+        assert re.search(r"^t\s.*\d blocks", cli(tmp_path, "status").stdout, re.MULTILINE), "no LAG in blocks"
         wait_until(lambda: len(reports(doc)) >= 100, timeout=120, interval=0.5, what="all 100 logs")
         wait_until(lambda: "backfill done" in daemon.log.read_text(), timeout=30, what="the end of the backfill")
         assert json.loads(cli(tmp_path, "status", "--json").stdout)["triggers"][0]["backfill"] is None

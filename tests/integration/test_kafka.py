@@ -381,7 +381,7 @@ async def test_a_dead_letter_topic_that_cannot_be_written_fails_the_source_visib
             report = await daemon._ready()
             assert report["ready"] is False and report["sources"]["t"] is False
             assert "could not be produced" in trigger.status()["last_error"]
-            assert 'eventswarm_source_errors_total{trigger="t"}' in daemon.metrics.render().decode()
+            assert 'eventswarm_source_errors_total{trigger="t"}' in daemon.metrics.render()[0].decode()
             tansu.send_signal(signal.SIGCONT)
             await wait_for(lambda: trigger.ready, timeout=90, what="the source to restart once the broker is back")
             await wait_for(lambda: committed(broker, f"g-{topic}", topic, 1) == high, timeout=60, interval=0.5,

@@ -236,3 +236,56 @@ def test_sighup_adds_changes_and_removes_triggers_under_a_steady_webhook_load_an
     assert {t["trigger"] for t in status()["triggers"]} == {"a", "b"}
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log.read_text()
+
+
+def test_metrics_parse_in_both_formats_with_webhook_codes_latency_lag_units_and_no_created_series(
+        tmp_path, daemon_process):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+    from prometheus_client.parser import text_string_to_metric_families
+
+    doc = config(tmp_path, executor="process", port=free_port())
+    daemon = daemon_process(doc).start()
+    base = f"http://127.0.0.1:{daemon.port}"
+    assert post(f"{base}/hooks/t", b'{"n": 1}')[0] == 202
+    assert post(f"{base}/hooks/t", b'{"n": ')[0] == 400
+    wait_until(lambda: store_of(doc).invocations(status="succeeded"), timeout=30, what="the event to run")
+
+    def scrape(accept: str | None) -> tuple[str, str]:
+        request = urllib.request.Request(f"{base}/metrics", headers={"Accept": accept} if accept else {})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.headers["Content-Type"], response.read().decode()
+
+    def samples(families) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+    kind, text = scrape(None)
+    assert kind.startswith("text/plain; version=0.0.4")
+    plain = samples(text_string_to_metric_families(text))
+    kind, text = scrape("application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
+    assert kind.startswith("application/openmetrics-text") and text.endswith("# EOF\n")
+    opened = samples(openmetrics_families(text))
+    for found in (plain, opened):
+        assert found[("eventswarm_webhook_responses_total", (("code", "202"), ("trigger", "t")))] == 1
+        assert found[("eventswarm_webhook_responses_total", (("code", "400"), ("trigger", "t")))] == 1
+        assert found[("eventswarm_event_latency_seconds_count", (("trigger", "t"),))] >= 1
+        assert any(name == "eventswarm_build_info" for name, _ in found)
+        assert any(name == "process_resident_memory_bytes" for name, _ in found)
+        assert not [name for name, _ in found if name.endswith("_created")], "a *_created series"
+    assert daemon.stop() == 0
+
+
+def test_json_logs_put_trigger_invocation_and_event_count_in_fields_of_their_own(tmp_path, daemon_process):
+    doc = config(tmp_path, executor="process", script="cat >/dev/null; exit 3", port=free_port())
+    doc["daemon"]["log_format"] = "json"
+    doc["triggers"]["t"]["retry"] = {"max_attempts": 1}
+    daemon = daemon_process(doc).start()
+    assert post(f"http://127.0.0.1:{daemon.port}/hooks/t", b'{"n": 1}')[0] == 202
+    wait_until(lambda: store_of(doc).dead_letters(), timeout=30, what="the dead letter")
+    assert daemon.stop() == 0
+    lines = [json.loads(line) for line in daemon.log.read_text().splitlines()]  # every line is JSON
+    failed = next(line for line in lines if line["message"].startswith("invocation failed"))
+    record = store_of(doc).invocations(status="failed")[0]
+    assert failed["trigger"] == "t" and failed["invocation_id"] == record.id and failed["events"] == 1
+    assert record.id not in failed["message"] and "trigger" not in failed["message"], failed["message"]
+    lettered = next(line for line in lines if line["message"].startswith("stored as dead letters"))
+    assert lettered["dead_letters"] == [store_of(doc).dead_letters()[0].id] and lettered["trigger"] == "t"

@@ -1,0 +1,72 @@
+"""The status page at /, in a real browser (Debian's chromium, headless, driven by playwright), against a real
+daemon with an API token: counts, a failed invocation's stderr on click, a replay from the page, live updates."""
+
+from __future__ import annotations
+
+import json
+
+from tests.support import base_config, free_port, post, store_of, wait_until
+
+TOKEN = "page-token-42"
+
+
+def test_the_status_page_counts_opens_stderr_replays_a_dead_letter_and_updates_without_a_reload(
+        tmp_path, daemon_process, chromium):
+    from playwright.sync_api import expect, sync_playwright
+
+    flag = tmp_path / "broken"
+    flag.touch()
+    doc = base_config(tmp_path, executor="process", port=free_port(), api_token_env="ES_PAGE_TOKEN")
+    doc["functions"]["ok"] = {"command": ["sh", "-c", "cat >/dev/null; echo fine"]}
+    doc["functions"]["bad"] = {"command": ["sh", "-c", f"cat >/dev/null; if [ -e {flag} ]; then "
+                                           "echo broken-stderr-line >&2; exit 3; fi; echo fixed"]}
+    for name in ("ok", "bad"):
+        doc["triggers"][name] = {"function": name, "source": {"kind": "webhook", "path": f"/hooks/{name}"},
+                                 "batch": {"max_events": 1, "max_wait": "10ms"}, "retry": {"max_attempts": 1}}
+    daemon = daemon_process(doc, env={"ES_PAGE_TOKEN": TOKEN}).start()
+    base = f"http://127.0.0.1:{daemon.port}"
+    for n in range(3):
+        assert post(f"{base}/hooks/ok", json.dumps({"n": n}).encode())[0] == 202
+    assert post(f"{base}/hooks/bad", b'{"n": 9}')[0] == 202
+    wait_until(lambda: store_of(doc).dead_letters(), timeout=30, what="the dead letter")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{base}/")
+            expect(page.locator("#auth")).to_be_visible()  # /v1 answered 401: the page asks for the token
+            page.fill("#token", TOKEN)
+            page.click("#token-form button")
+            ok, bad = page.locator('tr[data-trigger="ok"]'), page.locator('tr[data-trigger="bad"]')
+            expect(ok.locator("td.received")).to_have_text("3")
+            expect(bad.locator("td.received")).to_have_text("1")
+            expect(bad.locator("td.error")).to_contain_text("exit code 3")
+            expect(page.locator("#auth")).to_be_hidden()
+
+            page.evaluate("window.notReloaded = true")
+            for n in range(2):
+                assert post(f"{base}/hooks/ok", json.dumps({"n": 10 + n}).encode())[0] == 202
+            expect(ok.locator("td.received")).to_have_text("5")  # by polling, not by a reload:
+            assert page.evaluate("window.notReloaded === true")
+
+            page.locator('#invocations tr[data-status="failed"]').first.click()
+            expect(page.locator("#logs")).to_be_visible()
+            expect(page.locator("#stderr")).to_have_text("broken-stderr-line\n")
+
+            flag.unlink()
+            page.locator("#letters button.replay").first.click()
+            expect(page.locator("#letters tbody")).to_contain_text("no dead letters", timeout=30_000)
+            expect(page.locator('#invocations tr[data-status="succeeded"] td.trigger', has_text="bad")).to_have_count(1)
+            page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
+
+            page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert not store_of(doc).dead_letters() and [r.trigger for r in store_of(doc).invocations(status="succeeded")
+                                                   if r.trigger == "bad"] == ["bad"]
+    assert daemon.stop() == 0
