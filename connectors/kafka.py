@@ -62,6 +62,8 @@ STOP_WAIT = 10.0
 """How long stopping the consumer or the producer may take (a broker that is gone does not answer)."""
 REBALANCE_TIMEOUT = REVOKE_WAIT + 20.0
 """How long the broker waits for a member to rejoin: longer than a revoke may take, or the member is dropped."""
+BACKLOG = 10_000
+"""Records behind from which catching up is followed as a backfill (in the logs and status)."""
 LAG_EVERY = 5.0
 
 
@@ -384,6 +386,8 @@ class KafkaSource(Source[KafkaSourceConfig]):
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.fetches_payloads = False
+        self._backlog: int | None = None
+        """The most records behind since a backfill began (None: none under way)."""
         """Whether a fetch came back as payloads (``fetch_payloads``): the fast path is in effect."""
 
     async def run(self, ctx: SourceContext) -> None:
@@ -563,7 +567,20 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 if high is not None:
                     lag += max(0, high - mark.committable)
             ctx.set_lag(lag, "records")
+            self._follow_backlog(ctx, lag)
             await anyio.sleep(LAG_EVERY)
+
+    def _follow_backlog(self, ctx: SourceContext, lag: int) -> None:
+        """A lag of ``BACKLOG`` records or more is a backfill (a start far behind, a stall): its progress, records
+        committed of records behind (which grows while more arrive than are handled), goes to the daemon."""
+        if self._backlog is None and lag < BACKLOG:
+            return
+        self._backlog = max(self._backlog or 0, lag)
+        if lag <= BACKLOG // 10:
+            ctx.set_backfill(self._backlog, self._backlog, "records")  # caught up: it ends
+            self._backlog = None
+        else:
+            ctx.set_backfill(self._backlog - lag, self._backlog, "records")
 
     async def assigned(self, partitions: set[TopicPartition]) -> None:
         consumer = self._consumer

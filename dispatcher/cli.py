@@ -29,6 +29,8 @@ EXIT_RUNTIME = 1
 TOKEN_ENV = "EVENTSWARM_API_TOKEN"
 REQUEST_TIMEOUT = 120
 WATCH_EVERY = 2.0
+REPLAY_POLL = 0.5
+"""Seconds between two looks at the replayed dead letters."""
 """Seconds between two lists of `invocations --watch`."""
 """Seconds the CLI waits for the daemon (a reload waits for the changed triggers to finish what they hold)."""
 """Where the CLI finds the API token first (then in the config)."""
@@ -113,6 +115,26 @@ def _post(url: str, data: Any = None, *, config_path: str | None = None, accept:
         _fail(f"{url}: HTTP {exc.code}: {detail}")
     except (urllib.error.URLError, OSError) as exc:
         _fail(f"cannot reach the daemon at {url}: {exc} (is `eventswarm run` running?)")
+
+
+def _follow(url: str, config_path: str | None) -> None:
+    """Write an invocation's output as the daemon streams it: stdout to stdout, stderr to stderr."""
+    token = _token(config_path)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            for line in response:
+                doc = json.loads(line)
+                for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+                    if name in doc:
+                        stream.write(doc[name])
+                        stream.flush()
+    except urllib.error.HTTPError as exc:
+        _fail(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')}")
+    except (urllib.error.URLError, OSError) as exc:
+        _fail(f"cannot follow the invocation at {url}: {exc} (is `eventswarm run` running?)")
+    except KeyboardInterrupt:
+        pass
 
 
 def _run(work: Callable[[], Awaitable[T]]) -> T:
@@ -325,13 +347,22 @@ def invocations(ctx: click.Context, config_path: str | None, trigger: str | None
     except ValueError as exc:
         _fail(f"--since: {exc}", EXIT_USAGE)
     store = _store(config_path)
-    while True:
+    def show() -> None:
         records = store.invocations(trigger=trigger, status=status, limit=limit,
                                     since=time.time() - window if window is not None else None)
         if as_json or output == "json":
             click.echo(json.dumps([r.to_json() for r in records], indent=2))
         else:
             click.echo("\n".join(_invocation_rows(records, output == "wide")))
+
+    _repeat(show, watch)
+
+
+def _repeat(show: Callable[[], None], watch: bool) -> None:
+    """``show()`` once, or (``--watch``) every ``WATCH_EVERY`` seconds until interrupted, each time after a line
+    with the time."""
+    while True:
+        show()
         if not watch:
             return
         try:
@@ -366,7 +397,12 @@ def invocations_show(config_path: str | None, invocation_id: str, output: str, a
 @config_option
 @click.argument("invocation_id", required=False)
 @click.option("--last", "last_of", default=None, metavar="TRIGGER", help="The newest invocation of TRIGGER.")
-def logs(config_path: str | None, invocation_id: str | None, last_of: str | None) -> None:
+@click.option("-f", "--follow", is_flag=True,
+              help="Stream its output as it comes, from the running daemon, until it ends (live for the process "
+                   "and docker executors; at the end for swarm).")
+@click.option("--url", default=None, help="With --follow: the daemon's address (default: from daemon.listen).")
+def logs(config_path: str | None, invocation_id: str | None, last_of: str | None, follow: bool,
+         url: str | None) -> None:
     """Captured stdout, then stderr, of one invocation (a unique prefix of its id is enough)."""
     store = _store(config_path)
     if last_of:
@@ -378,6 +414,9 @@ def logs(config_path: str | None, invocation_id: str | None, last_of: str | None
         _fail("name an invocation, or --last TRIGGER", EXIT_USAGE)
     else:
         invocation_id = _resolve(store, "invocations", invocation_id, "invocation")
+    if follow:
+        _follow(f"{_daemon_url(config_path, url)}/v1/invocations/{invocation_id}/logs?follow=1", config_path)
+        return
     found = store.logs(invocation_id)
     assert found is not None
     stdout, stderr = found
@@ -427,17 +466,49 @@ def dlq_show(config_path: str | None, dead_letter_id: str) -> None:
 @click.argument("ids", nargs=-1)
 @click.option("--trigger", default=None, help="Replay every dead letter of this trigger.")
 @click.option("--url", default=None, help="The daemon's address (default: from daemon.listen).")
-def dlq_replay(config_path: str | None, ids: tuple[str, ...], trigger: str | None, url: str | None) -> None:
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Follow the replay (a progress bar on a terminal) until every letter ran or failed again.")
+@click.option("--timeout", default="10m", show_default=True, help="With --wait: give up waiting after this long.")
+def dlq_replay(config_path: str | None, ids: tuple[str, ...], trigger: str | None, url: str | None, wait: bool,
+               timeout: str) -> None:
     """Send dead letters back through their trigger in the running daemon."""
     if not ids and not trigger:
         _fail("name dead letter ids or --trigger", EXIT_USAGE)
+    try:
+        patience = parse_duration(timeout)
+    except ValueError as exc:
+        _fail(f"--timeout: {exc}", EXIT_USAGE)
     base = _daemon_url(config_path, url)
+    store = _store(config_path)
     if ids:
-        store = _store(config_path)
         ids = tuple(_resolve(store, "dead_letters", i, "dead letter") for i in ids)
+    letters = [d for d in store.dead_letters(trigger=trigger, limit=100_000) if not ids or d.id in ids]
     answer = _request(f"{base}/v1/dead-letters/replay", {"ids": list(ids), "trigger": trigger},
                       config_path=config_path)
     click.echo(f"replaying {answer['replayed']} dead letters")
+    if wait and letters:
+        _follow_replay(store, letters, patience)
+
+
+def _follow_replay(store: Store, letters: list[Any], patience: float) -> None:
+    """Wait until each replayed letter is gone (its event ran, or failed again as a new dead letter)."""
+    from tqdm import tqdm
+
+    pending = {d.id for d in letters}
+    events = {d.event.get("id") for d in letters}
+    deadline = time.monotonic() + patience
+    with tqdm(total=len(pending), unit="letters", desc="replay", file=sys.stderr, disable=None) as bar:
+        while pending and time.monotonic() < deadline:
+            gone = {i for i in pending if store.dead_letter(i) is None}
+            pending -= gone
+            bar.update(len(gone))
+            if pending:
+                time.sleep(REPLAY_POLL)
+    again = sum(1 for d in store.dead_letters(limit=100_000) if d.event.get("id") in events
+                and d.id not in {x.id for x in letters})
+    settled = len(letters) - len(pending)
+    click.echo(f"replayed {settled} of {len(letters)}: {settled - again} ran, {again} failed again"
+               + (f", {len(pending)} still waiting (see `eventswarm dlq list`)" if pending else ""))
 
 
 @dlq.command("purge")
@@ -453,12 +524,22 @@ def dlq_purge(config_path: str | None, ids: tuple[str, ...]) -> None:
 @config_option
 @click.option("--url", default=None, help="The daemon's address (default: from daemon.listen).")
 @click.option("--json", "as_json", is_flag=True)
-def status(config_path: str | None, url: str | None, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="Show it again every 2 s (a backfill with a progress bar), until interrupted.")
+def status(config_path: str | None, url: str | None, as_json: bool, watch: bool) -> None:
     """Triggers, buffer depth, in-flight, lag and last error, from a running daemon."""
-    report = _request(f"{_daemon_url(config_path, url)}/v1/status", config_path=config_path)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
+    address = f"{_daemon_url(config_path, url)}/v1/status"
+
+    def show() -> None:
+        report = _request(address, config_path=config_path)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            _show_status(report, bars=watch)
+
+    _repeat(show, watch)
+
+
+def _show_status(report: dict[str, Any], bars: bool) -> None:
     config = report.get("config") or {}
     click.echo(f"executor: {report['executor']}" + (f"  config: {config['hash'][:12]} (loaded {config['loaded_at']})"
                                                      if config.get("hash") else ""))
@@ -474,6 +555,11 @@ def status(config_path: str | None, url: str | None, as_json: bool) -> None:
             click.echo(f"{t['trigger']}: backfill {backfill['done']:,.0f} of {backfill['total']:,.0f} {backfill['unit']} "
                        f"({backfill['percent']:g}%), {backfill['rate']:,.0f} {backfill['unit']}/s, "
                        + ("time left unknown yet" if eta is None else f"about {duration_text(eta)} left"))
+            if bars:
+                from tqdm import tqdm
+
+                click.echo("  " + tqdm.format_meter(backfill["done"], backfill["total"], backfill["elapsed_seconds"],
+                                                    ncols=72, unit=backfill["unit"], rate=backfill["rate"] or None))
 
 
 @main.command()

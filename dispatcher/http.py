@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from dispatcher.api import HttpHandler, HttpRequest, HttpResponse
+from dispatcher.executors.base import LIVE
 from dispatcher.metrics import Metrics
 from dispatcher.store import StateStore
 
@@ -92,6 +93,10 @@ Probe = Callable[[], Awaitable[dict[str, Any]]]
 Replay = Callable[[list[str], str | None], Awaitable[dict[str, Any]]]
 Reload = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
 Letters = Callable[[str | None, int], Awaitable[list[dict[str, Any]]]]
+FOLLOW_EVERY = 0.2
+"""How often ``logs --follow`` looks for new output."""
+FOLLOW_MAX = 24 * 3600.0
+"""A follow ends after this long, whatever happens (an invocation's timeout ends it much sooner)."""
 PAGE = Path(__file__).parent / "static" / "index.html"
 """The status page: HTML, CSS and JavaScript in one file, nothing fetched from elsewhere."""
 
@@ -301,11 +306,51 @@ class HttpServer:
         record = await self._of_invocation(prefix, lambda s, i: s.invocation(i))
         return record if isinstance(record, web.Response) else web.json_response(record.to_json())
 
-    async def _logs(self, _request: web.BaseRequest, prefix: str) -> web.Response:
+    async def _logs(self, request: web.BaseRequest, prefix: str) -> web.StreamResponse:
+        if request.query.get("follow", "") not in ("", "0", "false"):
+            return await self._follow(request, prefix)
         found = await self._of_invocation(prefix, lambda s, i: s.logs(i))
         if isinstance(found, web.Response):
             return found
         return web.json_response({"stdout": found[0].decode("utf-8", "replace"), "stderr": found[1].decode("utf-8", "replace")})
+
+    async def _follow(self, request: web.BaseRequest, prefix: str) -> web.StreamResponse:
+        """``?follow=1``: the invocation's output as it comes, as NDJSON lines (``{"stdout": …}``, ``{"stderr": …}``),
+        then ``{"status": …, "exit_code": …}`` once it ended. Live where the executor reads output as it comes
+        (process, docker); at the end otherwise (swarm)."""
+        record = await self._of_invocation(prefix, lambda s, i: s.invocation(i))
+        if isinstance(record, web.Response):
+            return record
+        invocation_id = record.id
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        sent = [0, 0]
+        deadline = anyio.current_time() + FOLLOW_MAX
+        try:
+            while anyio.current_time() < deadline:
+                live = LIVE.running.get(invocation_id)
+                if live is not None:
+                    for index, (stream, capture) in enumerate(zip(("stdout", "stderr"), live, strict=True)):
+                        chunk, sent[index] = capture.since(sent[index])
+                        if chunk:
+                            await response.write(json.dumps({stream: chunk.decode("utf-8", "replace")}).encode() + b"\n")
+                else:
+                    record = await self.state.read(lambda s: s.invocation(invocation_id))
+                    if record is None or record.status not in ("queued", "running"):
+                        stored = await self.state.read(lambda s: s.logs(invocation_id)) or (b"", b"")
+                        for index, stream in enumerate(("stdout", "stderr")):
+                            if len(stored[index]) > sent[index]:
+                                text = stored[index][sent[index]:].decode("utf-8", "replace")
+                                await response.write(json.dumps({stream: text}).encode() + b"\n")
+                        await response.write(json.dumps({"status": record.status if record else "gone",
+                                                         "exit_code": record.exit_code if record else None}).encode()
+                                             + b"\n")
+                        break
+                await anyio.sleep(FOLLOW_EVERY)
+            await response.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass  # the client left
+        return response
 
     async def _source_route(self, request: web.BaseRequest,
                             methods: dict[str, tuple[HttpHandler | None, int]]) -> web.StreamResponse:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,15 +90,39 @@ class Capture:
     sync webhook's response), so both are kept.
     """
 
-    __slots__ = ("_head", "_limit", "_tail", "dropped")
+    __slots__ = ("_head", "_limit", "_lock", "_tail", "dropped", "total")
 
     def __init__(self, limit: int) -> None:
         self._limit = max(limit, 2)
         self._head = bytearray()
         self._tail = bytearray()
         self.dropped = 0
+        self.total = 0
+        """Bytes written so far (a follower's position counts in these)."""
+        self._lock = threading.Lock()  # (the docker executor writes from a worker thread while a follower reads)
+
+    def since(self, position: int) -> tuple[bytes, int]:
+        """What was written from ``position`` on, and the position after it (for ``logs --follow``); what the cut
+        dropped is said, not given."""
+        with self._lock:
+            head, tail, total = bytes(self._head), bytes(self._tail), self.total
+        if position >= total:
+            return b"", total
+        tail_start = total - len(tail)
+        if position >= tail_start:
+            return tail[position - tail_start:], total
+        text = head[position:] if position < len(head) else b""
+        skipped = tail_start - max(position, len(head))
+        if skipped > 0:
+            text += f"\n[... {skipped} bytes cut by eventswarm ...]\n".encode()
+        return text + tail, total
 
     def write(self, chunk: bytes) -> None:
+        with self._lock:
+            self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        self.total += len(chunk)
         half = self._limit // 2
         room = half - len(self._head)
         if room > 0:
@@ -114,6 +140,26 @@ class Capture:
         if not self.dropped:
             return bytes(self._head + self._tail)
         return bytes(self._head) + f"\n[... {self.dropped} bytes cut by eventswarm ...]\n".encode() + bytes(self._tail)
+
+
+class LiveOutput:
+    """The output of invocations running now, by invocation id, for ``logs --follow``: an executor that reads its
+    function's output as it comes (process, docker) shows its captures here while the function runs. Bounded by
+    the invocations in flight."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, tuple[Capture, Capture]] = {}
+
+    @contextlib.contextmanager
+    def showing(self, invocation_id: str, stdout: Capture, stderr: Capture) -> Iterator[None]:
+        self.running[invocation_id] = (stdout, stderr)
+        try:
+            yield
+        finally:
+            self.running.pop(invocation_id, None)
+
+
+LIVE = LiveOutput()
 
 
 def environment(invocation: Invocation, input_path: str | None) -> dict[str, str]:

@@ -29,6 +29,7 @@ from dispatcher.executors.base import (
     INPUT_PATH,
     LABEL_MANAGED,
     LABEL_OWNER,
+    LIVE,
     STOP_GRACE,
     Capture,
     Invocation,
@@ -194,7 +195,7 @@ class DockerExecutor(EngineExecutor):
             sock: socket.socket = getattr(attached, "_sock", attached)
             try:
                 stdout, stderr, timed_out, interrupted = self._converse(
-                    api, container_id, sock, invocation.input, started + function.timeout, cancelled)
+                    api, container_id, sock, invocation.input, started + function.timeout, cancelled, invocation.id)
             finally:
                 if attached is not sock:
                     attached.close()  # the SocketIO wrapper holds a reference that keeps the socket open
@@ -221,9 +222,14 @@ class DockerExecutor(EngineExecutor):
                 input_file.unlink(missing_ok=True)
 
     def _converse(self, api: Any, container_id: str, sock: socket.socket, data: bytes, deadline: float,
-                  cancelled: threading.Event) -> tuple[Capture, Capture, bool, bool]:
-        """Send ``data`` to stdin and read the multiplexed stdout/stderr until the container ends."""
+                  cancelled: threading.Event, invocation_id: str) -> tuple[Capture, Capture, bool, bool]:
+        """Send ``data`` to stdin and read the multiplexed stdout/stderr until the container ends (shown live)."""
         out, err = Capture(self.config.output_limit), Capture(self.config.output_limit)
+        with LIVE.showing(invocation_id, out, err):
+            return self._exchange(api, container_id, sock, data, deadline, cancelled, out, err)
+
+    def _exchange(self, api: Any, container_id: str, sock: socket.socket, data: bytes, deadline: float,
+                  cancelled: threading.Event, out: Capture, err: Capture) -> tuple[Capture, Capture, bool, bool]:
         frames = _Frames(out, err)
         sock.setblocking(False)
         view = memoryview(data)

@@ -27,7 +27,7 @@ from dispatcher.config import ExecutorConfig, FunctionConfig, Identity
 from dispatcher.errors import ExecutorError
 from dispatcher.events import new_id
 from dispatcher.executors import reaper
-from dispatcher.executors.base import STOP_GRACE, Capture, Invocation, Result, environment
+from dispatcher.executors.base import LIVE, STOP_GRACE, Capture, Invocation, Result, environment
 
 log = logging.getLogger("eventswarm.executor")
 
@@ -133,7 +133,8 @@ class ProcessExecutor:
                 raise ExecutorError(f"cannot start {argv[0]!r}: {exc}", temporary=False) from exc
             self._running.add(process.pid)
             try:
-                return await _supervise(process, invocation.function.timeout, self.config.output_limit, started)
+                return await _supervise(process, invocation.function.timeout, self.config.output_limit, started,
+                                        invocation.id)
             finally:
                 self._running.discard(process.pid)
                 with anyio.CancelScope(shield=True):
@@ -267,10 +268,17 @@ def _unavailable(exc: OSError) -> ExecutorError:
                          unavailable=True)
 
 
-async def _supervise(process: subprocess.Popen[bytes], allowed: float, output_limit: int, started: float) -> Result:
-    """Wait for the function (SIGTERM at its timeout, SIGKILL after the grace), capturing its output."""
-    loop = asyncio.get_running_loop()
+async def _supervise(process: subprocess.Popen[bytes], allowed: float, output_limit: int, started: float,
+                     invocation_id: str) -> Result:
+    """Wait for the function (SIGTERM at its timeout, SIGKILL after the grace), capturing its output (shown live)."""
     stdout, stderr = Capture(output_limit), Capture(output_limit)
+    with LIVE.showing(invocation_id, stdout, stderr):
+        return await _watch(process, allowed, started, stdout, stderr)
+
+
+async def _watch(process: subprocess.Popen[bytes], allowed: float, started: float, stdout: Capture,
+                 stderr: Capture) -> Result:
+    loop = asyncio.get_running_loop()
     drained = anyio.Event()
     pipes: dict[int, Capture] = {}
 

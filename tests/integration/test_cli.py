@@ -81,8 +81,9 @@ def test_dead_letters_can_be_listed_shown_replayed_and_purged(tmp_path, daemon_p
     assert status["triggers"][0]["trigger"] == "t" and "exit code 5" in status["triggers"][0]["last_error"]
 
     flag.unlink()
-    assert "replaying 2" in cli(tmp_path, "dlq", "replay", letters[0]["id"], letters[1]["id"]).stdout
-    wait_until(lambda: len(store_of(doc).dead_letters()) == 1, timeout=30, what="two replayed dead letters to go")
+    replayed = cli(tmp_path, "dlq", "replay", letters[0]["id"][:10], letters[1]["id"]).stdout  # it waits for them
+    assert "replaying 2" in replayed and "replayed 2 of 2: 2 ran, 0 failed again" in replayed, replayed
+    assert len(store_of(doc).dead_letters()) == 1
     succeeded = {i for r in store_of(doc).invocations(status="succeeded") for i in r.event_ids}
     assert succeeded == {letters[0]["event"]["id"], letters[1]["event"]["id"]}
     assert "removed 1 dead letters" in cli(tmp_path, "dlq", "purge").stdout
@@ -203,6 +204,12 @@ def test_invocations_list_show_logs_and_watch_take_unique_prefixes_and_the_kubec
     letter = store_of(doc).dead_letters()[0]
     assert json.loads(cli(tmp_path, "dlq", "show", letter.id[:8]).stdout)["id"] == letter.id
     assert "AGE" in cli(tmp_path, "dlq", "list").stdout.splitlines()[0]
+    assert "CREATED" in cli(tmp_path, "dlq", "list", "-o", "wide").stdout.splitlines()[0]
+    assert json.loads(cli(tmp_path, "dlq", "list", "-o", "json").stdout)[0]["id"] == letter.id
+    quick = cli(tmp_path, "dlq", "replay", "--no-wait", letter.id).stdout  # (it fails again: a new dead letter)
+    assert quick == "replaying 1 dead letters\n", quick
+    wait_until(lambda: [d for d in store_of(doc).dead_letters() if d.id != letter.id], timeout=30,
+               what="the replayed letter to fail again")
 
     watch = subprocess.Popen([sys.executable, "-m", "dispatcher", "invocations", "--watch", "-c",
                               str(tmp_path / "eventswarm.toml")], stdout=subprocess.PIPE, text=True)
@@ -239,6 +246,10 @@ def test_init_writes_a_starter_that_validates_and_runs_and_refuses_to_overwrite(
     again = subprocess.run([sys.executable, "-m", "dispatcher", "init", "--dir", str(folder)],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "exists" in again.stderr
+    (folder / "functions" / "hello.py").write_text("edited")
+    forced = subprocess.run([sys.executable, "-m", "dispatcher", "init", "--dir", str(folder), "--executor", "process",
+                             "--force"], capture_output=True, text=True, timeout=60)
+    assert forced.returncode == 0 and "json.load" in (folder / "functions" / "hello.py").read_text()
     port = free_port()
     process = DaemonProcess(config_file, port, tmp_path / "daemon.log",
                             env={"EVENTSWARM_DAEMON__LISTEN": f"127.0.0.1:{port}"}).start()
@@ -279,3 +290,44 @@ def test_shell_completion_as_the_readme_documents_it():
     script = subprocess.run([command], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "_EVENTSWARM_COMPLETE": "bash_source"})
     assert "_eventswarm_completion()" in script.stdout
+
+
+def test_logs_follow_streams_a_running_invocations_output_as_it_comes(tmp_path, daemon_process):
+    doc = config(tmp_path, "cat >/dev/null; echo one; sleep 2; echo two >&2; sleep 1; echo three")
+    daemon = daemon_process(doc).start()
+    assert post(f"http://127.0.0.1:{daemon.port}/hooks/t", b'{"n": 1}')[0] == 202
+    running = wait_until(lambda: store_of(doc).invocations(status="running"), timeout=30, what="the run")[0]
+    follower = subprocess.Popen([sys.executable, "-m", "dispatcher", "logs", running.id[:10], "--follow", "-c",
+                                 str(tmp_path / "eventswarm.toml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == "one\n"
+        assert store_of(doc).invocation(running.id).status == "running", "the line came only at the end"
+        out, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    assert follower.returncode == 0 and out == "three\n" and err == "two\n", (out, err)
+    assert store_of(doc).invocation(running.id).status == "succeeded"
+    assert "--follow" in cli(tmp_path, "logs", "--help").stdout
+    assert daemon.stop() == 0
+
+
+def test_status_watch_shows_the_status_again_and_again(tmp_path, daemon_process):
+    daemon = daemon_process(config(tmp_path, "cat")).start()
+    watch = subprocess.Popen([sys.executable, "-m", "dispatcher", "status", "--watch", "-c",
+                              str(tmp_path / "eventswarm.toml")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        headers = 0
+        while headers < 2:
+            line = watch.stdout.readline()
+            assert line, "status --watch ended"
+            headers += line.startswith("TRIGGER ")
+    finally:
+        watch.terminate()
+        watch.communicate(timeout=30)
+    assert "--watch" in cli(tmp_path, "status", "--help").stdout
+    assert daemon.stop() == 0

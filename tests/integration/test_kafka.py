@@ -344,11 +344,16 @@ def test_a_stuck_record_pauses_its_partition_at_the_cap_and_the_commit_jumps_onc
     print(f"daemon RSS while paused at the cap: {min(samples):.1f}-{max(samples):.1f} MB")
     assert max(samples) - min(samples) < 5, samples
     assert committed(kafka_broker, f"g-{topic}", topic, 1)[0] <= stuck, "committed past the stuck record"
+    backfill = wait_until(lambda: trigger()["backfill"], timeout=15, what="the backlog followed as a backfill")
+    assert backfill["unit"] == "records" and backfill["total"] >= total - 2000, backfill
+    assert trigger()["lag_unit"] == "records"
     assert not store_of(doc).dead_letters(), "the stuck batch timed out before the test looked"
 
     wait_until(lambda: committed(kafka_broker, f"g-{topic}", topic, 1) == high, timeout=120,
                what="the commit to jump to the high watermark once the stuck batch is dead-lettered")
     assert not trigger()["paused"]
+    wait_until(lambda: trigger()["backfill"] is None, timeout=15, what="the backfill to end once caught up")
+    assert "backfill done" in daemon.log.read_text()
     letters = {d.event["id"] for d in store_of(doc).dead_letters(limit=10_000)}
     assert f"{topic}/0/{stuck}" in letters and len(letters) <= 2000
     succeeded = {i for r in store_of(doc).invocations(status="succeeded", limit=100_000) for i in r.event_ids}

@@ -61,6 +61,20 @@ def test_capture_keeps_head_and_tail_within_its_limit():
     assert len(value) < 100 + 64
 
 
+def test_a_follower_reads_a_capture_from_where_it_was_and_is_told_what_the_cut_dropped():
+    capture = Capture(100)
+    capture.write(b"first\n")
+    chunk, position = capture.since(0)
+    assert (chunk, position) == (b"first\n", 6) and capture.since(position) == (b"", 6)
+    capture.write(b"second\n")
+    assert capture.since(position) == (b"second\n", 13)
+    whole = b"".join(f"line {i}\n".encode() for i in range(100))
+    capture.write(whole)
+    chunk, end = capture.since(13)
+    assert end == 13 + len(whole) and b"bytes cut by eventswarm" in chunk and chunk.endswith(b"line 99\n")
+    assert capture.since(end - 8) == (b"line 99\n", end)  # within the tail: exact
+
+
 def test_event_round_trips_through_cloudevents_json():
     event = Event(source="kafka://votes/0", type="eventswarm.kafka.record", data_base64=b"\xff\x00", subject="k",
                   extensions={"partition": 0, "offset": 7})

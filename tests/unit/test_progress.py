@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.progress import Committer, Progress
+from dispatcher.progress import Backfill, Committer, Progress
 
 KINDS = {
     # a Kafka offset: resume at the next one
@@ -184,3 +184,17 @@ def test_a_backfill_reports_its_rate_and_the_time_left_and_logs_only_every_few_s
     report = backfill.report()
     assert report["percent"] == 50.5 and report["eta_seconds"] == 10.0 and report["unit"] == "blocks"
     assert not backfill.update(5_200, 10_100, now=BACKFILL_LOG_EVERY + 1)
+
+
+def test_status_watch_draws_a_backfill_as_a_progress_bar(capsys):
+    from dispatcher.cli import _show_status
+
+    backfill = Backfill("blocks", 0, 10_000, now=0.0)
+    backfill.update(2_500, 10_000, now=5.0)
+    trigger = {"trigger": "chain", "source": "ethereum", "state": "running", "buffered": 0, "in_flight": 1,
+               "lag": 7_500, "lag_unit": "blocks", "last_error": None, "backfill": backfill.report()}
+    _show_status({"executor": "process", "triggers": [trigger]}, bars=True)
+    out = capsys.readouterr().out
+    assert "7,500 blocks" in out and "chain: backfill 2,500 of 10,000 blocks (25%)" in out
+    bar = out.splitlines()[-1]
+    assert " 25%|" in bar and "2500/10000" in bar and "blocks/s" in bar, bar
