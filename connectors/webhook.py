@@ -107,7 +107,7 @@ class WebhookSourceConfig(SourceConfig):
     def _path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"path must start with /, got {value!r}")
-        if any(value == p or value.startswith(p + "/") for p in RESERVED_PATHS):
+        if value == "/" or any(value == p or value.startswith(p + "/") for p in RESERVED_PATHS):  # (/ is the page)
             raise ValueError(f"path {value!r} is reserved for the daemon's own endpoints")
         return value
 
