@@ -208,8 +208,12 @@ def test_invocations_list_show_logs_and_watch_take_unique_prefixes_and_the_kubec
     assert json.loads(cli(tmp_path, "dlq", "list", "-o", "json").stdout)[0]["id"] == letter.id
     quick = cli(tmp_path, "dlq", "replay", "--no-wait", letter.id).stdout  # (it fails again: a new dead letter)
     assert quick == "replaying 1 dead letters\n", quick
-    wait_until(lambda: [d for d in store_of(doc).dead_letters() if d.id != letter.id], timeout=30,
-               what="the replayed letter to fail again")
+    again = wait_until(lambda: [d for d in store_of(doc).dead_letters() if d.id != letter.id], timeout=30,
+                       what="the replayed letter to fail again")[0]
+    waited = cli(tmp_path, "dlq", "replay", "--timeout", "30s", "--url", f"http://127.0.0.1:{daemon.port}",
+                 again.id).stdout
+    assert "replayed 1 of 1: 0 ran, 1 failed again" in waited, waited
+    assert cli(tmp_path, "dlq", "replay", "--timeout", "soon", again.id, check=False).returncode == 2
 
     watch = subprocess.Popen([sys.executable, "-m", "dispatcher", "invocations", "--watch", "-c",
                               str(tmp_path / "eventswarm.toml")], stdout=subprocess.PIPE, text=True)
@@ -250,6 +254,14 @@ def test_init_writes_a_starter_that_validates_and_runs_and_refuses_to_overwrite(
     forced = subprocess.run([sys.executable, "-m", "dispatcher", "init", "--dir", str(folder), "--executor", "process",
                              "--force"], capture_output=True, text=True, timeout=60)
     assert forced.returncode == 0 and "json.load" in (folder / "functions" / "hello.py").read_text()
+    for executor in ("docker", "auto"):  # (auto: this machine has an engine, so docker)
+        other = tmp_path / executor
+        made = subprocess.run([sys.executable, "-m", "dispatcher", "init", "--dir", str(other), "--executor", executor],
+                              capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0 and "docker build -t hello-fn:latest" in made.stdout, made.stderr
+        assert (other / "functions" / "hello" / "Dockerfile").exists()
+        assert subprocess.run([sys.executable, "-m", "dispatcher", "validate", "-c", str(other / "eventswarm.toml")],
+                              capture_output=True, timeout=60).returncode == 0
     port = free_port()
     process = DaemonProcess(config_file, port, tmp_path / "daemon.log",
                             env={"EVENTSWARM_DAEMON__LISTEN": f"127.0.0.1:{port}"}).start()
@@ -297,9 +309,9 @@ def test_logs_follow_streams_a_running_invocations_output_as_it_comes(tmp_path, 
     daemon = daemon_process(doc).start()
     assert post(f"http://127.0.0.1:{daemon.port}/hooks/t", b'{"n": 1}')[0] == 202
     running = wait_until(lambda: store_of(doc).invocations(status="running"), timeout=30, what="the run")[0]
-    follower = subprocess.Popen([sys.executable, "-m", "dispatcher", "logs", running.id[:10], "--follow", "-c",
-                                 str(tmp_path / "eventswarm.toml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    follower = subprocess.Popen([sys.executable, "-m", "dispatcher", "logs", running.id[:10], "--follow", "--url",
+                                 f"http://127.0.0.1:{daemon.port}", "-c", str(tmp_path / "eventswarm.toml")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert follower.stdout is not None
         assert follower.stdout.readline() == "one\n"

@@ -230,7 +230,7 @@ def test_sighup_adds_changes_and_removes_triggers_under_a_steady_webhook_load_an
     assert accepted("c") >= 50 and accepted("d") >= 50
     del doc["triggers"]["d"]
     daemon.config_file.write_text(toml(doc))
-    done = subprocess.run([sys.executable, "-m", "dispatcher", "reload", "-c", str(daemon.config_file)],
+    done = subprocess.run([sys.executable, "-m", "dispatcher", "reload", "--url", url, "-c", str(daemon.config_file)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "removed d" in done.stdout, (done.stdout, done.stderr)
     assert {t["trigger"] for t in status()["triggers"]} == {"a", "b"}
