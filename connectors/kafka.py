@@ -339,8 +339,9 @@ _CONTENT = {"json": (b"application/json", b"data", _json_data), "text": (b"text/
 
 
 def encode_records(topic: str, partition: int, payloads: list[Payload], value_format: str,
-                   received: float) -> tuple[list[bytes], list[str], list[str | None], Sequence[int]]:
-    """The CloudEvents JSON, ids, subjects and offsets of consecutive records of one partition.
+                   received: float) -> tuple[list[bytes], list[str], list[str | None], Sequence[int], str | None]:
+    """The CloudEvents JSON, ids, subjects and offsets of consecutive records of one partition, and the first
+    well-formed ``traceparent`` among their headers.
 
     The same events as ``to_event`` would make (a test holds them equal), but built from a byte
     template over whole lists, with a JSON value embedded as it came: this is the cost per record
@@ -363,12 +364,14 @@ def encode_records(topic: str, partition: int, payloads: list[Payload], value_fo
     times = {stamp: (rfc3339_ms(stamp) if stamp and stamp > 0 else rfc3339(received)).encode() for stamp in set(stamps)}
     keys = [_KEYS.get(key) or _key(key) for key in record_keys]
     members = [key[1] for key in keys]  # the subject, and the extensions a record may add (their order is free)
+    trace = None
     if any(headers):
         members = [member + _headers(pairs) if pairs else member for member, pairs in zip(members, headers, strict=True)]
+        trace = next((found for pairs in headers if pairs and (found := _trace(pairs))), None)
     encoded = [template % (offset, times[stamp], member, offset, value) if value is not None
                else to_event(Record(topic, partition, *payload), value_format, received).encode()
                for offset, stamp, member, value, payload in zip(offsets, stamps, members, data, payloads, strict=True)]
-    return encoded, ids, [key[0] for key in keys], offsets
+    return encoded, ids, [key[0] for key in keys], offsets, trace
 
 
 class KafkaSource(Source[KafkaSourceConfig]):
@@ -488,14 +491,14 @@ class KafkaSource(Source[KafkaSourceConfig]):
         """One fetch's records of one partition as a run, tracked by the partition's watermark."""
         received = time.time()
         value_format = self.config.value_format
-        encoded, ids, subjects, offsets = encode_records(tp.topic, tp.partition, payloads, value_format, received)
+        encoded, ids, subjects, offsets, trace = encode_records(tp.topic, tp.partition, payloads, value_format, received)
         span = mark.track_nowait(offsets, begin=offsets[0])  # records below it (compacted) need no settling
 
         def event(payload: Payload) -> Event:
             return to_event(Record(tp.topic, tp.partition, *payload), value_format, received)
         run = Run(encoded, ids, payloads, event, ack=self._settle, token=span,
                   partition=f"{tp.topic}/{tp.partition}", subjects=subjects, received=received)
-        run.trace = next((trace for *_, headers in payloads if headers and (trace := _trace(headers))), None)
+        run.trace = trace
         return run
 
     async def _emit_paused(self, ctx: SourceContext, consumer: AIOKafkaConsumer, run: Run) -> None:

@@ -292,24 +292,14 @@ def _resolve(store: Store, table: str, prefix: str, what: str) -> str:
 
 
 def _age(ts: float | None, now: float) -> str:
-    return "" if ts is None else _short(now - ts)
-
-
-def _short(seconds: float) -> str:
-    """``850ms``, ``42s``, ``3m``, ``5h``, ``2d``: kubectl's way."""
-    if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size * (2 if unit != "m" else 1):
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    return "" if ts is None else duration_text(now - ts, coarse=True)
 
 
 def _duration(record: Any, now: float) -> str:
     if record.started_at is None:
         return ""
     end = record.finished_at if record.finished_at is not None else now
-    return _short(end - record.started_at) + ("" if record.finished_at is not None else "…")
+    return duration_text(end - record.started_at, coarse=True) + ("" if record.finished_at is not None else "…")
 
 
 def _invocation_rows(records: list[Any], wide: bool) -> list[str]:

@@ -143,7 +143,7 @@ class Trigger:
         return await self.pipeline.offer_run(run)
 
     async def invoke(self, event: Event) -> Outcome:
-        self.metrics.events_received.labels(self.trigger).inc()
+        self.metrics.received(self.trigger)
         async with self._sync:
             return await self.dispatcher.invoke_once(event)
 
@@ -211,7 +211,7 @@ class Trigger:
     @property
     def in_flight(self) -> int:
         """Batches of this trigger running now."""
-        return int(self.metrics.in_flight.labels(self.trigger)._value.get())
+        return self.metrics.counted(self.trigger).in_flight
 
     def fail_source(self, reason: str) -> None:
         """Stop the running source as if it had failed with a temporary error ``reason``: it saves what is
@@ -279,14 +279,14 @@ class Trigger:
                            or self.source_error),
             "last_error_at": rfc3339(self.dispatcher.last_error_at) if self.dispatcher.last_error_at else None,
             "last_error_invocation": self.dispatcher.last_error_invocation,
-            "received": int(self.metrics.events_received.labels(self.trigger)._value.get()),
-            "acked": int(self.metrics.events_acked.labels(self.trigger)._value.get()),
+            "received": self.metrics.counted(self.trigger).received,
+            "acked": self.metrics.counted(self.trigger).acked,
             "events_per_s": round(self.rate(), 2),
         }
 
     def sample(self, now: float) -> None:
         """Note how many events have come so far (every few seconds: the rate over the last minute)."""
-        self._samples.append((now, self.metrics.events_received.labels(self.trigger)._value.get()))
+        self._samples.append((now, self.metrics.counted(self.trigger).received))
 
     def rate(self) -> float:
         """Events received per second over the last minute (0 before two samples)."""
@@ -410,8 +410,8 @@ class Daemon:
         grace = self.config.daemon.shutdown_grace
         with anyio.move_on_after(grace) as scope:
             # (requests it was answering finish first: what they accepted is in its buffer then)
-            while any(self.http.busy.get(h) for h in trigger._handlers) or trigger.pipeline.holding:  # noqa: ASYNC110 (a bounded poll)
-                await anyio.sleep(RETIRE_POLL)
+            await self.http.answered(trigger._handlers)
+            await trigger.pipeline.emptied()
         trigger.pipeline.drain()
         with anyio.move_on_after(0 if scope.cancelled_caught else grace):
             await trigger.done.wait()
@@ -579,8 +579,6 @@ RATE_EVERY = 5
 """Seconds between two samples of each trigger's events received (for its events/s)."""
 RATE_WINDOW = 60
 """The rate in status is over this many seconds."""
-RETIRE_POLL = 0.05
-"""How often a trigger being retired is checked for what it still holds."""
 
 
 def _setup(config: ConfigBase, name: str) -> Any:

@@ -163,7 +163,6 @@ class Dispatcher:
         self.limiter = limiter
         self.owner = owner
         self.draining = anyio.Event()
-        self._acked = metrics.events_acked.labels(trigger)
         self._latency = metrics.event_latency.labels(trigger)
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -233,7 +232,7 @@ class Dispatcher:
         """One attempt of ``event`` alone, no retries (a sync webhook's caller is waiting and retries itself)."""
         result, _, _, invocation_id = await self._invoke([Run.of([event])], 1)
         if result is not None and result.ok:
-            self._acked.inc()
+            self.metrics.acked(self.trigger)
             return Outcome("succeeded", invocation_id, result.stdout, 0)
         return Outcome("failed", invocation_id, result.stdout if result else b"", result.exit_code if result else None)
 
@@ -304,15 +303,14 @@ class Dispatcher:
             async with self.limiter:
                 await self.durably(*pending, start_invocation(invocation_id, time.time()))
                 pending = ()
-                gauge = self.metrics.in_flight.labels(self.trigger)
-                gauge.inc()
+                self.metrics.running(self.trigger, 1)
                 try:
                     result = await self.executor.run(invocation)
                 except ExecutorError as exc:
                     error = str(exc)
                     fault = "unavailable" if exc.unavailable else ("" if exc.temporary else "permanent")
                 finally:
-                    gauge.dec()
+                    self.metrics.running(self.trigger, -1)
         status = "succeeded" if result is not None and result.ok else ("timed_out" if result and result.timed_out else "failed")
         if result is not None:
             self.metrics.invocation_seconds.labels(self.trigger).observe(result.duration)
@@ -414,7 +412,7 @@ class Dispatcher:
         and run again after the restart. Any other error fails the source (``ack_failed``): it
         restarts, and the events it could not acknowledge come again from their origin.
         """
-        self._acked.inc(len(run))
+        self.metrics.acked(self.trigger, len(run))
         self._latency.observe(time.time() - run.received)
         ack = run.ack
         if ack is None:

@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,14 @@ class HttpServer:
         self._route_triggers: dict[str, str] = {}
         self.busy: dict[HttpHandler, int] = {}
         """Requests each source route's handler is answering now."""
+        self._answered: anyio.Event | None = None
+        """Set as a source route's request is answered, while ``answered`` waits."""
+
+    async def answered(self, handlers: Collection[HttpHandler]) -> None:
+        """Returns once none of ``handlers`` is answering a request."""
+        while any(self.busy.get(handler) for handler in handlers):
+            self._answered = event = self._answered or anyio.Event()
+            await event.wait()
 
     def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int, trigger: str = "") -> None:
         """Serve ``method path`` with ``handler`` (for ``trigger``: its answers are counted under its name)."""
@@ -375,6 +383,9 @@ class HttpServer:
             left = self.busy.pop(handler) - 1
             if left:
                 self.busy[handler] = left
+            if self._answered is not None:
+                self._answered.set()
+                self._answered = None
         return web.Response(status=response.status, body=response.body, headers=response.headers)
 
     async def _body(self, request: web.BaseRequest, max_body: int) -> bytes | web.StreamResponse:

@@ -31,8 +31,21 @@ def _version() -> str:
         return "unknown"
 
 
+class Counts:
+    """A trigger's counts as plain numbers beside their series (for ``/v1/status``; prometheus_client keeps a
+    series' value private)."""
+
+    __slots__ = ("acked", "in_flight", "received")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.acked = 0
+        self.in_flight = 0
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.counts: dict[str, Counts] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.events_received = Counter("eventswarm_events_received", "Events a source handed to a trigger.", ["trigger"], registry=r)
@@ -63,6 +76,24 @@ class Metrics:
         self.build_info.labels(_version(), platform.python_version()).set(1)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+
+    def counted(self, trigger: str) -> Counts:
+        """``trigger``'s plain counts (kept by whoever moves its ``events_received``, ``events_acked`` and
+        ``in_flight`` series)."""
+        return self.counts.setdefault(trigger, Counts())
+
+    def received(self, trigger: str, count: int = 1) -> None:
+        self.events_received.labels(trigger).inc(count)
+        self.counted(trigger).received += count
+
+    def acked(self, trigger: str, count: int = 1) -> None:
+        self.events_acked.labels(trigger).inc(count)
+        self.counted(trigger).acked += count
+
+    def running(self, trigger: str, change: int) -> None:
+        """``change`` invocations of ``trigger`` began (1) or ended (-1)."""
+        self.in_flight.labels(trigger).inc(change)
+        self.counted(trigger).in_flight += change
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics and their content type: OpenMetrics when ``accept`` (the scraper's Accept header) asks for it,

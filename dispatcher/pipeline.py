@@ -211,7 +211,8 @@ class Pipeline:
         self._collecting: set[anyio.CancelScope] = set()
         self.delivering = 0
         """Batches being delivered (run, retried, acknowledged) now."""
-        self._received = metrics.events_received.labels(trigger)
+        self._delivered: anyio.Event | None = None
+        """Set as a batch's delivery ends, while ``emptied`` waits."""
         metrics.buffered.labels(trigger).set_function(lambda: self.depth)
 
     @property
@@ -259,7 +260,7 @@ class Pipeline:
 
     async def emit_run(self, run: Run) -> None:
         """Filter ``run`` and put it in its lanes, waiting while one is full (the backpressure)."""
-        self._received.inc(len(run))
+        self.metrics.received(self.trigger, len(run))
         kept = run if self.filter is None else await self._filter(run)
         if kept is None:
             return
@@ -331,6 +332,16 @@ class Pipeline:
                 await self.dispatcher.deliver(batch)
             finally:
                 self.delivering -= 1
+                if self._delivered is not None:
+                    self._delivered.set()
+                    self._delivered = None
+
+    async def emptied(self) -> None:
+        """Returns once the pipeline holds nothing: it can only come to hold nothing as a delivery ends (events taken
+        from the buffer are being collected, and a collected batch is being delivered), unless it held nothing."""
+        while self.holding:
+            self._delivered = event = self._delivered or anyio.Event()
+            await event.wait()
 
     @property
     def holding(self) -> int:

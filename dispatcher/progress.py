@@ -259,8 +259,16 @@ class Backfill:
                 f"{self.rate:,.0f} {self.unit}/s, {left}")
 
 
-def duration_text(seconds: float) -> str:
-    """``42s``, ``3m05s``, ``2h10m``."""
+def duration_text(seconds: float, *, coarse: bool = False) -> str:
+    """``42s``, ``3m05s``, ``2h10m``; or ``coarse`` (kubectl's way, for ages): ``850ms``, ``4.2s``, ``42s``, ``3m``,
+    ``5h``, ``2d``."""
+    if coarse:
+        if seconds < 1:
+            return f"{max(0, int(seconds * 1000))}ms"
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds >= size * (2 if unit != "m" else 1):
+                return f"{int(seconds // size)}{unit}"
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
     seconds = int(seconds + 0.5)
     if seconds < 60:
         return f"{seconds}s"

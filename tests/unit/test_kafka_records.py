@@ -49,7 +49,7 @@ def records(draw):
 def test_the_fast_encoding_is_the_event_to_event_makes(value_format, batch):
     received = 1_763_960_000.5
     payloads = payloads_of(batch)
-    encoded, ids, subjects, offsets = encode_records("orders.v1", 3, payloads, value_format, received)
+    encoded, ids, subjects, offsets, _ = encode_records("orders.v1", 3, payloads, value_format, received)
     assert list(offsets) == [record.offset for record in batch]
     for record, raw, event_id, subject, payload in zip(batch, encoded, ids, subjects, payloads, strict=True):
         event = to_event(record, value_format, received)
