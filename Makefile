@@ -12,7 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The warm functions' runner, a static binary (musl-tools from Debian).
+RUNNER := dispatcher/executors/bin/eventswarm-runner
+$(RUNNER): runner/eventswarm-runner.c scripts/runner.sh
+	bash scripts/runner.sh
+
+install: $(STAMP) $(RUNNER)
 
 # The Docker engine (a single-node Swarm manager, no default bridge), the test function images and
 # a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc,
@@ -46,6 +51,7 @@ bench: install services
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/swarm.py
 	$(BIN)/python bench/kafka.py
+	$(BIN)/python bench/warm.py
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	$(BIN)/python bench/webhook.py
 
@@ -53,4 +59,4 @@ gc: install
 	$(BIN)/eventswarm gc -c config.example.toml
 
 clean:
-	rm -rf $(VENV) eventswarm.db* eventswarm-inputs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(RUNNER) eventswarm.db* eventswarm-inputs .pytest_cache .mypy_cache .ruff_cache

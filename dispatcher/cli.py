@@ -550,6 +550,13 @@ def _show_status(report: dict[str, Any], bars: bool) -> None:
 
                 click.echo("  " + tqdm.format_meter(backfill["done"], backfill["total"], backfill["elapsed_seconds"],
                                                     ncols=72, unit=backfill["unit"], rate=backfill["rate"] or None))
+    pools = report.get("pools") or []
+    if pools:
+        click.echo(f"{'WARM POOL':16} {'MODE':10} {'SIZE':>4} {'MAX':>4} {'IDLE':>4} {'BUSY':>4} {'STARTS':>6}  REPLACED")
+        for p in pools:
+            replaced = ", ".join(f"{why} {n}" for why, n in sorted(p["replacements"].items())) or "none"
+            click.echo(f"{p['function']:16} {p['mode']:10} {p['size']:>4} {p['max']:>4} {p['idle']:>4} {p['busy']:>4} "
+                       f"{p['starts']:>6}  {replaced}")
 
 
 @main.command()

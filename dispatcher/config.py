@@ -158,6 +158,30 @@ class Mount(NamedTuple):
         return self.bind and (folder == self.source or folder.startswith(self.source.rstrip("/") + "/"))
 
 
+class WarmConfig(Section):
+    """``warm``: keep a pool of running containers for the function (docker executor; docs/warm.md)."""
+
+    min_idle: int = Field(1, ge=0, le=64)
+    """Containers kept started and waiting, ready for the next batch."""
+    max: int = Field(8, ge=1, le=256)
+    """Containers at most, busy and idle (a batch waits for one past it)."""
+    idle_ttl: Duration = 600.0
+    """An idle container older than this since its last batch is replaced."""
+    max_batches: int = Field(1000, ge=1)
+    """A container is replaced after this many batches."""
+    tmp_size: Size = 64 * 1024 * 1024
+    """The tmpfs at /tmp, emptied between batches."""
+    mode: Literal["runner", "persistent"] = "runner"
+    """``runner``: the daemon's runner starts the image's program per batch, in a clean container. ``persistent``:
+    the image's program reads the frames itself and keeps its state between batches."""
+
+    @model_validator(mode="after")
+    def _check(self) -> WarmConfig:
+        if self.min_idle > self.max:
+            raise ValueError(f"min_idle: {self.min_idle} is more than max ({self.max})")
+        return self
+
+
 class FunctionConfig(Section):
     image: str = ""
     """The container image (docker/swarm executors)."""
@@ -181,6 +205,22 @@ class FunctionConfig(Section):
     mounts: list[str] = []
     """Folders in the container (docker, swarm): ``"SOURCE:TARGET"``, read-only, or ``"SOURCE:TARGET:rw"``.
     SOURCE is an absolute host path (a bind mount) or the name of a Docker volume."""
+    warm: WarmConfig | None = None
+    """docker: a pool of running containers (``true``, ``"persistent"`` or a table of settings); default: a new
+    container per batch."""
+
+    @field_validator("warm", mode="before")
+    @classmethod
+    def _warm_shorthand(cls, value: Any) -> Any:
+        if value is True or value == "runner":
+            return {}
+        if value is False:
+            return None
+        if value == "persistent":
+            return {"mode": "persistent"}
+        if not isinstance(value, dict):
+            raise ValueError(f'give true, "persistent" or a table such as {{ min_idle = 1, max = 8 }}, not {value!r}')
+        return value
 
     @field_validator("mounts")
     @classmethod
@@ -316,6 +356,9 @@ class Identity:
 
 def _unsupported(function: FunctionConfig, executor: str) -> Iterator[tuple[str, str]]:
     """The function's keys that ``executor`` cannot honour, with why: refused, never ignored."""
+    if function.warm is not None and executor in ("process", "swarm"):
+        yield "warm", (f"warm containers run on one Docker engine: the {executor} executor starts a new "
+                       + ("process" if executor == "process" else "job") + " per batch (use executor kind docker or auto)")
     if executor == "process":
         if function.mounts:
             yield "mounts", ("the process executor runs functions on this host, which see its folders: mounts are "

@@ -326,6 +326,7 @@ class Daemon:
             self.store = Store(config.daemon.state_path, check=True)
             self.state = StateStore(self.store)
             self.executor: Executor = create(config, self.owner)
+            self.metrics.pools.source = self.pools
         except BaseException:
             self.lock.release()
             raise
@@ -397,6 +398,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 for name in [*removed, *changed]:
                     tg.start_soon(self._retire, name)
+            await self._prepare()
             for name, trigger in new.items():
                 self.triggers[name] = trigger
                 self._start(trigger)
@@ -432,9 +434,19 @@ class Daemon:
         finally:
             await self.close()
 
+    async def _prepare(self) -> None:
+        """Warm functions' pools begin to fill (an executor without warm containers has nothing to do)."""
+        prepare = getattr(self.executor, "prepare", None)
+        if prepare is not None:
+            await prepare(self.config.functions, self.owner)
+
+    def pools(self) -> list[dict[str, Any]]:
+        pools = getattr(self.executor, "pools", None)
+        return pools() if pools is not None else []
+
     async def _status(self) -> dict[str, Any]:
         return {"triggers": [t.status() for t in self.triggers.values()], "executor": self.executor.kind,
-                "config": self.loaded.report()}
+                "pools": self.pools(), "config": self.loaded.report()}
 
     async def _ready(self) -> dict[str, Any]:
         executor_ok = await self.executor.ping()
@@ -478,6 +490,7 @@ class Daemon:
             if removed:
                 log.info("removed %d containers, services, configs or processes left behind by an earlier run", removed)
             await self.state.write(abandon_unfinished(time.time()))
+            await self._prepare()
             self.build_triggers()
             await self.http.start()
         except BaseException:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,8 +17,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -43,11 +47,40 @@ class Counts:
         self.in_flight = 0
 
 
+class PoolCollector(Collector):
+    """The warm pools' series, read from the executor when scraped: size, idle, starts and replacements."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[dict[str, Any]]] = list
+
+    def collect(self) -> Iterator[Metric]:
+        pools = self.source()
+        size = GaugeMetricFamily("eventswarm_warm_pool_size", "Warm containers of a function's pool, busy, idle and "
+                                 "starting.", labels=["function"])
+        idle = GaugeMetricFamily("eventswarm_warm_pool_idle", "Warm containers waiting for a batch.", labels=["function"])
+        starts = CounterMetricFamily("eventswarm_warm_starts", "Warm containers started.", labels=["function"])
+        replaced = CounterMetricFamily("eventswarm_warm_replacements", "Warm containers removed, by why: timeout, oom, "
+                                       "runner_ended, max_batches, idle_ttl, image, failed, interrupted, retired.",
+                                       labels=["function", "reason"])
+        for pool in pools:
+            size.add_metric([pool["function"]], pool["size"])
+            idle.add_metric([pool["function"]], pool["idle"])
+            starts.add_metric([pool["function"]], pool["starts"])
+            for reason, count in pool["replacements"].items():
+                replaced.add_metric([pool["function"], reason], count)
+        yield from (size, idle, starts, replaced)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     def __init__(self) -> None:
         self.counts: dict[str, Counts] = {}
         self.registry = CollectorRegistry()
         r = self.registry
+        self.pools = PoolCollector()
+        r.register(self.pools)
         self.events_received = Counter("eventswarm_events_received", "Events a source handed to a trigger.", ["trigger"], registry=r)
         self.events_acked = Counter("eventswarm_events_acked", "Events acknowledged to their source.", ["trigger"], registry=r)
         self.events_dropped = Counter("eventswarm_events_dropped", "Events dropped, by reason.", ["trigger", "reason"], registry=r)

@@ -75,6 +75,13 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="session")
+def python_image(docker_engine) -> str:  # type: ignore[no-untyped-def]
+    """A Debian image with python3 (scripts/base-image.sh: debootstrap from this machine's mirror)."""
+    _service("base-image.sh")
+    return "eventswarm/base:local"
+
+
+@pytest.fixture(scope="session")
 def eth_node() -> str:
     """anvil and solc (installed and started by scripts/ethereum.sh) on 127.0.0.1."""
     _service("ethereum.sh")

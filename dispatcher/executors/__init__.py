@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 
-from dispatcher.config import ConfigBase, ExecutorConfig
+from dispatcher.config import ConfigBase, ExecutorConfig, FunctionConfig
 from dispatcher.executors.base import Capture, Executor, Invocation, Result
 
 __all__ = ["Capture", "Executor", "Invocation", "Result", "create"]
@@ -32,13 +34,15 @@ def create(config: ConfigBase, owner: str = "") -> Executor:
 
 
 class AutoExecutor:
-    """``kind = "auto"``: the swarm executor if the engine is an active Swarm manager, else docker."""
+    """``kind = "auto"``: the swarm executor if the engine is an active Swarm manager, else docker. Warm functions
+    run on the engine's own pool either way (a warm container is one engine's)."""
 
     def __init__(self, config: ExecutorConfig, scratch: str) -> None:
         from dispatcher.executors.docker import DockerExecutor
 
         self.config = config
-        self.chosen: Executor = DockerExecutor(config, scratch)
+        self.docker = DockerExecutor(config, scratch)
+        self.chosen: Executor = self.docker
 
     @property
     def kind(self) -> str:
@@ -56,9 +60,18 @@ class AutoExecutor:
         if swarm.get("LocalNodeState") == "active" and swarm.get("ControlAvailable"):
             self.chosen = SwarmExecutor(self.config)
         await self.chosen.start()
+        await self.docker.start()
 
     async def run(self, invocation: Invocation) -> Result:
+        if invocation.function.warm is not None:
+            return await self.docker.run(invocation)
         return await self.chosen.run(invocation)
+
+    async def prepare(self, functions: Mapping[str, FunctionConfig], owner: str) -> None:
+        await self.docker.prepare(functions, owner)
+
+    def pools(self) -> list[dict[str, Any]]:
+        return self.docker.pools()
 
     async def ping(self) -> bool:
         return await self.chosen.ping()
@@ -67,4 +80,6 @@ class AutoExecutor:
         return await self.chosen.gc(owner)
 
     async def close(self) -> None:
-        await self.chosen.close()
+        if self.chosen is not self.docker:
+            await self.chosen.close()
+        await self.docker.close()

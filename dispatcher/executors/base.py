@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import tarfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from dispatcher.config import FunctionConfig
 
@@ -171,3 +175,33 @@ def environment(invocation: Invocation, input_path: str | None) -> dict[str, str
     else:
         env.pop("EVENTSWARM_INPUT", None)
     return env
+
+
+def tar_file(path: str, data: bytes, mode: int = 0o444) -> bytes:
+    """A tar archive of one file (what ``put_archive`` copies into a container)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(path.lstrip("/"))
+        info.size = len(data)
+        info.mode = mode
+        info.mtime = int(time.time())
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def hardened_host_config(api: Any, network: str, function: FunctionConfig, binds: list[str], **extra: Any) -> Any:
+    """A function container's host config (cold or warm alike): the network, the function's limits, every capability
+    dropped, no-new-privileges; ``binds`` plus the function's secrets and mounts."""
+    binds = binds + [f"{Path(secret).resolve()}:/run/secrets/{Path(secret).name}:ro" for secret in function.secrets]
+    binds += [f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in function.volumes]
+    return api.create_host_config(
+        network_mode=network,
+        mem_limit=function.memory,
+        nano_cpus=int(function.cpus * 1e9) if function.cpus else None,
+        pids_limit=function.pids_limit,
+        read_only=function.read_only,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        binds=binds or None,
+        **extra,
+    )

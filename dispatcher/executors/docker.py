@@ -7,14 +7,13 @@ back, so a run costs what ``containers.run`` costs: create, attach, start, wait,
 
 from __future__ import annotations
 
-import io
-import os
+import queue
 import selectors
 import socket
 import struct
-import tarfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from dispatcher.config import ExecutorConfig
+from dispatcher.config import ExecutorConfig, FunctionConfig
 from dispatcher.errors import ExecutorError
 from dispatcher.executors.base import (
     INPUT_PATH,
@@ -35,7 +34,10 @@ from dispatcher.executors.base import (
     Invocation,
     Result,
     environment,
+    hardened_host_config,
+    tar_file,
 )
+from dispatcher.executors.warm import WarmPools
 
 _TICK = 0.2
 """How often a running invocation's thread looks for a cancellation."""
@@ -66,11 +68,50 @@ def remove_containers(api: Any, filters: dict[str, list[str]]) -> int:
     removed = 0
     for container in api.containers(all=True, filters=filters):
         try:
-            api.remove_container(container["Id"], force=True)
+            api.remove_container(container["Id"], force=True, v=True)  # (a warm container's copied runner is a volume)
             removed += 1
         except docker.errors.NotFound:
             pass
     return removed
+
+
+class Sweeper:
+    """Removes containers off the invocation's path: a removal costs the engine ~10 ms that the batch's result need
+    not wait for. Bounded: past ``limit`` waiting, the caller removes its own; ``close`` removes what is left (and
+    what a crash leaves, ``gc`` at the next start does)."""
+
+    def __init__(self, api: Any, limit: int = 256) -> None:
+        self.api = api
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=limit)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def remove(self, container_id: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._sweep, name="container-sweeper", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(container_id)
+        except queue.Full:
+            self.remove_now(container_id)
+
+    def remove_now(self, container_id: str) -> None:
+        try:
+            self.api.remove_container(container_id, force=True, v=True)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            pass  # gc at the next start sweeps it
+
+    def _sweep(self) -> None:
+        while (container_id := self._queue.get()) is not None:
+            self.remove_now(container_id)
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout=120)
 
 
 def engine_error(exc: Exception, what: str) -> ExecutorError:
@@ -130,13 +171,39 @@ class DockerExecutor(EngineExecutor):
         super().__init__(config)
         self.scratch = Path(scratch_dir)
         self._input_mode = config.input
+        self._warm: WarmPools | None = None
 
     async def start(self) -> None:
+        if self._client is not None:
+            return
         client = self._client = await connect(self.config)
         if self._input_mode == "auto":
             self._input_mode = "bind" if await anyio.to_thread.run_sync(_shares_file_system, client) else "copy"
         if self._input_mode == "bind":
             self.scratch.mkdir(parents=True, exist_ok=True)
+        self.sweeper = Sweeper(client.api)
+        # (the runner is bind-mounted where input files are: the engine sees this host's files; else copied in)
+        self._warm = WarmPools(client.api, self.config, self.sweeper, copy_runner=self._input_mode != "bind")
+
+    @property
+    def warm(self) -> WarmPools:
+        if self._warm is None:
+            raise ExecutorError("the docker executor is not started")
+        return self._warm
+
+    async def prepare(self, functions: Mapping[str, FunctionConfig], owner: str) -> None:
+        """Start prewarming the warm functions' pools (at start and after a reload); retire the pools of the others."""
+        await anyio.to_thread.run_sync(self.warm.prepare, functions, owner)
+
+    def pools(self) -> list[dict[str, Any]]:
+        """Each warm pool's size, idle containers, starts and replacements (for status and metrics)."""
+        return self._warm.stats() if self._warm is not None else []
+
+    async def close(self) -> None:
+        if self._warm is not None:
+            await anyio.to_thread.run_sync(self._warm.close)
+            await anyio.to_thread.run_sync(self.sweeper.close)
+        await super().close()
 
     async def gc(self, owner: str | None) -> int:
         return await anyio.to_thread.run_sync(remove_containers, self.client.api, labels(owner), limiter=self._limiter)
@@ -144,6 +211,8 @@ class DockerExecutor(EngineExecutor):
     # -- in a worker thread -----------------------------------------------------------------
 
     def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
+        if invocation.function.warm is not None:
+            return self.warm.run(invocation, cancelled)
         api = self.client.api
         function = invocation.function
         mode = self._input_mode
@@ -155,20 +224,8 @@ class DockerExecutor(EngineExecutor):
             input_file = self.scratch / f"{invocation.id}.json"
             input_file.write_bytes(invocation.input)
             binds.append(f"{input_file}:{INPUT_PATH}:ro")
-        for secret in function.secrets:
-            binds.append(f"{os.path.abspath(secret)}:/run/secrets/{os.path.basename(secret)}:ro")
-        binds += [f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in function.volumes]
         env = environment(invocation, INPUT_PATH if mode in ("bind", "copy") else None)
-        host_config = api.create_host_config(
-            network_mode=self.config.network,
-            mem_limit=function.memory,
-            nano_cpus=int(function.cpus * 1e9) if function.cpus else None,
-            pids_limit=function.pids_limit,
-            read_only=function.read_only,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            binds=binds or None,
-        )
+        host_config = hardened_host_config(api, self.config.network, function, binds)
         started = time.monotonic()
         container_id: str | None = None
         ok = False
@@ -187,7 +244,7 @@ class DockerExecutor(EngineExecutor):
                 )
                 container_id = created["Id"]
                 if mode == "copy":
-                    api.put_archive(container_id, "/", _tar(INPUT_PATH, invocation.input))
+                    api.put_archive(container_id, "/", tar_file(INPUT_PATH, invocation.input))
                 attached = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
                 api.start(container_id)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
@@ -214,10 +271,7 @@ class DockerExecutor(EngineExecutor):
             return result
         finally:
             if container_id and (self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok)):
-                try:
-                    api.remove_container(container_id, force=True)
-                except (docker.errors.DockerException, requests.exceptions.RequestException):
-                    pass  # gc at the next start sweeps it
+                self.sweeper.remove(container_id)
             if input_file is not None:
                 input_file.unlink(missing_ok=True)
 
@@ -317,14 +371,3 @@ class _Frames:
             payload = bytes(self._buffer[8:8 + size])
             del self._buffer[:8 + size]
             self._captures.get(stream, self._captures[2]).write(payload)
-
-
-def _tar(path: str, data: bytes) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        info = tarfile.TarInfo(path.lstrip("/"))
-        info.size = len(data)
-        info.mode = 0o444
-        info.mtime = int(time.time())
-        archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()

@@ -1,4 +1,5 @@
-"""One contract, every executor: the same tests prove process and docker keep the function contract alike."""
+"""One contract, every executor: the same tests prove process, docker (cold and warm) and swarm keep the function
+contract alike."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import docker
 import pytest
 
-from dispatcher.config import ExecutorConfig, FunctionConfig
+from dispatcher.config import ExecutorConfig, FunctionConfig, WarmConfig
 from dispatcher.dispatch import input_document, render_args
 from dispatcher.errors import ExecutorError
 from dispatcher.events import Event, Run
@@ -23,7 +24,8 @@ from tests.support import BUSYBOX, wait_for
 
 pytestmark = pytest.mark.anyio
 
-KINDS = ["process", "docker", "swarm"]
+KINDS = ["process", "docker", "warm", "swarm"]
+"""``warm``: the docker executor with the function's ``warm`` pool (a runner in a running container)."""
 
 
 @pytest.fixture(params=KINDS)
@@ -33,7 +35,7 @@ def kind(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=["process", "docker"])
+@pytest.fixture(params=["process", "docker", "warm"])
 def stdin_kind(request) -> str:
     """The executors that also give the input on stdin (a Swarm task has no stdin)."""
     if request.param != "process":
@@ -42,7 +44,7 @@ def stdin_kind(request) -> str:
 
 
 def make_executor(kind: str, tmp_path: Path, **settings: Any):
-    config = ExecutorConfig(kind=kind, max_in_flight=4, **settings)
+    config = ExecutorConfig(kind="docker" if kind == "warm" else kind, max_in_flight=4, **settings)
     if kind == "process":
         return ProcessExecutor(config)
     if kind == "swarm":
@@ -64,7 +66,14 @@ def invocation(script: str, events: list[Event] | None = None, *, args: list[str
     )
 
 
+def warmed(inv: Invocation, **warm: Any) -> Invocation:
+    """``inv`` with its function warm."""
+    return dataclasses.replace(inv, function=inv.function.model_copy(update={"warm": WarmConfig(**warm)}))
+
+
 async def run(kind: str, tmp_path: Path, inv: Invocation, **settings: Any):
+    if kind == "warm":
+        inv = warmed(inv)
     executor = make_executor(kind, tmp_path, **settings)
     await executor.start()
     try:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -129,3 +130,19 @@ def test_durations_and_sizes_reach_the_models():
     batch = config.triggers["t"].batch
     assert (batch.max_bytes, batch.max_wait) == (512 * 1024, 0.05)
 
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("true", {"mode": "runner", "min_idle": 1, "max": 8, "idle_ttl": 600.0, "max_batches": 1000}),
+    ('"persistent"', {"mode": "persistent", "max": 8}),
+    ('{ min_idle = 0, max = 2, idle_ttl = "30s" }', {"mode": "runner", "min_idle": 0, "max": 2, "idle_ttl": 30.0}),
+])
+def test_warm_takes_true_persistent_or_a_table(given, expected):
+    config = parse(tomllib.loads(GOOD.replace('test"', f'test"\nwarm = {given}', 1)))
+    warm = config.functions["f"].warm
+    assert warm is not None and {key: getattr(warm, key) for key in expected} == expected
+
+
+def test_warm_false_or_absent_is_a_container_per_batch():
+    assert parse(tomllib.loads(GOOD)).functions["f"].warm is None
+    assert parse(tomllib.loads(GOOD.replace('test"', 'test"\nwarm = false', 1))).functions["f"].warm is None

@@ -4,7 +4,15 @@ from connectors.ethereum import EthereumSourceConfig
 from connectors.file import FileSourceConfig
 from connectors.kafka import KafkaSourceConfig
 from connectors.webhook import WebhookSourceConfig
-from dispatcher.config import BatchConfig, DaemonConfig, ExecutorConfig, FunctionConfig, RetryConfig, TriggerBase
+from dispatcher.config import (
+    BatchConfig,
+    DaemonConfig,
+    ExecutorConfig,
+    FunctionConfig,
+    RetryConfig,
+    TriggerBase,
+    WarmConfig,
+)
 from tests.support import ROOT
 
 
@@ -19,3 +27,8 @@ def test_the_configuration_reference_names_every_key():
             if name not in ("kind", "batch", "retry") and f"`{prefix}{name}`" not in text:
                 missing.append(f"{model.__name__}.{name}")
     assert missing == []
+
+
+def test_the_warm_reference_names_every_key():
+    text = (ROOT / "docs" / "warm.md").read_text()
+    assert [name for name in WarmConfig.model_fields if f"`{name}`" not in text] == []

@@ -1,0 +1,612 @@
+"""Warm functions: a pool of running containers per function, each with the runner as its PID 1 (docs/warm.md).
+
+A batch in a warm container costs a few frames over its attach socket instead of a container
+start: the runner (``runner/eventswarm-runner.c``) starts the image's own program with the input
+on stdin and in ``$EVENTSWARM_INPUT``, frames back its stdout, stderr and exit status, then kills
+what the batch left running and empties ``/tmp``. A container is replaced after a timeout, an
+out-of-memory kill, an unexpected end of its runner, ``max_batches`` batches or ``idle_ttl`` idle.
+
+Everything here runs in the docker executor's worker threads, and one upkeep thread per executor
+keeps ``min_idle`` containers started and retires the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets as random
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig
+
+from dispatcher.config import ExecutorConfig, FunctionConfig, WarmConfig
+from dispatcher.errors import ExecutorError
+from dispatcher.executors.base import (
+    INPUT_PATH,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LIVE,
+    STOP_GRACE,
+    Capture,
+    Invocation,
+    Result,
+    environment,
+    hardened_host_config,
+    tar_file,
+)
+
+if TYPE_CHECKING:
+    from dispatcher.executors.docker import Sweeper
+
+log = logging.getLogger("eventswarm.warm")
+
+RUNNER = Path(__file__).parent / "bin" / "eventswarm-runner"
+"""The runner, built by ``make install`` (scripts/runner.sh)."""
+RUNNER_DIR = "/run/eventswarm-runner"
+"""Where the runner is found inside a warm container."""
+LABEL_FUNCTION = "io.eventswarm.function"
+LABEL_WARM = "io.eventswarm.warm"
+INPUT_TMPFS = "size=1g,mode=1777"
+"""The tmpfs holding each batch's input file (only what is written takes memory)."""
+UPKEEP_EVERY = 1.0
+"""Seconds between two rounds of the upkeep thread (it is also woken when a container is replaced)."""
+IMAGE_CHECK_EVERY = 5.0
+"""Seconds between two looks at what a pool's image tag points to (a new image replaces the pool's containers)."""
+READY_TIMEOUT = 30.0
+"""Seconds a new container's runner has to say it is ready."""
+_TICK = 0.2
+
+_Errors = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+class RunnerGone(Exception):
+    """The runner's socket ended or broke: the container is gone or going."""
+
+
+class Link:
+    """A warm container's attach socket: frames to the runner's stdin; Docker's multiplexed stdout (the runner's
+    frames) and stderr (the runner's own complaints, the last 4 KiB kept) back."""
+
+    def __init__(self, sock: socket.socket, closer: Any) -> None:
+        self.sock = sock
+        self._closer = closer
+        self._raw = bytearray()
+        self._frames = bytearray()
+        self.complaints = bytearray()
+        sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
+
+    def send(self, frames: Iterable[tuple[bytes, bytes]]) -> None:
+        data = memoryview(b"".join(kind + struct.pack(">I", len(payload)) + payload for kind, payload in frames))
+        deadline = time.monotonic() + READY_TIMEOUT
+        while data:
+            try:
+                sent = self.sock.send(data[:1 << 20])
+            except (BlockingIOError, InterruptedError):
+                if time.monotonic() > deadline:
+                    raise RunnerGone("the runner stopped reading its input") from None
+                with selectors.DefaultSelector() as writable:
+                    writable.register(self.sock, selectors.EVENT_WRITE)
+                    writable.select(_TICK)
+                continue
+            except OSError as exc:
+                raise RunnerGone(f"the attach socket broke: {exc}") from None
+            data = data[sent:]
+
+    def receive(self, timeout: float) -> tuple[bytes, bytes] | None:
+        """The runner's next frame, or None when none came within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                return frame
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if not self._selector.select(left):
+                continue
+            try:
+                chunk = self.sock.recv(1 << 18)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise RunnerGone(f"the attach socket broke: {exc}") from None
+            if not chunk:
+                raise RunnerGone("the runner ended")
+            self._demux(chunk)
+
+    def _demux(self, chunk: bytes) -> None:
+        raw = self._raw
+        raw += chunk
+        start = 0
+        while len(raw) - start >= 8:
+            size = struct.unpack_from(">I", raw, start + 4)[0]
+            if len(raw) - start < 8 + size:
+                break
+            payload = raw[start + 8:start + 8 + size]
+            if raw[start] == 1:
+                self._frames += payload
+            else:
+                self.complaints += payload
+                del self.complaints[:-4096]
+            start += 8 + size
+        del raw[:start]
+
+    def _frame(self) -> tuple[bytes, bytes] | None:
+        frames = self._frames
+        if len(frames) < 5:
+            return None
+        size = struct.unpack_from(">I", frames, 1)[0]
+        if len(frames) < 5 + size:
+            return None
+        kind, payload = bytes(frames[:1]), bytes(frames[5:5 + size])
+        del frames[:5 + size]
+        return kind, payload
+
+    def close(self) -> None:
+        self._selector.close()
+        if self._closer is not self.sock:
+            self._closer.close()
+        self.sock.close()
+
+
+@dataclass(eq=False)
+class Container:
+    """One warm container of a pool."""
+
+    id: str
+    link: Link
+    generation: int
+    started: float = field(default_factory=time.monotonic)
+    idle_since: float = field(default_factory=time.monotonic)
+    batches: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """What a pool's containers run: the image's id and its own program (entrypoint and command)."""
+
+    id: str
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...]
+
+
+def pool_key(name: str, function: FunctionConfig) -> str:
+    """A pool per function and per version of its config: never shared across functions."""
+    return f"{name}:{hashlib.sha256(function.model_dump_json().encode()).hexdigest()[:16]}"
+
+
+class Pool:
+    """The warm containers of one function (one version of its config)."""
+
+    def __init__(self, engine: WarmPools, name: str, function: FunctionConfig, owner: str) -> None:
+        assert function.warm is not None
+        self.engine = engine
+        self.name = name
+        self.function = function
+        self.settings: WarmConfig = function.warm
+        self.owner = owner
+        self.idle: deque[Container] = deque()
+        self.busy: set[Container] = set()
+        self.starting = 0
+        self.generation = 0
+        self.image: Image | None = None
+        self.image_checked = 0.0
+        self.retired = False
+        self.starts = 0
+        self.replacements: Counter[str] = Counter()
+        self.cond = threading.Condition()
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.busy) + self.starting
+
+    def stats(self) -> dict[str, Any]:
+        with self.cond:
+            return {"function": self.name, "size": self.size, "idle": len(self.idle), "busy": len(self.busy),
+                    "starting": self.starting, "max": self.settings.max, "starts": self.starts,
+                    "replacements": dict(self.replacements), "mode": self.settings.mode}
+
+    # -- taking and giving back ------------------------------------------------------------
+
+    def acquire(self, cancelled: threading.Event) -> Container:
+        """An idle container, a new one if the pool has room, or the next one given back."""
+        with self.cond:
+            while True:
+                if cancelled.is_set():
+                    raise ExecutorError("the daemon shut down while the batch waited for a warm container")
+                while self.idle:
+                    container = self.idle.pop()  # the most recently used: the others age out
+                    if container.generation == self.generation:
+                        self.busy.add(container)
+                        return container
+                    self._drop_later(container, "image")
+                if self.size < self.settings.max:
+                    self.starting += 1
+                    break
+                self.cond.wait(_TICK)
+        try:
+            container = self.start()
+        except BaseException:
+            with self.cond:
+                self.starting -= 1
+                self.cond.notify_all()
+            raise
+        with self.cond:
+            self.starting -= 1
+            self.busy.add(container)
+        return container
+
+    def release(self, container: Container, replace: str | None) -> None:
+        """Give ``container`` back after a batch; ``replace`` (why) removes it instead."""
+        if replace is None and container.batches >= self.settings.max_batches:
+            replace = "max_batches"
+        if replace is None and (self.retired or container.generation != self.generation):
+            replace = "image" if not self.retired else "retired"
+        if replace is not None:
+            self.replacements[replace] += 1
+            self.engine.remove(container)
+            with self.cond:
+                self.busy.discard(container)
+                self.cond.notify_all()
+            self.engine.wake()
+            return
+        with self.cond:
+            self.busy.discard(container)
+            container.idle_since = time.monotonic()
+            self.idle.append(container)
+            self.cond.notify_all()
+
+    def _drop_later(self, container: Container, why: str) -> None:
+        """(With the lock held.) ``container`` leaves the pool; the upkeep thread removes it."""
+        self.replacements[why] += 1
+        self.engine.doomed.append(container)
+        self.engine.wake()
+
+    # -- upkeep -------------------------------------------------------------------------------
+
+    def image_of(self) -> Image:
+        if self.image is None:
+            self.refresh_image()
+        assert self.image is not None
+        return self.image
+
+    def refresh_image(self) -> None:
+        """Look at what the function's image is now: a new image id replaces the pool's containers."""
+        self.image_checked = time.monotonic()
+        try:
+            attrs = self.engine.api.inspect_image(self.function.image)
+        except _Errors as exc:
+            if self.image is None:
+                from dispatcher.executors.docker import engine_error
+                raise engine_error(exc, f"cannot start a warm container for {self.function.image!r}") from exc
+            return  # (the image went away meanwhile: the containers that run keep running)
+        config = attrs.get("Config") or {}
+        image = Image(attrs["Id"], tuple(config.get("Entrypoint") or ()), tuple(config.get("Cmd") or ()))
+        with self.cond:
+            if self.image is not None and image.id != self.image.id:
+                log.info("warm pool %s: image %s is now %s; its containers are replaced", self.name,
+                         self.function.image, image.id[:19])
+                self.generation += 1
+                while self.idle:
+                    self._drop_later(self.idle.popleft(), "image")
+            self.image = image
+
+    def upkeep(self, now: float) -> list[Container] | None:
+        """(The upkeep thread.) Retire idle containers past ``idle_ttl`` (returned, to be removed); None when the pool
+        wants one more container started."""
+        with self.cond:
+            old: list[Container] = []
+            ttl = self.settings.idle_ttl
+            while self.idle and (self.retired or now - self.idle[0].idle_since >= ttl):
+                old.append(self.idle.popleft())
+                self.replacements["retired" if self.retired else "idle_ttl"] += 1
+            if old or self.retired:
+                return old
+            if len(self.idle) + self.starting < self.settings.min_idle and self.size < self.settings.max:
+                self.starting += 1
+                return None
+            return []
+
+    def prewarm(self) -> None:
+        """(The upkeep thread, after ``upkeep`` said so.) Start one container and make it idle."""
+        try:
+            container = self.start()
+        except ExecutorError as exc:
+            log.warning("warm pool %s: cannot start a container: %s", self.name, exc)
+            with self.cond:
+                self.starting -= 1
+            raise
+        with self.cond:
+            self.starting -= 1
+            self.idle.append(container)
+            self.cond.notify_all()
+
+    def start(self) -> Container:
+        container = self.engine.start_container(self)
+        with self.cond:
+            self.starts += 1
+        return container
+
+
+class WarmPools:
+    """The docker executor's warm pools, and the thread that keeps them."""
+
+    def __init__(self, api: Any, config: ExecutorConfig, sweeper: Sweeper, copy_runner: bool) -> None:
+        self.api = api
+        self.sweeper = sweeper
+        self.config = config
+        self.copy_runner = copy_runner
+        self.pools: dict[str, Pool] = {}
+        self.doomed: deque[Container] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failed_prewarm: dict[str, float] = {}
+
+    # -- pools ------------------------------------------------------------------------------
+
+    def pool(self, name: str, function: FunctionConfig, owner: str) -> Pool:
+        key = pool_key(name, function)
+        with self._lock:
+            pool = self.pools.get(key)
+            if pool is None:
+                if not RUNNER.exists() and function.warm is not None and function.warm.mode == "runner":
+                    raise ExecutorError(f"the warm runner is not built ({RUNNER}): run `make install` (it needs "
+                                        "Debian's musl-tools)", temporary=False)
+                pool = self.pools[key] = Pool(self, name, function, owner)
+                self._ensure_thread()
+        return pool
+
+    def prepare(self, functions: Mapping[str, FunctionConfig], owner: str) -> None:
+        """The warm functions now: their pools start prewarming; pools of functions gone or changed retire."""
+        keys = {pool_key(name, fn): (name, fn) for name, fn in functions.items() if fn.warm is not None}
+        with self._lock:
+            retiring = [pool for key, pool in self.pools.items() if key not in keys]
+        for pool in retiring:
+            with pool.cond:
+                pool.retired = True
+        for name, function in keys.values():
+            self.pool(name, function, owner)
+        self.wake()
+
+    def stats(self) -> list[dict[str, Any]]:
+        with self._lock:
+            pools = [pool for pool in self.pools.values() if not pool.retired]
+        return [pool.stats() for pool in pools]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- a batch ----------------------------------------------------------------------------
+
+    def run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
+        function = invocation.function
+        pool = self.pool(invocation.function_name, function, invocation.owner)
+        started = time.monotonic()
+        container = pool.acquire(cancelled)
+        container.batches += 1
+        out, err = Capture(self.config.output_limit), Capture(self.config.output_limit)
+        replace: str | None = "failed"
+        try:
+            with LIVE.showing(invocation.id, out, err):
+                result, replace = self._batch(pool, container, invocation, started, cancelled, out, err)
+            return result
+        finally:
+            pool.release(container, replace)
+
+    def _batch(self, pool: Pool, container: Container, invocation: Invocation, started: float,
+               cancelled: threading.Event, out: Capture, err: Capture) -> tuple[Result, str | None]:
+        function = invocation.function
+        image = pool.image_of()
+        if function.command:
+            argv = [*function.command, *invocation.args]
+        else:
+            argv = [*image.entrypoint, *(invocation.args or image.cmd)]
+        env = environment(invocation, INPUT_PATH)
+        frames = [(b"A", arg.encode()) for arg in argv]
+        frames += [(b"E", f"{k}={v}".encode()) for k, v in env.items()]
+        frames += [(b"I", invocation.input),
+                   (b"T", f"{int(function.timeout * 1000)} {int(STOP_GRACE * 1000)}".encode()), (b"G", b"")]
+        persistent = pool.settings.mode == "persistent"
+        # (the runner ends a batch at its timeout; a persistent function's own loop is ended by the daemon)
+        backstop = started + function.timeout + (0 if persistent else STOP_GRACE + 10)
+        try:
+            container.link.send(frames)
+            while True:
+                if cancelled.is_set():
+                    self._kill(container)
+                    return self._result(container, started, out, err, 137, notes=["stopped: the daemon shut down"]), \
+                        "interrupted"
+                if time.monotonic() > backstop:
+                    self._kill(container)
+                    return self._result(container, started, out, err, 137, timed_out=True), "timeout"
+                frame = container.link.receive(_TICK)
+                if frame is None:
+                    continue
+                kind, payload = frame
+                if kind == b"O":
+                    out.write(payload)
+                elif kind == b"E":
+                    err.write(payload)
+                elif kind == b"X":
+                    code, timed_out, ooms = _exit_report(payload)
+                    # (as a cold container's OOMKilled says: the kernel killed a process of the batch for memory)
+                    result = self._result(container, started, out, err, code, timed_out=bool(timed_out), oom=ooms > 0)
+                    return result, ("timeout" if timed_out else "oom" if ooms else None)
+        except RunnerGone as gone:
+            exit_code, oom = self._ended(container)
+            result = self._result(container, started, out, err, exit_code, oom=oom)
+            complaint = bytes(container.link.complaints).decode("utf-8", "replace").strip()
+            result.notes.append(f"the warm container ended during the batch ({gone}{': ' + complaint if complaint else ''})")
+            return result, "oom" if oom else "runner_ended"
+
+    @staticmethod
+    def _result(container: Container, started: float, out: Capture, err: Capture, code: int | None, *,
+                timed_out: bool = False, oom: bool = False, notes: list[str] | None = None) -> Result:
+        return Result(exit_code=code, stdout=out.getvalue(), stderr=err.getvalue(), timed_out=timed_out,
+                      oom_killed=oom, ref=container.id, duration=time.monotonic() - started, notes=notes or [])
+
+    def _ended(self, container: Container) -> tuple[int | None, bool]:
+        """How a container whose runner ended went: its exit code, and whether the OOM killer did it."""
+        try:
+            self.api.wait(container.id, timeout=STOP_GRACE + 10)
+            state = self.api.inspect_container(container.id)["State"]
+            return int(state.get("ExitCode", 0)) or 137, bool(state.get("OOMKilled"))
+        except _Errors:
+            return None, False
+
+    def _kill(self, container: Container) -> None:
+        try:
+            self.api.kill(container.id)
+        except _Errors:
+            pass
+
+    # -- containers -------------------------------------------------------------------------
+
+    def start_container(self, pool: Pool) -> Container:
+        """Create, attach and start a warm container for ``pool``, and wait for its runner to say it is ready."""
+        api = self.api
+        function = pool.function
+        image = pool.image_of()
+        generation = pool.generation
+        persistent = function.warm is not None and function.warm.mode == "persistent"
+        binds = [f"{RUNNER}:{RUNNER_DIR}/eventswarm-runner:ro"] if not persistent and not self.copy_runner else []
+        tmp_size = function.warm.tmp_size if function.warm is not None else 64 << 20
+        host_config = hardened_host_config(api, self.config.network, function, binds, log_config=LogConfig(type="none"),
+                                           tmpfs={"/tmp": f"size={tmp_size},mode=1777", "/run/eventswarm": INPUT_TMPFS})
+        labels = {LABEL_MANAGED: "true", LABEL_OWNER: pool.owner, LABEL_FUNCTION: pool.name, LABEL_WARM: "true"}
+        if persistent:
+            entrypoint, command = (function.command or None), (list(function.args) or None)
+        else:
+            entrypoint, command = [f"{RUNNER_DIR}/eventswarm-runner"], None
+        container_id: str | None = None
+        try:
+            spec = api.create_container_config(
+                image.id, command, entrypoint=entrypoint, environment=dict(function.env),
+                user=function.user or None, labels=labels, stdin_open=True,
+                volumes=[RUNNER_DIR] if self.copy_runner and not persistent else None, host_config=host_config,
+            )
+            spec["StdinOnce"] = True  # the daemon's attach ending (it stopped, or died) closes the runner's stdin: it exits
+            created = api.create_container_from_config(spec, f"eventswarm-warm-{pool.name}-{random.token_hex(5)}")
+            container_id = created["Id"]
+            if self.copy_runner and not persistent:
+                api.put_archive(container_id, RUNNER_DIR, tar_file("eventswarm-runner", RUNNER.read_bytes(), 0o755))
+            attached = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            api.start(container_id)
+        except _Errors as exc:
+            if container_id is not None:
+                self.sweeper.remove(container_id)
+            from dispatcher.executors.docker import engine_error
+            raise engine_error(exc, f"cannot start a warm container for {function.image!r}") from exc
+        sock: socket.socket = getattr(attached, "_sock", attached)
+        link = Link(sock, attached)
+        container = Container(container_id, link, generation)
+        try:
+            frame = link.receive(READY_TIMEOUT)
+            if frame is None or frame[0] != b"R":
+                raise RunnerGone("no ready frame within {READY_TIMEOUT:g}s" if frame is None else
+                                 f"a {frame[0]!r} frame before the ready frame")
+        except RunnerGone as exc:
+            complaint = bytes(link.complaints).decode("utf-8", "replace").strip()
+            self.remove(container)
+            raise ExecutorError(f"a warm container of {pool.name!r} did not become ready: {exc}"
+                                + (f" ({complaint})" if complaint else "")) from None
+        return container
+
+    def remove(self, container: Container) -> None:
+        container.link.close()
+        self.sweeper.remove(container.id)
+
+    # -- the upkeep thread --------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._upkeep, name="warm-upkeep", daemon=True)
+            self._thread.start()
+
+    def _upkeep(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(UPKEEP_EVERY)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            try:
+                self._round()
+            except Exception:  # an upkeep round must never end the thread
+                log.exception("warm pools: upkeep failed")
+
+    def _round(self) -> None:
+        while self.doomed:
+            self.remove(self.doomed.popleft())
+        now = time.monotonic()
+        with self._lock:
+            pools = list(self.pools.items())
+        for key, pool in pools:
+            if not pool.retired and now - pool.image_checked >= IMAGE_CHECK_EVERY:
+                pool.refresh_image()
+            while not self._closed.is_set():
+                old = pool.upkeep(time.monotonic())
+                if old is None:
+                    if now < self.failed_prewarm.get(key, 0.0):
+                        with pool.cond:
+                            pool.starting -= 1
+                        break
+                    try:
+                        pool.prewarm()
+                    except ExecutorError:
+                        self.failed_prewarm[key] = now + 10.0  # (said once per 10 s; batches start their own)
+                        break
+                    continue
+                for container in old:
+                    self.remove(container)
+                break
+            if pool.retired:
+                with pool.cond:
+                    empty = not pool.busy and not pool.idle and not pool.starting
+                if empty:
+                    with self._lock:
+                        self.pools.pop(key, None)
+
+    def close(self) -> None:
+        """Stop the upkeep thread and remove every warm container (batches still running end with their container)."""
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            pools = list(self.pools.values())
+        for pool in pools:
+            with pool.cond:
+                pool.retired = True
+                containers = list(pool.idle) + list(pool.busy)
+                pool.idle.clear()
+            for container in containers:
+                self.remove(container)
+        while self.doomed:
+            self.remove(self.doomed.popleft())
+
+
+def _exit_report(payload: bytes) -> tuple[int, int, int]:
+    """An 'X' frame: ``<status> [<timed_out> [<oom_kills>]]`` (a persistent function may send the status alone)."""
+    try:
+        parts = [int(part) for part in payload.split()]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3:
+        raise RunnerGone(f"an 'X' frame that is not '<status> [<timed_out> [<oom_kills>]]': {payload[:80]!r}")
+    parts += [0] * (3 - len(parts))
+    return parts[0], parts[1], parts[2]
