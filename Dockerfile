@@ -2,6 +2,8 @@
 # Without a registry, build on a local base: --build-arg BASE=eventswarm/base:local (scripts/base-image.sh).
 # With a wheelhouse/ folder in the build context (scripts/daemon-image.sh makes one), the build
 # installs from it and needs no network; otherwise it installs from PyPI.
+# Run `make install` first: it builds the warm functions' runner (dispatcher/executors/bin/), which the
+# image then carries (without it, a function with `warm` is refused at start with that advice).
 ARG BASE=python:3.12-slim
 FROM ${BASE}
 

@@ -6,7 +6,9 @@ synchronous webhook triggers on the same busybox function (`cat`, 1 KB body, net
 
 - latency: the client's whole round trip of sequential synchronous webhooks (p50, p99; after a warm-up);
 - throughput: 8 clients each sending synchronous webhooks back to back (8 in flight, batches of one), as
-  invocations/s over the run.
+  invocations/s over the run;
+- the daemon's own share of a warm round trip: the same batch run by the warm executor alone, in this
+  process (no HTTP, no records), subtracted from the round trip's p50.
 
 Prints its figures and writes them to bench/results/warm.json. Needs the project's services (`make services`).
 Run: `.venv/bin/python bench/warm.py`.
@@ -108,6 +110,43 @@ def throughput(port: int, name: str) -> float:
     return sum(done) / (time.perf_counter() - started)
 
 
+def executor_alone() -> float:
+    """p50 (ms) of the warm executor running the bench's batch by itself: the part of a round trip that is the
+    container's (the runner starting `cat` on the input) and the frames'."""
+    import anyio
+
+    from dispatcher.config import ExecutorConfig, FunctionConfig, WarmConfig
+    from dispatcher.dispatch import input_document
+    from dispatcher.events import Event, Run
+    from dispatcher.executors.base import Invocation
+    from dispatcher.executors.docker import DockerExecutor
+
+    function = FunctionConfig(image=IMAGE, command=["cat"], warm=WarmConfig(min_idle=1, max=1))
+    event = Event(source="bench", type="t", data=json.loads(BODY))
+
+    async def measure() -> float:
+        executor = DockerExecutor(ExecutorConfig(kind="docker"), tempfile.mkdtemp())
+        await executor.start()
+        samples = []
+        try:
+            for i in range(LATENCY_SAMPLES["warm"] + 50):
+                batch_id = f"bench-{i}"
+                invocation = Invocation(id=batch_id, trigger="warm", function_name="alone", function=function,
+                                        input=input_document("warm", "alone", batch_id, 1, [Run.of([event])]),
+                                        env={"EVENTSWARM_BATCH_ID": batch_id}, args=[], owner="bench-warm")
+                started = time.perf_counter()
+                result = await executor.run(invocation)
+                if i >= 50:
+                    samples.append(time.perf_counter() - started)
+                if not result.ok:
+                    raise SystemExit(f"executor alone: {result}")
+        finally:
+            await executor.close()
+        return 1000 * statistics.median(samples)
+
+    return anyio.run(measure)
+
+
 def wait_pool(port: int, size: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -142,6 +181,11 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait()
+    alone = executor_alone()
+    result["warm_executor_alone_p50_ms"] = alone
+    result["daemon_share_p50_ms"] = result["warm_latency"]["p50_ms"] - alone  # type: ignore[index]
+    print(f"warm executor alone: p50 {alone:.2f} ms; the daemon's own share of a warm round trip (HTTP, records, "
+          f"the thread hop): {result['daemon_share_p50_ms']:.2f} ms")
     result["throughput_ratio"] = result["warm_invocations_per_s"] / result["cold_invocations_per_s"]  # type: ignore[operator]
     result["latency_ratio"] = (result["cold_latency"]["p50_ms"]  # type: ignore[index]
                                / result["warm_latency"]["p50_ms"])  # type: ignore[index]

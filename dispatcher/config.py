@@ -218,7 +218,7 @@ class FunctionConfig(Section):
             return None
         if value == "persistent":
             return {"mode": "persistent"}
-        if not isinstance(value, dict):
+        if not isinstance(value, (dict, WarmConfig)):
             raise ValueError(f'give true, "persistent" or a table such as {{ min_idle = 1, max = 8 }}, not {value!r}')
         return value
 

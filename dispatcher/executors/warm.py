@@ -65,6 +65,8 @@ IMAGE_CHECK_EVERY = 5.0
 """Seconds between two looks at what a pool's image tag points to (a new image replaces the pool's containers)."""
 READY_TIMEOUT = 30.0
 """Seconds a new container's runner has to say it is ready."""
+PREWARM_PAUSE = 10.0
+"""Seconds a pool's upkeep waits after a start failed (a missing image, an engine error) before it tries again."""
 _TICK = 0.2
 
 _Errors = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
@@ -256,9 +258,9 @@ class Pool:
         if replace is None and (self.retired or container.generation != self.generation):
             replace = "image" if not self.retired else "retired"
         if replace is not None:
-            self.replacements[replace] += 1
             self.engine.remove(container)
             with self.cond:
+                self.replacements[replace] += 1
                 self.busy.discard(container)
                 self.cond.notify_all()
             self.engine.wake()
@@ -304,9 +306,9 @@ class Pool:
                     self._drop_later(self.idle.popleft(), "image")
             self.image = image
 
-    def upkeep(self, now: float) -> list[Container] | None:
+    def upkeep(self, now: float, may_start: bool) -> list[Container] | None:
         """(The upkeep thread.) Retire idle containers past ``idle_ttl`` (returned, to be removed); None when the pool
-        wants one more container started."""
+        wants one more container started (``may_start``), and counts it as starting."""
         with self.cond:
             old: list[Container] = []
             ttl = self.settings.idle_ttl
@@ -315,7 +317,7 @@ class Pool:
                 self.replacements["retired" if self.retired else "idle_ttl"] += 1
             if old or self.retired:
                 return old
-            if len(self.idle) + self.starting < self.settings.min_idle and self.size < self.settings.max:
+            if may_start and len(self.idle) + self.starting < self.settings.min_idle and self.size < self.settings.max:
                 self.starting += 1
                 return None
             return []
@@ -324,8 +326,7 @@ class Pool:
         """(The upkeep thread, after ``upkeep`` said so.) Start one container and make it idle."""
         try:
             container = self.start()
-        except ExecutorError as exc:
-            log.warning("warm pool %s: cannot start a container: %s", self.name, exc)
+        except BaseException:
             with self.cond:
                 self.starting -= 1
             raise
@@ -355,7 +356,8 @@ class WarmPools:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        self.failed_prewarm: dict[str, float] = {}
+        self.paused: dict[str, float] = {}
+        """Pools whose last start failed, and until when their upkeep starts nothing (by pool key)."""
 
     # -- pools ------------------------------------------------------------------------------
 
@@ -556,24 +558,23 @@ class WarmPools:
         with self._lock:
             pools = list(self.pools.items())
         for key, pool in pools:
-            if not pool.retired and now - pool.image_checked >= IMAGE_CHECK_EVERY:
-                pool.refresh_image()
-            while not self._closed.is_set():
-                old = pool.upkeep(time.monotonic())
-                if old is None:
-                    if now < self.failed_prewarm.get(key, 0.0):
-                        with pool.cond:
-                            pool.starting -= 1
-                        break
-                    try:
+            may_start = now >= self.paused.get(key, 0.0)
+            try:
+                if may_start and not pool.retired and now - pool.image_checked >= IMAGE_CHECK_EVERY:
+                    pool.refresh_image()
+                while not self._closed.is_set():
+                    old = pool.upkeep(time.monotonic(), may_start)
+                    if old is None:
                         pool.prewarm()
-                    except ExecutorError:
-                        self.failed_prewarm[key] = now + 10.0  # (said once per 10 s; batches start their own)
-                        break
-                    continue
-                for container in old:
-                    self.remove(container)
-                break
+                        continue
+                    for container in old:
+                        self.remove(container)
+                    break
+            except ExecutorError as exc:
+                # (one line per PREWARM_PAUSE: batches still start their own containers, and say why they cannot)
+                log.warning("warm pool %s: cannot start a container (trying again in %gs): %s", pool.name,
+                            PREWARM_PAUSE, exc)
+                self.paused[key] = now + PREWARM_PAUSE
             if pool.retired:
                 with pool.cond:
                     empty = not pool.busy and not pool.idle and not pool.starting

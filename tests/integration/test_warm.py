@@ -31,7 +31,7 @@ from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER
 from dispatcher.executors.docker import DockerExecutor
 from dispatcher.executors.warm import LABEL_WARM
 from tests.integration.test_executor_contract import invocation
-from tests.support import BUSYBOX, ROOT, base_config, free_port, post, store_of, wait_for, wait_until
+from tests.support import BUSYBOX, ROOT, base_config, free_port, post, store_of, toml, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -270,3 +270,53 @@ async def test_on_a_swarm_manager_auto_runs_warm_functions_on_the_engines_pool(t
     finally:
         await executor.close()
     assert containers(**{LABEL_OWNER: "warm-auto"}) == []
+
+
+async def test_a_program_that_cannot_start_fails_its_batch_and_the_container_serves_the_next(executor):
+    inv = warm("true")
+    missing = dataclasses.replace(inv, function=inv.function.model_copy(update={"command": ["/no/such/program"]}))
+    result = await executor.run(missing)
+    assert result.exit_code == 127 and b"cannot run '/no/such/program'" in result.stderr
+    again_ = await executor.run(again(missing))
+    assert again_.exit_code == 127 and again_.ref == result.ref and pool(executor)["replacements"] == {}
+
+
+async def test_a_missing_image_is_said_in_one_line_and_fails_batches_for_good(executor, caplog):
+    inv = warm("true")
+    inv = dataclasses.replace(inv, function=inv.function.model_copy(update={"image": "eventswarm/nope:none"}))
+    await executor.prepare({"fn": inv.function}, "warm-tests")
+    await wait_for(lambda: any("cannot start a container" in r.getMessage() for r in caplog.records) or None,
+                   timeout=30, what="the upkeep to say the pool cannot start")
+    with pytest.raises(ExecutorError, match="image not found") as caught:
+        await executor.run(inv)
+    assert not caught.value.temporary
+    warnings = [r for r in caplog.records if r.name == "eventswarm.warm"]
+    assert all(r.exc_info is None for r in warnings) and len(warnings) == 1
+
+
+def test_a_reload_that_changes_the_function_replaces_its_pool(tmp_path, daemon_process):
+    port = free_port()
+    doc = base_config(tmp_path, executor="docker")
+    doc["daemon"]["listen"] = f"127.0.0.1:{port}"
+    doc["functions"]["f"] = {"image": BUSYBOX, "command": ["sh", "-c", "echo v=$VERSION"], "env": {"VERSION": "1"},
+                             "warm": {"min_idle": 1, "max": 2}}
+    doc["triggers"]["sync"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/sync", "mode": "sync"}}
+    owner = owner_id(doc["daemon"]["state"].removeprefix("sqlite:///"))
+    daemon = daemon_process(doc).start()
+    url = f"http://127.0.0.1:{port}/hooks/sync"
+    assert post(url, b"{}")[2] == b"v=1\n"
+    old = {c.id for c in containers(**{LABEL_OWNER: owner})}
+    assert old
+    doc["functions"]["f"]["env"]["VERSION"] = "2"
+    (tmp_path / "eventswarm.toml").write_text(toml(doc))
+    done = subprocess.run([sys.executable, "-m", "dispatcher", "reload", "-c", str(tmp_path / "eventswarm.toml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert post(url, b"{}")[2] == b"v=2\n"
+    wait_until(lambda: not old & {c.id for c in containers(**{LABEL_OWNER: owner})}, timeout=30,
+               what="the old pool's containers to be removed")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=10) as answer:
+        pools = json.load(answer)["pools"]
+    assert [p["function"] for p in pools] == ["f"]  # the old pool is gone from status
+    assert daemon.stop() == 0
+    wait_until(lambda: containers(**{LABEL_OWNER: owner}) == [], timeout=30, what="no warm container after the stop")
