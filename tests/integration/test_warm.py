@@ -320,3 +320,24 @@ def test_a_reload_that_changes_the_function_replaces_its_pool(tmp_path, daemon_p
     assert [p["function"] for p in pools] == ["f"]  # the old pool is gone from status
     assert daemon.stop() == 0
     wait_until(lambda: containers(**{LABEL_OWNER: owner}) == [], timeout=30, what="no warm container after the stop")
+
+
+async def test_a_new_image_behind_the_tag_replaces_the_pools_containers(executor, tmp_path, monkeypatch):
+    monkeypatch.setattr(warm_module, "IMAGE_CHECK_EVERY", 0.2)
+    client = docker.from_env()
+    tag = "eventswarm/warm-retag:test"
+    try:
+        client.images.get(BUSYBOX).tag(tag)
+        inv = warm("echo hi")
+        inv = dataclasses.replace(inv, function=inv.function.model_copy(update={"image": tag}))
+        first = await executor.run(inv)
+        (tmp_path / "Dockerfile").write_text(f"FROM {BUSYBOX}\nLABEL io.eventswarm.test.version=2\n")
+        client.images.build(path=str(tmp_path), tag=tag, rm=True)
+        await wait_for(lambda: pool(executor)["replacements"].get("image") or None, timeout=30,
+                       what="the pool to see the new image")
+        second = await executor.run(again(inv))
+        assert second.ok and second.ref != first.ref
+        assert client.containers.get(second.ref).image.id == client.images.get(tag).id
+    finally:
+        client.images.remove(tag, force=True)
+        client.close()
