@@ -129,6 +129,20 @@ class Link:
                 raise RunnerGone("the runner ended")
             self._demux(chunk)
 
+    def ended(self) -> bool:
+        """(An idle container's link.) Has the runner's socket ended? Reads what is there, without waiting."""
+        try:
+            while self._selector.select(0):
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    return True
+                self._demux(chunk)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        return False
+
     def _demux(self, chunk: bytes) -> None:
         raw = self._raw
         raw += chunk
@@ -171,6 +185,8 @@ class Container:
     id: str
     link: Link
     generation: int
+    image: Image
+    """What it runs (its argv comes from it when the function gives no command)."""
     started: float = field(default_factory=time.monotonic)
     idle_since: float = field(default_factory=time.monotonic)
     batches: int = 0
@@ -315,6 +331,10 @@ class Pool:
             while self.idle and (self.retired or now - self.idle[0].idle_since >= ttl):
                 old.append(self.idle.popleft())
                 self.replacements["retired" if self.retired else "idle_ttl"] += 1
+            for container in [c for c in self.idle if c.link.ended()]:  # (killed from outside, the engine restarted)
+                self.idle.remove(container)
+                old.append(container)
+                self.replacements["runner_ended"] += 1
             if old or self.retired:
                 return old
             if may_start and len(self.idle) + self.starting < self.settings.min_idle and self.size < self.settings.max:
@@ -407,13 +427,15 @@ class WarmPools:
             with LIVE.showing(invocation.id, out, err):
                 result, replace = self._batch(pool, container, invocation, started, cancelled, out, err)
             return result
+        except OSError as exc:  # (not the runner's end, which _batch reports: the socket itself failed)
+            raise ExecutorError(f"the warm container's socket failed: {exc}") from exc
         finally:
             pool.release(container, replace)
 
     def _batch(self, pool: Pool, container: Container, invocation: Invocation, started: float,
                cancelled: threading.Event, out: Capture, err: Capture) -> tuple[Result, str | None]:
         function = invocation.function
-        image = pool.image_of()
+        image = container.image
         if function.command:
             argv = [*function.command, *invocation.args]
         else:
@@ -483,8 +505,8 @@ class WarmPools:
         """Create, attach and start a warm container for ``pool``, and wait for its runner to say it is ready."""
         api = self.api
         function = pool.function
+        generation = pool.generation  # (before the image: a change in between makes this container old, not wrong)
         image = pool.image_of()
-        generation = pool.generation
         persistent = function.warm is not None and function.warm.mode == "persistent"
         binds = [f"{RUNNER}:{RUNNER_DIR}/eventswarm-runner:ro"] if not persistent and not self.copy_runner else []
         tmp_size = function.warm.tmp_size if function.warm is not None else 64 << 20
@@ -516,7 +538,7 @@ class WarmPools:
             raise engine_error(exc, f"cannot start a warm container for {function.image!r}") from exc
         sock: socket.socket = getattr(attached, "_sock", attached)
         link = Link(sock, attached)
-        container = Container(container_id, link, generation)
+        container = Container(container_id, link, generation, image)
         try:
             frame = link.receive(READY_TIMEOUT)
             if frame is None or frame[0] != b"R":

@@ -1,4 +1,5 @@
-"""Delivery through real containers and Swarm jobs: bisect isolates poison, timeouts retry, partial failures, gc."""
+"""Delivery through real containers (cold and warm) and Swarm jobs: bisect isolates poison, timeouts retry, partial
+failures, gc."""
 
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ def engine(docker_engine):
     return docker_engine
 
 
-@pytest.fixture(params=["docker", "swarm"])
+@pytest.fixture(params=["docker", "warm", "swarm"])
 def kind(request) -> str:
+    """``warm``: the docker executor with a warm function."""
     return request.param
 
 
 def config(tmp_path, script: str, kind: str = "docker", **trigger: Any) -> dict[str, Any]:
-    doc = base_config(tmp_path, executor=kind)
-    doc["functions"]["f"] = {"image": BUSYBOX, "command": ["sh", "-c", script], "timeout": "30s"}
+    doc = base_config(tmp_path, executor="docker" if kind == "warm" else kind)
+    doc["functions"]["f"] = {"image": BUSYBOX, "command": ["sh", "-c", script], "timeout": "30s",
+                             **({"warm": {"min_idle": 1, "max": 4}} if kind == "warm" else {})}
     doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t"},
                             "ordering": "none", "max_in_flight": 4,
                             "retry": {"max_attempts": 3, "initial": "50ms", "max": "200ms"}, **trigger}
@@ -91,12 +94,13 @@ async def test_a_function_past_its_timeout_is_killed_and_retried(tmp_path, kind)
     await wait_for(lambda: leftovers(doc) == [], timeout=20, what="the timed-out jobs to be gone")
 
 
-async def test_the_partial_failure_line_retries_only_the_named_events(tmp_path):
+@pytest.mark.parametrize("kind", ["docker", "warm"])
+async def test_the_partial_failure_line_retries_only_the_named_events(tmp_path, kind):
     # Fails the events whose id starts with "bad" on the first attempt only.
     script = ('input=$(cat); if [ "$EVENTSWARM_ATTEMPT" = 1 ]; then '
               'ids=$(echo "$input" | grep -o \'"id":"bad[^"]*"\' | sed \'s/"id"://\' | tr "\\n" "," | sed "s/,$//"); '
               'echo "processing"; echo "{\\"failed\\": [$ids]}"; fi')
-    doc = config(tmp_path, script, batch={"max_events": 10, "max_wait": "5s"})
+    doc = config(tmp_path, script, kind, batch={"max_events": 10, "max_wait": "5s"})
     events = [Event(id=("bad" if i in (2, 7) else "ok") + f"-{i}", source="test", type="t") for i in range(10)]
     async with running_daemon(doc) as daemon:
         for event in events:

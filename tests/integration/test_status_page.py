@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.support import base_config, free_port, post, store_of, wait_until
+from tests.support import BUSYBOX, base_config, free_port, post, store_of, wait_until
 
 TOKEN = "page-token-42"
 
@@ -45,6 +45,7 @@ def test_the_status_page_counts_opens_stderr_replays_a_dead_letter_and_updates_w
             expect(bad.locator("td.received")).to_have_text("1")
             expect(bad.locator("td.error")).to_contain_text("exit code 3")
             expect(page.locator("#auth")).to_be_hidden()
+            expect(page.locator("#pools")).to_be_hidden()  # no warm function: no pools section
 
             page.evaluate("window.notReloaded = true")
             for n in range(2):
@@ -69,4 +70,28 @@ def test_the_status_page_counts_opens_stderr_replays_a_dead_letter_and_updates_w
             browser.close()
     assert not store_of(doc).dead_letters() and [r.trigger for r in store_of(doc).invocations(status="succeeded")
                                                    if r.trigger == "bad"] == ["bad"]
+    assert daemon.stop() == 0
+
+
+def test_the_status_page_shows_each_warm_pool(tmp_path, daemon_process, chromium, docker_engine):
+    from playwright.sync_api import expect, sync_playwright
+
+    doc = base_config(tmp_path, executor="docker", port=free_port())
+    doc["functions"]["echo"] = {"image": BUSYBOX, "command": ["cat"], "warm": {"min_idle": 2, "max": 3}}
+    doc["triggers"]["echo"] = {"function": "echo", "source": {"kind": "webhook", "path": "/hooks/echo", "mode": "sync"}}
+    daemon = daemon_process(doc).start()
+    base = f"http://127.0.0.1:{daemon.port}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/")
+            row = page.locator('#pool-table tr[data-function="echo"]')
+            expect(row.locator("td.idle")).to_have_text("2", timeout=30_000)
+            expect(row.locator("td.size")).to_have_text("2 of 3")
+            expect(row.locator("td.replaced")).to_have_text("none")
+            assert post(f"{base}/hooks/echo", b"{}")[0] == 200
+            expect(row.locator("td.starts")).to_have_text("2")
+        finally:
+            browser.close()
     assert daemon.stop() == 0

@@ -341,3 +341,17 @@ async def test_a_new_image_behind_the_tag_replaces_the_pools_containers(executor
     finally:
         client.images.remove(tag, force=True)
         client.close()
+
+
+async def test_an_idle_container_killed_from_outside_is_replaced_before_a_batch_meets_it(executor):
+    inv = warm("echo hi", settings={"min_idle": 1, "max": 1})
+    first = await executor.run(inv)
+    client = docker.from_env()
+    try:
+        client.containers.get(first.ref).kill()
+    finally:
+        client.close()
+    await wait_for(lambda: pool(executor)["replacements"].get("runner_ended") or None, timeout=30,
+                   what="the upkeep to notice the dead idle container")
+    second = await executor.run(again(inv))
+    assert second.ok and second.ref != first.ref
