@@ -21,13 +21,15 @@ install: $(STAMP) $(RUNNER)
 
 # The Docker engine (a single-node Swarm manager, no default bridge), the test function images and
 # a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc,
-# and Debian's chromium (the status page's tests drive it headless with playwright).
+# Debian's chromium (the status page's tests drive it headless with playwright), and Debian's PostgreSQL on
+# 127.0.0.1:15432 (the state store's contract suite runs on it as on SQLite).
 services: install
 	bash scripts/services.sh
 	bash scripts/images.sh
 	PYTHON=$(BIN)/python bash scripts/kafka.sh
 	bash scripts/ethereum.sh
 	bash scripts/browser.sh
+	bash scripts/postgres.sh
 
 run: install services
 	$(BIN)/eventswarm run -c config.example.toml

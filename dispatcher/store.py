@@ -14,10 +14,10 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import msgspec
@@ -28,7 +28,24 @@ from dispatcher.events import Event
 log = logging.getLogger("eventswarm.store")
 
 T = TypeVar("T")
-Write = Callable[[sqlite3.Connection], None]
+
+
+class Conn(Protocol):
+    """What a write runs on: a ``sqlite3.Connection``, or ``postgres.Connection`` (the same manner, ``?``
+    placeholders; the SQL is the subset both databases speak)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
+
+
+Write = Callable[[Conn], None]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(location: str) -> bool:
+    return location.startswith(POSTGRES_SCHEMES)
 
 _MIGRATIONS: list[str] = [
     # 1: the first schema
@@ -131,6 +148,9 @@ def _iso(ts: float | None) -> str | None:
 
 _INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, event_ids, exit_code, error, "
                        "queued_at, started_at, finished_at, executor_ref")
+_REPLACE_INVOCATION = ", ".join(f"{c} = excluded.{c}" for c in _INVOCATION_COLUMNS.split(", ")[1:]) + \
+    ", stdout = NULL, stderr = NULL"
+"""(An invocation written again replaces the row, as a new one: its logs too.)"""
 
 
 def describe(exc: BaseException, path: str) -> str:
@@ -147,7 +167,7 @@ def describe(exc: BaseException, path: str) -> str:
 
 
 def _script(script: str) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         for statement in script.split(";"):
             if statement.strip():
                 conn.execute(statement)
@@ -155,7 +175,7 @@ def _script(script: str) -> Write:
 
 
 def _set_version(number: int) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute(f"PRAGMA user_version={number}")
     return write
 
@@ -171,16 +191,25 @@ WAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 
 class Store:
-    """The SQLite database, opened and migrated; synchronous.
+    """The state database, opened and migrated; synchronous. SQLite (a file path, or ``sqlite:///path``) or
+    PostgreSQL (``postgresql://…``, the shared state of several replicas; ``password`` from the config's secret).
 
-    Every commit is durable (``synchronous=FULL``): a 202 or an acknowledgement that follows a
-    commit survives a power loss or an OS crash, not only a crash of the daemon. ``check`` runs
-    ``PRAGMA quick_check`` first, so that the daemon refuses a damaged file at start instead of
-    half running on it. Any failure to open is a permanent ``StoreError`` saying what to do.
+    Every commit is durable (SQLite: ``synchronous=FULL``; PostgreSQL: ``synchronous_commit`` as the server has
+    it, on by default): a 202 or an acknowledgement that follows a commit survives a power loss or an OS crash,
+    not only a crash of the daemon. ``check`` runs SQLite's ``PRAGMA quick_check`` first, so that the daemon
+    refuses a damaged file at start instead of half running on it. Any failure to open is a permanent
+    ``StoreError`` saying what to do.
     """
 
-    def __init__(self, path: str, *, check: bool = False) -> None:
+    def __init__(self, path: str, *, check: bool = False, password: str | None = None) -> None:
         self.path = path
+        self.postgres = is_postgres(path)
+        self.conn: Any
+        if self.postgres:
+            self._open_postgres(password)
+            return
+        self.errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+        self._begin = "BEGIN IMMEDIATE"
         try:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +230,40 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the state store {path}: {describe(exc, path)}", temporary=False) from None
 
+    def _open_postgres(self, password: str | None) -> None:
+        from dispatcher import postgres
+
+        self.errors = postgres.ERRORS
+        self._begin = "BEGIN"
+        try:
+            self.conn = postgres.Connection(self.path, password)
+            try:
+                self.conn.migrate(_MIGRATIONS)
+            except BaseException:
+                self.conn.close()
+                raise
+        except postgres.ERRORS as exc:
+            raise StoreError(f"cannot open the state store {postgres.redacted(self.path)}: {self.describe(exc)}",
+                             temporary=False) from None
+
+    def describe(self, exc: BaseException) -> str:
+        """What went wrong, and what to do about it when that is known."""
+        if not self.postgres:
+            return describe(exc, self.path)
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, (OSError, TimeoutError)):
+            return f"{text} (is the PostgreSQL server up, and reachable from here?)"
+        return text
+
+    @property
+    def where(self) -> str:
+        """The store's location, for messages (without a password)."""
+        if self.postgres:
+            from dispatcher import postgres
+
+            return postgres.redacted(self.path)
+        return self.path
+
     def _check(self) -> None:
         rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
         if rows != [("ok",)]:
@@ -217,7 +280,7 @@ class Store:
         self.conn.close()
 
     def transaction(self, writes: Iterable[Write]) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute(self._begin)
         try:
             for write in writes:
                 write(self.conn)
@@ -226,7 +289,8 @@ class Store:
             # SQLite has already rolled back after some errors (SQLITE_FULL): a ROLLBACK then would
             # fail with "no transaction is active" and hide the error that matters.
             if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+                with contextlib.suppress(*self.errors):
+                    self.conn.execute("ROLLBACK")
             raise
 
     # -- invocations ------------------------------------------------------------------------
@@ -246,7 +310,7 @@ class Store:
             params.append(since)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self.conn.execute(
-            f"SELECT {_INVOCATION_COLUMNS} FROM invocations {clause} ORDER BY queued_at DESC, rowid DESC LIMIT ?",
+            f"SELECT {_INVOCATION_COLUMNS} FROM invocations {clause} ORDER BY queued_at DESC, id DESC LIMIT ?",
             (*params, limit),
         ).fetchall()
         return [_invocation(row) for row in rows]
@@ -277,7 +341,7 @@ class Store:
     def dead_letters(self, *, trigger: str | None = None, limit: int = 1000) -> list[DeadLetter]:
         clause, params = ("WHERE trigger = ?", (trigger,)) if trigger else ("", ())
         rows = self.conn.execute(
-            f"SELECT id, trigger, event, attempts, created_at FROM dead_letters {clause} ORDER BY created_at, rowid LIMIT ?",
+            f"SELECT id, trigger, event, attempts, created_at FROM dead_letters {clause} ORDER BY created_at, id LIMIT ?",
             (*params, limit),
         ).fetchall()
         return [DeadLetter(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4]) for r in rows]
@@ -290,7 +354,7 @@ class Store:
 
     def remove_dead_letters(self, ids: Iterable[str] | None = None) -> int:
         if ids is None:
-            return self.conn.execute("DELETE FROM dead_letters").rowcount
+            return int(self.conn.execute("DELETE FROM dead_letters").rowcount)
         return sum(self.conn.execute("DELETE FROM dead_letters WHERE id = ?", (i,)).rowcount for i in ids)
 
     # -- checkpoints and inbox --------------------------------------------------------------
@@ -314,10 +378,10 @@ class Store:
         return dict(rows)
 
     def inbox_page(self, trigger: str, after: int, upto: int, limit: int) -> list[tuple[int, bytes, float]]:
-        return self.conn.execute(
+        return [tuple(row) for row in self.conn.execute(
             "SELECT seq, event, received_at FROM inbox WHERE trigger = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
             (trigger, after, upto, limit),
-        ).fetchall()
+        ).fetchall()]
 
     def inbox_last(self) -> int:
         return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM inbox").fetchone()[0])
@@ -330,9 +394,10 @@ class Store:
 # -- writes, as closures the group commit runs in one transaction ----------------------------
 
 def insert_invocation(record: InvocationRecord) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute(
-            f"INSERT OR REPLACE INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"ON CONFLICT (id) DO UPDATE SET {_REPLACE_INVOCATION}",
             (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size,
              msgspec.json.encode(record.event_ids).decode(), record.exit_code, record.error, record.queued_at, record.started_at,
              record.finished_at, record.executor_ref),
@@ -341,14 +406,14 @@ def insert_invocation(record: InvocationRecord) -> Write:
 
 
 def start_invocation(invocation_id: str, started_at: float) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute("UPDATE invocations SET status = 'running', started_at = ? WHERE id = ?", (started_at, invocation_id))
     return write
 
 
 def finish_invocation(invocation_id: str, *, status: str, exit_code: int | None, error: str | None,
                       finished_at: float, executor_ref: str | None, stdout: bytes, stderr: bytes) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute(
             "UPDATE invocations SET status = ?, exit_code = ?, error = ?, finished_at = ?, executor_ref = ?, "
             "stdout = ?, stderr = ? WHERE id = ?",
@@ -358,9 +423,11 @@ def finish_invocation(invocation_id: str, *, status: str, exit_code: int | None,
 
 
 def insert_dead_letter(dead_letter: DeadLetter) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute(
-            "INSERT OR REPLACE INTO dead_letters (id, trigger, event_id, event, attempts, created_at) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO dead_letters (id, trigger, event_id, event, attempts, created_at) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT (id) DO UPDATE SET trigger = excluded.trigger, event_id = excluded.event_id, "
+            "event = excluded.event, attempts = excluded.attempts, created_at = excluded.created_at",
             (dead_letter.id, dead_letter.trigger, dead_letter.event.get("id", ""), json.dumps(dead_letter.event),
              json.dumps(dead_letter.attempts), dead_letter.created_at),
         )
@@ -368,7 +435,7 @@ def insert_dead_letter(dead_letter: DeadLetter) -> Write:
 
 
 def remove_dead_letter(dead_letter_id: str) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
     return write
 
@@ -376,7 +443,7 @@ def remove_dead_letter(dead_letter_id: str) -> Write:
 def put_checkpoints(trigger: str, values: Mapping[str, str]) -> Write:
     now = time.time()
 
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.executemany(
             "INSERT INTO checkpoints (trigger, key, value, updated_at) VALUES (?,?,?,?) "
             "ON CONFLICT (trigger, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
@@ -386,14 +453,14 @@ def put_checkpoints(trigger: str, values: Mapping[str, str]) -> Write:
 
 
 def delete_checkpoints(trigger: str, keys: list[str]) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.executemany("DELETE FROM checkpoints WHERE trigger = ? AND key = ?", [(trigger, k) for k in keys])
     return write
 
 
 def forget_checkpoints(trigger: str, prefix: str, before: float) -> Write:
     """Delete the trigger's checkpoints whose key starts with ``prefix`` and that were saved before ``before``."""
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute("DELETE FROM checkpoints WHERE trigger = ? AND substr(key, 1, ?) = ? AND updated_at < ?",
                      (trigger, len(prefix), prefix, before))
     return write
@@ -401,7 +468,7 @@ def forget_checkpoints(trigger: str, prefix: str, before: float) -> Write:
 
 def abandon_unfinished(finished_at: float) -> Write:
     """At start: invocations a crashed daemon left queued or running did not finish; their events run again."""
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute("UPDATE invocations SET status = 'failed', finished_at = ?, "
                      "error = 'interrupted: the daemon stopped before it finished (its events run again)' "
                      "WHERE status IN ('queued', 'running')", (finished_at,))
@@ -409,7 +476,7 @@ def abandon_unfinished(finished_at: float) -> Write:
 
 
 def prune(*, invocations_before: float, dedupe_before: float) -> Write:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute("DELETE FROM invocations WHERE queued_at < ? AND status NOT IN ('queued', 'running')", (invocations_before,))
         conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (dedupe_before,))
     return write
@@ -452,7 +519,7 @@ class StateStore:
     async def read(self, fn: Callable[[Store], T]) -> T:
         try:
             return await anyio.to_thread.run_sync(fn, self.store, limiter=self._thread)
-        except sqlite3.Error as exc:
+        except self.store.errors as exc:
             raise self._failed(exc) from None
 
     @contextlib.contextmanager
@@ -486,7 +553,7 @@ class StateStore:
                     self._open = _Group()
                     try:
                         await anyio.to_thread.run_sync(self.store.transaction, group.writes, limiter=self._thread)
-                    except sqlite3.Error as exc:
+                    except self.store.errors as exc:
                         group.error = self._failed(exc)
                     else:
                         if self.error is not None:
@@ -504,8 +571,8 @@ class StateStore:
                 await self.write(put_checkpoints("", {"store-probe": str(time.time())}))
         return self.error
 
-    def _failed(self, exc: sqlite3.Error) -> StoreError:
-        message = f"the state store failed: {describe(exc, self.store.path)}"
+    def _failed(self, exc: BaseException) -> StoreError:
+        message = f"the state store failed: {self.store.describe(exc)}"
         if message != self.error:
             log.error("%s", message)  # once per kind of failure, not once per write
             self.error = message
@@ -518,7 +585,7 @@ class StateStore:
         encoded = event.encode()
         earlier: list[str] = []
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Conn) -> None:
             if dedupe_key is not None:
                 row = conn.execute("SELECT event_id FROM dedupe WHERE trigger = ? AND key = ?", (trigger, dedupe_key)).fetchone()
                 if row is not None:
@@ -526,14 +593,15 @@ class StateStore:
                     return
                 conn.execute("INSERT INTO dedupe (trigger, key, event_id, seen_at) VALUES (?,?,?,?)",
                              (trigger, dedupe_key, event.id, event.received))
-            conn.execute("INSERT OR IGNORE INTO inbox (trigger, event_id, event, received_at) VALUES (?,?,?,?)",
+            conn.execute("INSERT INTO inbox (trigger, event_id, event, received_at) VALUES (?,?,?,?) "
+                         "ON CONFLICT DO NOTHING",
                          (trigger, event.id, encoded, event.received))
 
         await self.write(write)
         return earlier[0] if earlier else None
 
     async def inbox_remove(self, trigger: str, event_id: str, *, forget_dedupe: bool = False) -> None:
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Conn) -> None:
             conn.execute("DELETE FROM inbox WHERE event_id = ?", (event_id,))
             if forget_dedupe:
                 conn.execute("DELETE FROM dedupe WHERE trigger = ? AND event_id = ?", (trigger, event_id))

@@ -82,6 +82,30 @@ def python_image(docker_engine) -> str:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def postgres() -> str:
+    """PostgreSQL (installed and started by scripts/postgres.sh) on 127.0.0.1:15432."""
+    _service("postgres.sh")
+    return "postgresql://postgres@127.0.0.1:15432/postgres"
+
+
+@pytest.fixture
+def postgres_database(postgres: str) -> Iterator[str]:
+    """A database of the test's own on the shared server (dropped afterwards): its URL."""
+    import uuid
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+
+    def psql(sql: str) -> None:
+        done = subprocess.run(["psql", postgres, "-v", "ON_ERROR_STOP=1", "-qc", sql], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    psql(f'CREATE DATABASE "{name}"')
+    yield postgres.rsplit("/", 1)[0] + f"/{name}"
+    psql(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
 def eth_node() -> str:
     """anvil and solc (installed and started by scripts/ethereum.sh) on 127.0.0.1."""
     _service("ethereum.sh")
