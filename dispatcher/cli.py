@@ -18,7 +18,7 @@ import click
 
 from dispatcher import config as configuration
 from dispatcher.errors import ConfigError, EventswarmError, StoreError
-from dispatcher.lock import StoreLock, StoreLocked
+from dispatcher.lock import StoreLocked, store_lock
 from dispatcher.progress import duration_text
 from dispatcher.store import Store
 from dispatcher.units import parse_duration
@@ -66,9 +66,9 @@ def _load(config_path: str | None) -> configuration.ConfigBase:
 def _store(config_path: str | None) -> Store:
     config = _load(config_path)
     path = config.daemon.state_path
-    if not Path(path).exists():
+    if not config.daemon.postgres and not Path(path).exists():
         _fail(f"no state store at {path} (has the daemon run with this config?)")
-    return Store(path)
+    return Store(path, password=config.daemon.state_password)
 
 
 def _daemon_url(config_path: str | None, url: str | None) -> str:
@@ -153,8 +153,12 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except StoreError as exc:
             _fail(str(exc))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             _fail(f"the state store failed: {exc}")
+        except Exception as exc:
+            if type(exc).__module__.startswith("asyncpg"):  # (PostgreSQL's errors, imported only when used)
+                _fail(f"the state store failed: {exc}")
+            raise
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -582,8 +586,8 @@ def gc(config_path: str | None, everything: bool) -> None:
     from dispatcher.executors import create
 
     config = _load(config_path)
-    lock = StoreLock(config.daemon.state_path)
-    if Path(config.daemon.state_path).parent.is_dir():  # (else no daemon has run with this config)
+    lock = store_lock(config.daemon.state_path, config.daemon.state_password)
+    if config.daemon.postgres or Path(config.daemon.state_path).parent.is_dir():  # (else no daemon has run here)
         try:  # what a running daemon owns is not left behind: refuse while one runs
             lock.acquire("eventswarm gc")
         except StoreLocked as exc:

@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -63,6 +64,10 @@ class DaemonConfig(Section):
     answer on a kept-alive connection), and again its body; then the connection is closed."""
     max_connections: int = Field(1000, ge=1, le=1_000_000)
     """Open HTTP connections at most; past it, a new connection is answered 503 and closed."""
+    state_password_env: str = ""
+    """With a ``postgresql://`` state: the environment variable holding the database password."""
+    state_password_file: str = ""
+    """With a ``postgresql://`` state: a file holding the database password."""
     api_token_env: str | list[str] = ""
     """Environment variable(s) holding the bearer token the ``/v1`` API (and ``/metrics``) requires; several
     during a rotation. The CLI sends it."""
@@ -76,7 +81,18 @@ class DaemonConfig(Section):
 
     @property
     def state_path(self) -> str:
+        """The SQLite file, or the PostgreSQL URL."""
         return self.state.removeprefix("sqlite:///") if self.state.startswith("sqlite:///") else self.state
+
+    @property
+    def postgres(self) -> bool:
+        return self.state.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def state_password(self) -> str | None:
+        """PostgreSQL's password, from ``state_password_env`` or ``state_password_file`` (None: the URL's, or none)."""
+        secret = Secret.of(self.state_password_env, self.state_password_file)
+        return secret.values()[0] if secret.given else None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -85,8 +101,18 @@ class DaemonConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DaemonConfig:
-        if self.state.startswith(("postgres", "mysql", "redis")):
-            raise ValueError(f"state: only sqlite is supported, got {self.state!r}")
+        if self.state.startswith(("mysql", "redis", "mongodb")):
+            raise ValueError(f"state: give sqlite:///PATH or postgresql://…, not {self.state!r}")
+        if self.postgres:
+            if urlsplit(self.state).password and (self.state_password_env or self.state_password_file):
+                raise ValueError("state_password_env: the state URL has a password already: give one of them")
+            if self.state_password_env or self.state_password_file:
+                problem = Secret.of(self.state_password_env, self.state_password_file).problem("state_password")
+                if problem:
+                    raise ValueError(problem)
+        elif self.state_password_env or self.state_password_file:
+            key = "state_password_env" if self.state_password_env else "state_password_file"
+            raise ValueError(f"{key}: a password is for a postgresql:// state, not SQLite")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError(f"listen: {self.listen!r} is not host:port, e.g. \"127.0.0.1:8080\"")

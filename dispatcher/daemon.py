@@ -22,7 +22,7 @@ from dispatcher.dispatch import Dispatcher, TriggerStopped
 from dispatcher.errors import ConfigError, ExecutorError, SourceError, StoreError
 from dispatcher.executors import Executor, create
 from dispatcher.http import HttpServer
-from dispatcher.lock import StoreLock
+from dispatcher.lock import store_lock
 from dispatcher.logs import fields
 from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
@@ -34,6 +34,7 @@ from dispatcher.store import (
     abandon_unfinished,
     delete_checkpoints,
     forget_checkpoints,
+    is_postgres,
     prune,
     put_checkpoints,
     remove_dead_letter,
@@ -48,7 +49,12 @@ DEDUPE_WINDOW = 7 * 86400.0
 
 
 def owner_id(state_path: str) -> str:
-    """Labels a daemon's containers, so that its ``gc`` at start removes only its own leftovers."""
+    """Labels a daemon's containers, so that its ``gc`` at start removes only its own leftovers: by its store (the
+    SQLite file's absolute path, or the PostgreSQL URL without its password)."""
+    if is_postgres(state_path):
+        from dispatcher.postgres import redacted
+
+        return hashlib.sha256(redacted(state_path).encode()).hexdigest()[:16]
     return hashlib.sha256(str(Path(state_path).resolve()).encode()).hexdigest()[:16]
 
 
@@ -319,11 +325,11 @@ class Daemon:
         self.loaded = _Loaded.of(config_path)
         self.metrics = Metrics()
         self.owner = owner_id(config.daemon.state_path)
-        self.lock = StoreLock(config.daemon.state_path)
+        self.lock = store_lock(config.daemon.state_path, config.daemon.state_password)
         if exclusive:  # (``invoke`` runs one invocation beside a running daemon: it takes no lock)
             self.lock.acquire()  # before anything is touched
         try:
-            self.store = Store(config.daemon.state_path, check=True)
+            self.store = Store(config.daemon.state_path, check=True, password=config.daemon.state_password)
             self.state = StateStore(self.store)
             self.executor: Executor = create(config, self.owner)
             self.metrics.pools.source = self.pools

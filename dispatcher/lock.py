@@ -1,4 +1,5 @@
-"""One daemon per state store: an exclusive OS lock (``flock``) on ``<state>.lock``, held while it runs.
+"""One daemon per state store: an exclusive OS lock (``flock``) on ``<state>.lock``, held while it runs (on
+PostgreSQL: a session advisory lock, ``PostgresLock``).
 
 A second daemon on the same store would mark the first one's running invocations interrupted and
 remove its containers as leftovers. The lock is taken before anything is touched; the kernel drops
@@ -53,3 +54,68 @@ class StoreLock:
         if fd is not None:
             os.ftruncate(fd, 0)
             os.close(fd)  # (closing drops the lock)
+
+
+class PostgresLock:
+    """One daemon per PostgreSQL database (several replicas on one database are not run yet): a session advisory
+    lock, held by a connection of its own while the daemon runs. The server drops it when that connection ends,
+    however the process ended (``kill -9`` included). A table says who holds it, for the error a second daemon
+    prints."""
+
+    KEY = 0x6576656E7473  # "events"
+
+    def __init__(self, url: str, password: str | None) -> None:
+        from dispatcher import postgres
+
+        self.url = url
+        self.where = postgres.redacted(url)
+        self._password = password
+        self._conn: postgres.Connection | None = None
+
+    def acquire(self, what: str = "a daemon") -> PostgresLock:
+        from dispatcher import postgres
+
+        try:
+            conn = postgres.Connection(self.url, self._password)
+        except postgres.ERRORS as exc:
+            raise StoreError(f"cannot lock the state store {self.where}: {exc or type(exc).__name__} (is the "
+                             "PostgreSQL server up, and reachable from here?)", temporary=False) from None
+        try:
+            if not conn.execute("SELECT pg_try_advisory_lock(?)", (self.KEY,)).fetchone()[0]:
+                try:
+                    row = conn.execute("SELECT holder FROM eventswarm_holder WHERE key = ?", (self.KEY,)).fetchone()
+                except postgres.ERRORS:
+                    row = None
+                holder = row[0] if row else "another process"
+                raise StoreLocked(f"the state store {self.where} is in use by {holder}: one daemon per database; stop "
+                                  "that one first, or give this one its own daemon.state")
+            conn.execute("CREATE TABLE IF NOT EXISTS eventswarm_holder (key BIGINT PRIMARY KEY, holder TEXT NOT NULL)")
+            holder = (f"{what}, pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}")
+            conn.execute("INSERT INTO eventswarm_holder (key, holder) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                         "SET holder = excluded.holder", (self.KEY, holder))
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, postgres.ERRORS):
+                raise StoreError(f"cannot lock the state store {self.where}: {exc}", temporary=False) from None
+            raise
+        self._conn = conn
+        return self
+
+    def release(self) -> None:
+        from dispatcher import postgres
+
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.execute("DELETE FROM eventswarm_holder WHERE key = ?", (self.KEY,))
+            except postgres.ERRORS:
+                pass  # (closing drops the lock all the same)
+            conn.close()
+
+
+def store_lock(state: str, password: str | None = None) -> StoreLock | PostgresLock:
+    """The lock of the state store at ``state`` (a SQLite path, or a PostgreSQL URL)."""
+    if state.startswith(("postgresql://", "postgres://")):
+        return PostgresLock(state, password)
+    return StoreLock(state)

@@ -17,7 +17,8 @@ __all__ = ["Capture", "Executor", "Invocation", "Result", "create"]
 def create(config: ConfigBase, owner: str = "") -> Executor:
     """The executor that ``executor.kind`` names; ``auto`` decides when it starts. ``owner`` names the daemon."""
     kind = config.executor.kind
-    scratch = config.executor.scratch_dir or str(Path(config.daemon.state_path).resolve().parent / "eventswarm-inputs")
+    beside = Path.cwd() if config.daemon.postgres else Path(config.daemon.state_path).resolve().parent
+    scratch = config.executor.scratch_dir or str(beside / "eventswarm-inputs")
     if kind == "process":
         from dispatcher.executors.process import ProcessExecutor
 
