@@ -355,3 +355,13 @@ async def test_an_idle_container_killed_from_outside_is_replaced_before_a_batch_
                    what="the upkeep to notice the dead idle container")
     second = await executor.run(again(inv))
     assert second.ok and second.ref != first.ref
+
+
+async def test_a_warm_function_runs_as_its_user_and_is_still_cleaned_between_batches(executor):
+    script = ('if grep -q leave "$EVENTSWARM_INPUT"; then echo x > /tmp/left; sleep 300 & echo left; '
+              'else echo "uid=$(id -u) tmp=$(ls -A /tmp | wc -l) sleeping=$(ps -o comm | grep -c ^sleep)"; fi')
+    inv = warm(script, user="65534:65534", read_only=True)
+    one = await executor.run(dataclasses.replace(inv, input=b'{"leave": 1}'))
+    assert one.ok and one.stdout == b"left\n", one.stderr
+    two = await executor.run(dataclasses.replace(again(inv), input=b"{}"))
+    assert two.ref == one.ref and two.stdout == b"uid=65534 tmp=0 sleeping=0\n", two.stderr
