@@ -4,7 +4,10 @@
 writes are closures over a connection with ``execute``/``executemany`` in SQLite's manner. Here
 one asyncpg connection runs on an event loop of its own, in a thread of its own, behind a small
 connection object of that manner: ``?`` placeholders become ``$1…``, a statement that returns
-rows is fetched, any other reports the rows it touched. The SQL itself is written once, in the
+rows is fetched, any other reports the rows it touched. Within a transaction, writes are held back
+and sent with the next statement that returns rows, or with the COMMIT, in one hop to the loop (a
+run of the same statement as one pipelined ``executemany``): a group commit of a thousand inbox
+rows costs a few round trips, not a thousand. The SQL itself is written once, in the
 subset both databases speak (upserts with ``ON CONFLICT``, ``substr``, ``COALESCE``).
 
 Schema migrations are store.py's, in PostgreSQL's types (``dialect``), versioned in a table of their
@@ -98,6 +101,8 @@ class Connection:
         self._thread = threading.Thread(target=self._loop.run_forever, name="postgres", daemon=True)
         self._thread.start()
         self._sql: dict[str, str] = {}
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        """Writes of the open transaction not sent yet (``execute``)."""
         self._password = password
         try:
             self._conn: asyncpg.Connection = self._connect()
@@ -129,21 +134,60 @@ class Connection:
         if not self.in_transaction and word != "ROLLBACK":
             self._ready()
         if word in ("BEGIN", "COMMIT", "ROLLBACK"):
+            pending, self._pending = self._pending, []
             try:
-                self._run(self._conn.execute(word))
-            finally:
-                self.in_transaction = word == "BEGIN" and not self._conn.is_closed()
+                self._run(self._send([] if word == "ROLLBACK" else pending, word))
+            except BaseException:
+                # (a write held back failed at the COMMIT: the transaction is still open, to be rolled back)
+                self.in_transaction = word == "COMMIT" and not self._conn.is_closed()
+                raise
+            self.in_transaction = word == "BEGIN"
             return Cursor([], 0)
         query = self._translated(sql)
-        if word.startswith("SELECT") or " RETURNING " in sql.upper():
-            rows = self._run(self._conn.fetch(query, *params, timeout=TIMEOUT))
+        returns = word.startswith("SELECT") or " RETURNING " in sql.upper()
+        if self.in_transaction and not returns:
+            # Sent with the next statement that returns rows, or the COMMIT: one hop for many writes.
+            self._pending.append((query, tuple(params)))
+            return Cursor([], -1)
+        pending, self._pending = self._pending, []
+        if returns:
+            rows = self._run(self._send(pending, None, fetch=(query, params)))
             return Cursor(list(rows), len(rows))
-        status = self._run(self._conn.execute(query, *params, timeout=TIMEOUT))
+        status = self._run(self._send(pending, None, statement=(query, params)))
         last = status.rsplit(" ", 1)[-1]
         return Cursor([], int(last) if last.isdigit() else 0)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._run(self._conn.executemany(self._translated(sql), list(rows), timeout=TIMEOUT))
+        query = self._translated(sql)
+        if self.in_transaction:
+            self._pending.extend((query, tuple(row)) for row in rows)
+        else:
+            self._run(self._conn.executemany(query, [tuple(row) for row in rows], timeout=TIMEOUT))
+
+    async def _send(self, pending: list[tuple[str, tuple[Any, ...]]], then: str | None, *,
+                    fetch: tuple[str, Sequence[Any]] | None = None,
+                    statement: tuple[str, Sequence[Any]] | None = None) -> Any:
+        """The writes held back (runs of one statement as one pipelined ``executemany``), then ``then`` or the
+        statement asked for now: on the connection's loop, in one hop from the caller's thread."""
+        conn = self._conn
+        at = 0
+        while at < len(pending):
+            query = pending[at][0]
+            end = at + 1
+            while end < len(pending) and pending[end][0] == query:
+                end += 1
+            if end - at > 1:
+                await conn.executemany(query, [params for _, params in pending[at:end]], timeout=TIMEOUT)
+            else:
+                await conn.execute(query, *pending[at][1], timeout=TIMEOUT)
+            at = end
+        if then is not None:
+            return await conn.execute(then)
+        if fetch is not None:
+            return await conn.fetch(fetch[0], *fetch[1], timeout=TIMEOUT)
+        if statement is not None:
+            return await conn.execute(statement[0], *statement[1], timeout=TIMEOUT)
+        return None
 
     def migrate(self, migrations: Sequence[str]) -> None:
         """Bring the schema to the last of ``migrations`` (SQLite's, in PostgreSQL's types), once, whichever replica

@@ -156,3 +156,15 @@ async def test_a_group_commit_stores_every_write_or_none_of_its_group(store):
     assert state.error is not None and "no_such_table" in state.error
     await state.write(insert_invocation(record("after", 1.0)))  # the store works again, and says so
     assert store.invocation("after") is not None and state.error is None
+
+
+async def test_writes_in_one_transaction_see_each_other(store):
+    # Two deliveries of the same webhook in one group commit: the second reads the first's dedupe row.
+    state = StateStore(store)
+    first, second = Event(source="s", type="t"), Event(source="s", type="t")
+    with state.collecting() as writes:  # (collected, then committed as one transaction)
+        await state.inbox_put("t", first, "same-delivery")
+        await state.inbox_put("t", second, "same-delivery")
+    await state.write(*writes)
+    assert store.inbox_size("t") == 1
+    assert [e.id async for e in await state.inbox_pending("t")] == [first.id]
