@@ -19,13 +19,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from webhook import WRK_SCRIPT, free_port, wait_ready, wrk
+from webhook import WRK_SCRIPT, daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 3
@@ -36,62 +35,8 @@ def psql(sql: str, database: str = POSTGRES) -> str:
     return subprocess.run(["psql", database, "-tAqc", sql], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def run_daemon(script: Path, workdir: Path, state: str, count: str) -> tuple[float, int]:
-    """One wrk run against a daemon on ``state``; ``count`` is a command printing (ran, waiting)."""
-    port = free_port()
-    config = workdir / "eventswarm.toml"
-    config.write_text(f"""
-[daemon]
-state = "{state}"
-listen = "127.0.0.1:{port}"
-log_level = "warning"
-
-[executor]
-kind = "process"
-max_in_flight = 4
-
-[functions.discard]
-command = ["sh", "-c", "cat > /dev/null"]
-
-[triggers.hooks]
-function = "discard"
-source = {{ kind = "webhook", path = "/hooks/in" }}
-ordering = "none"
-max_in_flight = 4
-buffer = 20000
-batch = {{ max_events = 1000, max_wait = "50ms" }}
-""")
-    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "eventswarm"), "run", "-c", str(config)])
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", process)
-        rate, accepted = wrk(port, script)
-        deadline = time.monotonic() + 120
-        ran = waiting = 0
-        while time.monotonic() < deadline:
-            ran, waiting = count()  # type: ignore[operator]
-            if ran >= accepted and not waiting:
-                break
-            time.sleep(0.2)
-        if ran < accepted or waiting:
-            raise SystemExit(f"{state}: accepted {accepted} events but {ran} ran ({waiting} still waiting)")
-        return rate, accepted
-    finally:
-        process.terminate()
-        process.wait()
-
-
 def on_sqlite(script: Path, workdir: Path) -> tuple[float, int]:
-    import sqlite3
-
-    state = workdir / f"state-{time.monotonic_ns()}.db"
-
-    def count() -> tuple[int, int]:
-        with sqlite3.connect(state) as conn:
-            ran = conn.execute("SELECT COALESCE(SUM(batch_size), 0) FROM invocations WHERE status = 'succeeded'"
-                               ).fetchone()[0]
-            return ran, conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
-
-    return run_daemon(script, workdir, f"sqlite:///{state}", count)  # type: ignore[arg-type]
+    return daemon(script, workdir)
 
 
 def on_postgres(script: Path, workdir: Path) -> tuple[float, int]:
@@ -99,12 +44,12 @@ def on_postgres(script: Path, workdir: Path) -> tuple[float, int]:
     psql(f'CREATE DATABASE "{name}"')
     url = POSTGRES.rsplit("/", 1)[0] + f"/{name}"
 
-    def count() -> tuple[int, int]:
+    def counts() -> tuple[int, int]:
         ran = psql("SELECT COALESCE(SUM(batch_size), 0) FROM invocations WHERE status = 'succeeded'", url)
         return int(ran), int(psql("SELECT COUNT(*) FROM inbox", url))
 
     try:
-        return run_daemon(script, workdir, url, count)  # type: ignore[arg-type]
+        return daemon(script, workdir, url, counts)
     finally:
         psql(f'DROP DATABASE "{name}" WITH (FORCE)')
 

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,13 +95,29 @@ def bare(script: Path) -> tuple[float, int]:
         process.wait()
 
 
-def daemon(script: Path, workdir: Path) -> tuple[float, int]:
+def sqlite_counts(state: Path) -> Callable[[], tuple[int, int]]:
+    """(events that ran, events still in the inbox) of the daemon on SQLite file ``state``."""
+    def count() -> tuple[int, int]:
+        with sqlite3.connect(state) as conn:
+            ran = conn.execute("SELECT COALESCE(SUM(batch_size), 0) FROM invocations WHERE status = 'succeeded'"
+                               ).fetchone()[0]
+            return int(ran), int(conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0])
+    return count
+
+
+def daemon(script: Path, workdir: Path, state: str | None = None,
+           counts: Callable[[], tuple[int, int]] | None = None) -> tuple[float, int]:
+    """One wrk run against `eventswarm run` on ``state`` (default: a new SQLite file); ``counts`` reads (events that
+    ran, events still in the inbox) from it. Every accepted event must run."""
     port = free_port()
-    state = workdir / f"state-{time.monotonic_ns()}.db"
+    if state is None:
+        path = workdir / f"state-{time.monotonic_ns()}.db"
+        state, counts = f"sqlite:///{path}", sqlite_counts(path)
+    assert counts is not None
     config = workdir / "eventswarm.toml"
     config.write_text(f"""
 [daemon]
-state = "sqlite:///{state}"
+state = "{state}"
 listen = "127.0.0.1:{port}"
 log_level = "warning"
 
@@ -126,10 +143,7 @@ batch = {{ max_events = 1000, max_wait = "50ms" }}
         deadline = time.monotonic() + 120
         ran = 0
         while time.monotonic() < deadline:
-            with sqlite3.connect(state) as conn:
-                ran = conn.execute("SELECT COALESCE(SUM(batch_size), 0) FROM invocations WHERE status = 'succeeded'"
-                                   ).fetchone()[0]
-                waiting = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
+            ran, waiting = counts()
             if ran >= accepted and not waiting:
                 break
             time.sleep(0.2)
