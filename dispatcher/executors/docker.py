@@ -172,6 +172,10 @@ class DockerExecutor(EngineExecutor):
         self.scratch = Path(scratch_dir)
         self._input_mode = config.input
         self._warm: WarmPools | None = None
+        self._live: set[str] = set()
+        """Cold containers made and not yet handed to the sweeper (or kept): ``close`` removes those still here, so a
+        batch cancelled at shutdown, whose worker thread is abandoned, leaves no container when the process exits
+        before that thread is done."""
 
     async def start(self) -> None:
         if self._client is not None:
@@ -203,6 +207,8 @@ class DockerExecutor(EngineExecutor):
         if self._warm is not None:
             await anyio.to_thread.run_sync(self._warm.close)
             await anyio.to_thread.run_sync(self.sweeper.close)
+            for container_id in list(self._live):
+                await anyio.to_thread.run_sync(self.sweeper.remove_now, container_id)
         await super().close()
 
     async def gc(self, owner: str | None) -> int:
@@ -243,6 +249,7 @@ class DockerExecutor(EngineExecutor):
                     name=f"eventswarm-{invocation.id}",
                 )
                 container_id = created["Id"]
+                self._live.add(container_id)
                 if mode == "copy":
                     api.put_archive(container_id, "/", tar_file(INPUT_PATH, invocation.input))
                 attached = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -272,6 +279,7 @@ class DockerExecutor(EngineExecutor):
         finally:
             if container_id and (self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok)):
                 self.sweeper.remove(container_id)
+            self._live.discard(container_id or "")
             if input_file is not None:
                 input_file.unlink(missing_ok=True)
 

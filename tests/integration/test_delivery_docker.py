@@ -169,6 +169,20 @@ def test_kill_9_with_8_swarm_jobs_in_flight_leaves_nothing_behind_and_every_even
     assert len(interrupted) == 8 and all("interrupted" in (r.error or "") for r in interrupted)
 
 
+async def test_a_stop_past_shutdown_grace_leaves_no_container_behind(tmp_path):
+    """The batches cut off at shutdown are handed back; their containers (whose shell ignores SIGTERM: they take the
+    engine's stop grace to die) are gone once the daemon has stopped, not left to worker threads that a process exit
+    would abandon."""
+    doc = config(tmp_path, "sleep 300", max_in_flight=4, batch={"max_events": 1, "max_wait": "10ms"})
+    doc["daemon"]["shutdown_grace"] = "1s"
+    async with running_daemon(doc) as daemon:
+        for i in range(4):
+            await daemon.triggers["t"].emit(Event(source="test", type="t", data={"n": i}))
+        await wait_for(lambda: len([c for c in leftovers(doc) if c.status == "running"]) == 4, timeout=60,
+                       what="4 containers running")
+    assert leftovers(doc) == []
+
+
 def _services(doc) -> list[Any]:
     client = docker.from_env()
     try:
