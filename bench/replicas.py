@@ -1,9 +1,8 @@
-"""Replicas benchmark, first part: webhook async accepts/s of one daemon on PostgreSQL beside the single daemon on
-SQLite, measured in the same run (several replicas on one database come with issue #14's next steps; this file
-will measure 3 of them beside these two).
+"""Replicas benchmark: webhook async accepts/s of 1 and of 3 daemons (replicas) on one PostgreSQL database, beside
+the single daemon on SQLite, measured in the same run.
 
-Load: wrk, 32 connections, 2 threads, a 100-byte JSON body, DURATION seconds per run, the median of ROUNDS runs
-of each, alternating; after each run every accepted event must have run (the inbox is empty, and as many events
+Load: wrk, 32 connections in all (3 replicas: a wrk each, with 10 connections and 1 thread, at once), a 100-byte
+JSON body, DURATION seconds per run, the median of ROUNDS runs of each, alternating; after each run every accepted event must have run (the inbox is empty, and as many events
 ran as wrk counted 2xx answers). The daemon is `eventswarm run` with the process executor and a function that
 discards its input, as in bench/webhook.py. PostgreSQL: scripts/postgres.sh's server, a new database per run.
 
@@ -14,6 +13,7 @@ Run: `.venv/bin/python bench/replicas.py`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -39,7 +39,7 @@ def on_sqlite(script: Path, workdir: Path) -> tuple[float, int]:
     return daemon(script, workdir)
 
 
-def on_postgres(script: Path, workdir: Path) -> tuple[float, int]:
+def on_postgres(script: Path, workdir: Path, replicas: int = 1) -> tuple[float, int]:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     psql(f'CREATE DATABASE "{name}"')
     url = POSTGRES.rsplit("/", 1)[0] + f"/{name}"
@@ -49,7 +49,7 @@ def on_postgres(script: Path, workdir: Path) -> tuple[float, int]:
         return int(ran), int(psql("SELECT COUNT(*) FROM inbox", url))
 
     try:
-        return daemon(script, workdir, url, counts)
+        return daemon(script, workdir, url, counts, replicas)
     finally:
         psql(f'DROP DATABASE "{name}" WITH (FORCE)')
 
@@ -61,18 +61,23 @@ def main() -> None:
         workdir = Path(tmp)
         script = workdir / "post.lua"
         script.write_text(WRK_SCRIPT)
-        sqlite_rates, postgres_rates = [], []
+        sqlite_rates, one_rates, three_rates = [], [], []
         for round_ in range(ROUNDS):
             sqlite_rates.append(on_sqlite(script, workdir)[0])
-            postgres_rates.append(on_postgres(script, workdir)[0])
-            print(f"round {round_ + 1}: SQLite {sqlite_rates[-1]:,.0f} accepts/s, PostgreSQL (1 daemon) "
-                  f"{postgres_rates[-1]:,.0f} accepts/s (every accepted event run)")
+            one_rates.append(on_postgres(script, workdir)[0])
+            three_rates.append(on_postgres(script, workdir, 3)[0])
+            print(f"round {round_ + 1}: SQLite {sqlite_rates[-1]:,.0f} accepts/s, PostgreSQL 1 replica "
+                  f"{one_rates[-1]:,.0f}, 3 replicas {three_rates[-1]:,.0f} (every accepted event run)")
     result = {"sqlite_accepts_per_s": statistics.median(sqlite_rates),
-              "postgres_1_replica_accepts_per_s": statistics.median(postgres_rates),
-              "rounds": ROUNDS}
+              "postgres_1_replica_accepts_per_s": statistics.median(one_rates),
+              "postgres_3_replicas_accepts_per_s": statistics.median(three_rates),
+              "rounds": ROUNDS, "cpus": os.cpu_count()}
     result["postgres_vs_sqlite"] = result["postgres_1_replica_accepts_per_s"] / result["sqlite_accepts_per_s"]
-    print(f"webhook accepts/s (median of {ROUNDS}): SQLite {result['sqlite_accepts_per_s']:,.0f}, PostgreSQL with "
-          f"1 daemon {result['postgres_1_replica_accepts_per_s']:,.0f} ({result['postgres_vs_sqlite']:.2f}x)")
+    result["3_replicas_vs_1"] = result["postgres_3_replicas_accepts_per_s"] / result["postgres_1_replica_accepts_per_s"]
+    print(f"webhook accepts/s (median of {ROUNDS}, {os.cpu_count()} CPUs for everything): SQLite "
+          f"{result['sqlite_accepts_per_s']:,.0f}; PostgreSQL 1 replica {result['postgres_1_replica_accepts_per_s']:,.0f} "
+          f"({result['postgres_vs_sqlite']:.2f}x SQLite), 3 replicas {result['postgres_3_replicas_accepts_per_s']:,.0f} "
+          f"({result['3_replicas_vs_1']:.2f}x 1 replica)")
     out = ROOT / "bench" / "results" / "replicas.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,9 +72,9 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30) 
     raise SystemExit(f"{url} never answered")
 
 
-def wrk(port: int, script: Path) -> tuple[float, int]:
+def wrk(port: int, script: Path, connections: int = CONNECTIONS, threads: int = 2) -> tuple[float, int]:
     """(requests/s, 2xx answers) of one run."""
-    done = subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}s", "-s", str(script),
+    done = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{DURATION}s", "-s", str(script),
                            f"http://127.0.0.1:{port}/hooks/in"], capture_output=True, text=True, check=True)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", done.stdout).group(1))  # type: ignore[union-attr]
@@ -106,19 +107,24 @@ def sqlite_counts(state: Path) -> Callable[[], tuple[int, int]]:
 
 
 def daemon(script: Path, workdir: Path, state: str | None = None,
-           counts: Callable[[], tuple[int, int]] | None = None) -> tuple[float, int]:
+           counts: Callable[[], tuple[int, int]] | None = None, replicas: int = 1) -> tuple[float, int]:
     """One wrk run against `eventswarm run` on ``state`` (default: a new SQLite file); ``counts`` reads (events that
-    ran, events still in the inbox) from it. Every accepted event must run."""
-    port = free_port()
+    ran, events still in the inbox) from it. Every accepted event must run. With ``replicas`` (on PostgreSQL), as
+    many daemons on the one state, each loaded by a wrk of its own with its share of the connections, at once."""
     if state is None:
         path = workdir / f"state-{time.monotonic_ns()}.db"
         state, counts = f"sqlite:///{path}", sqlite_counts(path)
     assert counts is not None
-    config = workdir / "eventswarm.toml"
-    config.write_text(f"""
+    ports = [free_port() for _ in range(replicas)]
+    processes = []
+    try:
+        for n, port in enumerate(ports):
+            config = workdir / f"eventswarm-{n}.toml"
+            config.write_text(f"""
 [daemon]
 state = "{state}"
 listen = "127.0.0.1:{port}"
+replica = "bench-{n}"
 log_level = "warning"
 
 [executor]
@@ -136,10 +142,12 @@ max_in_flight = 4
 buffer = 20000
 batch = {{ max_events = 1000, max_wait = "50ms" }}
 """)
-    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "eventswarm"), "run", "-c", str(config)])
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", process)
-        rate, accepted = wrk(port, script)
+            processes.append(subprocess.Popen([str(ROOT / ".venv" / "bin" / "eventswarm"), "run", "-c", str(config)]))
+        for port, process in zip(ports, processes, strict=True):
+            wait_ready(f"http://127.0.0.1:{port}/readyz", process)
+        with ThreadPoolExecutor(replicas) as pool:
+            runs = list(pool.map(lambda port: wrk(port, script, CONNECTIONS // replicas, 1 if replicas > 1 else 2), ports))
+        rate, accepted = sum(r for r, _ in runs), sum(a for _, a in runs)
         deadline = time.monotonic() + 120
         ran = 0
         while time.monotonic() < deadline:
@@ -152,8 +160,9 @@ batch = {{ max_events = 1000, max_wait = "50ms" }}
             raise SystemExit(f"accepted {accepted} events but {ran} ran ({waiting} still waiting)")
         return rate, accepted
     finally:
-        process.terminate()
-        process.wait()
+        for process in processes:
+            process.terminate()
+            process.wait()
 
 
 def main() -> None:

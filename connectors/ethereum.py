@@ -441,6 +441,8 @@ class Node:
 
 class EthereumSource(Source[EthereumSourceConfig]):
     config_model = EthereumSourceConfig
+    single_reader = True
+    """Among replicas sharing a state store, one reads it at a time: the holder of its lease."""
 
     def __init__(self, config: EthereumSourceConfig) -> None:
         super().__init__(config)

@@ -130,6 +130,8 @@ class FileSourceConfig(SourceConfig):
 
 class FileSource(Source[FileSourceConfig]):
     config_model = FileSourceConfig
+    single_reader = True
+    """Among replicas sharing a state store, one reads it at a time: the holder of its lease."""
 
     def __init__(self, config: FileSourceConfig) -> None:
         super().__init__(config)

@@ -1,7 +1,8 @@
 """Webhook source: HTTP requests become events, stored durably before they are answered.
 
-``mode = "async"``: the event goes to the inbox (SQLite) and the request is answered
-``202 {"id": …}``; an accepted event survives a crash and runs after restart. ``mode = "sync"``:
+``mode = "async"``: the event goes to the inbox (the state store) and the request is answered
+``202 {"id": …}``; an accepted event survives a crash and runs after restart (or, with replicas, at another
+replica once this one is taken over). ``mode = "sync"``:
 the event runs at once as a batch of one, and the function's stdout is the response body.
 """
 
@@ -192,7 +193,11 @@ class WebhookSource(Source[WebhookSourceConfig]):
         async for event in backlog:
             await ctx.emit(event, ack=self._settled(event.id))
         ctx.set_ready(True)
-        await anyio.sleep_forever()
+        while True:  # events that replicas now gone accepted run here (or at another replica: each claims its own)
+            while events := await ctx.inbox.claim():
+                for event in events:
+                    await ctx.emit(event, ack=self._settled(event.id))
+            await ctx.inbox.orphaned()
 
     def _settled(self, event_id: str):  # type: ignore[no-untyped-def]
         async def ack(outcome: Outcome) -> None:

@@ -157,7 +157,15 @@ class Inbox(Protocol):
     async def remove(self, event_id: str, *, forget_dedupe: bool = False) -> None: ...
 
     async def pending(self) -> AsyncIterator[Event]:
-        """The events stored so far (a snapshot), oldest first, read in pages."""
+        """The events this replica stored so far (a snapshot), oldest first, read in pages."""
+        ...
+
+    async def claim(self) -> list[Event]:
+        """Take over a page of the events that replicas now gone stored (oldest first; [] when there are none)."""
+        ...
+
+    async def orphaned(self) -> None:
+        """Return when a replica was taken over (its events are there to ``claim``)."""
         ...
 
 
@@ -221,6 +229,9 @@ class Source(Generic[ConfigT]):
     """A connector: constructed with its validated config, run inside the trigger's task group."""
 
     config_model: ClassVar[type[SourceConfig]]
+    single_reader: ClassVar[bool] = False
+    """True for a source that must have one reader (a folder, a chain): with replicas, it runs on the holder of its
+    lease only, and its checkpoint writes are fenced by the lease (refused once another replica may read it)."""
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

@@ -180,6 +180,8 @@ def run(config_path: str | None) -> None:
     try:
         daemon = Daemon(config, configuration.default_path() if config_path is None else config_path)
         anyio.run(daemon.run)
+        if daemon.failure:
+            sys.exit(1)  # (said in the log: taken over by another replica)
     except* StoreLocked as group:
         _fail(str(_first(group)), EXIT_USAGE)
     except* OSError as group:
@@ -561,6 +563,13 @@ def _show_status(report: dict[str, Any], bars: bool) -> None:
             replaced = ", ".join(f"{why} {n}" for why, n in sorted(p["replacements"].items())) or "none"
             click.echo(f"{p['function']:16} {p['mode']:10} {p['size']:>4} {p['max']:>4} {p['idle']:>4} {p['busy']:>4} "
                        f"{p['starts']:>6}  {replaced}")
+    replicas = report.get("replicas") or []
+    if len(replicas) > 1 or any(r["id"] != report.get("replica") for r in replicas):  # (one daemon alone: no table)
+        click.echo(f"{'REPLICA':24} {'STATE':8} {'HEARTBEAT':>9} {'ADDRESS':22} HOLDS")
+        for r in replicas:
+            holds = ", ".join(f"{lease['name']} (token {lease['token']})" for lease in r["leases"]) or "-"
+            name = f"{r['id']}{' *' if r['me'] else ''}"
+            click.echo(f"{name:24} {r['state']:8} {duration_text(r['heartbeat_age'], coarse=True) + ' ago':>9} {r['address']:22} {holds}")
 
 
 @main.command()
@@ -577,16 +586,31 @@ def reload(config_path: str | None, url: str | None) -> None:
                f"changed {', '.join(report['changed']) or 'none'}; removed {', '.join(report['removed']) or 'none'}")
 
 
+async def _gone_replicas(config: Any, replica: str) -> list[tuple[str, str, str]]:
+    """The replicas on the config's PostgreSQL state that are gone (id, incarnation, owner)."""
+    from dispatcher.replicas import Membership
+    from dispatcher.store import StateStore
+
+    store = Store(config.daemon.state_path, password=config.daemon.state_password)
+    try:
+        return await Membership(StateStore(store), replica, "", "", config.daemon.replica_timeout).dead()
+    finally:
+        store.close()
+
+
 @main.command()
 @config_option
 @click.option("--all", "everything", is_flag=True, help="Also what other daemons (other state stores) left behind.")
 def gc(config_path: str | None, everything: bool) -> None:
-    """Remove containers left behind by a crashed daemon (by label)."""
+    """Remove containers left behind by a crashed daemon (by label); on PostgreSQL, by this replica and by replicas
+    that are gone (never what a live replica owns)."""
     from dispatcher.daemon import owner_id
     from dispatcher.executors import create
+    from dispatcher.replicas import default_id
 
     config = _load(config_path)
-    lock = store_lock(config.daemon.state_path, config.daemon.state_password)
+    replica = config.daemon.replica or default_id(config.daemon.host_port[1])
+    lock = store_lock(config.daemon.state_path, config.daemon.state_password, replica)
     if config.daemon.postgres or Path(config.daemon.state_path).parent.is_dir():  # (else no daemon has run here)
         try:  # what a running daemon owns is not left behind: refuse while one runs
             lock.acquire("eventswarm gc")
@@ -594,10 +618,15 @@ def gc(config_path: str | None, everything: bool) -> None:
             _fail(f"{exc}; gc removes what a stopped daemon left behind", EXIT_USAGE)
 
     async def sweep() -> int:
+        owners = [owner_id(config.daemon.state_path, replica)]
+        if config.daemon.postgres and not everything:  # and what replicas that are gone left (none live is touched)
+            owners += [owner for _, _, owner in await _gone_replicas(config, replica)]
         executor = create(config)
         await executor.start()
         try:
-            return await executor.gc(None if everything else owner_id(config.daemon.state_path))
+            if everything:
+                return await executor.gc(None)
+            return sum([await executor.gc(owner) for owner in owners])
         finally:
             await executor.close()
 

@@ -68,6 +68,12 @@ class DaemonConfig(Section):
     """With a ``postgresql://`` state: the environment variable holding the database password."""
     state_password_file: str = ""
     """With a ``postgresql://`` state: a file holding the database password."""
+    replica: str = Field("", max_length=200)
+    """This daemon's name among the replicas sharing one PostgreSQL state (default: its host name and listen
+    port). Each replica needs its own; a replica that restarts under the same name takes up its own work at once."""
+    replica_timeout: Duration = 15.0
+    """A replica whose heartbeat is older than this is taken as dead: another one takes over its work (its webhook
+    events, its sources' leases, its containers). Leases of single-reader sources last this long between renewals."""
     api_token_env: str | list[str] = ""
     """Environment variable(s) holding the bearer token the ``/v1`` API (and ``/metrics``) requires; several
     during a rotation. The CLI sends it."""
@@ -78,6 +84,14 @@ class DaemonConfig(Section):
     allow_unauthenticated: bool = False
     """Allow ``listen`` on an address beyond loopback without a token (on purpose: anyone who reaches it can read
     invocation logs and replay dead letters)."""
+
+    @field_validator("replica_timeout")
+    @classmethod
+    def _replica_timeout(cls, value: float) -> float:
+        if not 1.0 <= value <= 3600.0:
+            raise ValueError(f"{value:g}s is out of range: from 1s to 1h (a replica is taken over when its heartbeat "
+                             "is older than this)")
+        return value
 
     @property
     def state_path(self) -> str:

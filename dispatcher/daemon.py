@@ -28,9 +28,11 @@ from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
 from dispatcher.plugins import connectors
 from dispatcher.progress import Backfill
+from dispatcher.replicas import LEASE_PREFIX, LeaseLost, Membership, default_id
 from dispatcher.store import (
     StateStore,
     Store,
+    Write,
     abandon_unfinished,
     delete_checkpoints,
     forget_checkpoints,
@@ -48,13 +50,13 @@ HOUSEKEEPING_EVERY = 600.0
 DEDUPE_WINDOW = 7 * 86400.0
 
 
-def owner_id(state_path: str) -> str:
+def owner_id(state_path: str, replica: str = "") -> str:
     """Labels a daemon's containers, so that its ``gc`` at start removes only its own leftovers: by its store (the
-    SQLite file's absolute path, or the PostgreSQL URL without its password)."""
+    SQLite file's absolute path, or the PostgreSQL URL without its password, and the replica's id)."""
     if is_postgres(state_path):
         from dispatcher.postgres import redacted
 
-        return hashlib.sha256(redacted(state_path).encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{redacted(state_path)}#{replica}".encode()).hexdigest()[:16]
     return hashlib.sha256(str(Path(state_path).resolve()).encode()).hexdigest()[:16]
 
 
@@ -67,9 +69,25 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class TriggerCheckpoints:
-    def __init__(self, trigger: str, state: StateStore) -> None:
+    """A trigger's checkpoints. A single-reader source's writes are fenced by its lease (``lease``: its name and
+    token while held): refused, as ``LeaseLost``, once another replica may read the source."""
+
+    def __init__(self, trigger: str, state: StateStore, membership: Membership | None = None) -> None:
         self.trigger = trigger
         self.state = state
+        self.membership = membership
+        self.lease: tuple[str, int] | None = None
+
+    async def _write(self, write: Write) -> None:
+        lease, membership = self.lease, self.membership
+        if lease is None or membership is None:
+            await self.state.write(write)
+            return
+        refused: list[bool] = []
+        await self.state.write(membership.fenced(*lease, [write], refused))
+        if refused:
+            raise LeaseLost(f"checkpoint write refused: this replica ({membership.me.id}) no longer holds the lease of "
+                            f"trigger {self.trigger} (token {lease[1]}); the source runs where the lease is")
 
     async def get(self, key: str) -> str | None:
         return await self.state.read(lambda s: s.checkpoint(self.trigger, key))
@@ -78,13 +96,13 @@ class TriggerCheckpoints:
         return await self.state.read(lambda s: s.checkpoints_of(self.trigger, keys)) if keys else {}
 
     async def put(self, values: Mapping[str, str]) -> None:
-        await self.state.write(put_checkpoints(self.trigger, values))
+        await self._write(put_checkpoints(self.trigger, values))
 
     async def forget(self, prefix: str, before: float) -> None:
-        await self.state.write(forget_checkpoints(self.trigger, prefix, before))
+        await self._write(forget_checkpoints(self.trigger, prefix, before))
 
     async def delete(self, keys: list[str]) -> None:
-        await self.state.write(delete_checkpoints(self.trigger, keys))
+        await self._write(delete_checkpoints(self.trigger, keys))
 
     async def items(self, prefix: str, limit: int = 100_000) -> dict[str, str]:
         return await self.state.read(lambda s: s.checkpoints(self.trigger, prefix, limit))
@@ -104,12 +122,19 @@ class TriggerInbox:
     async def pending(self) -> AsyncIterator[Event]:
         return await self.state.inbox_pending(self.trigger)
 
+    async def claim(self) -> list[Event]:
+        return await self.state.inbox_claim(self.trigger)
+
+    async def orphaned(self) -> None:
+        await self.state.orphaned()
+
 
 class Trigger:
     """One trigger at run time: its source, pipeline and dispatcher; the ``SourceContext`` its source sees."""
 
     def __init__(self, name: str, config: TriggerBase, source: Source[Any], pipeline: Pipeline,
-                 dispatcher: Dispatcher, state: StateStore, http: HttpServer, metrics: Metrics) -> None:
+                 dispatcher: Dispatcher, state: StateStore, http: HttpServer, metrics: Metrics,
+                 membership: Membership | None = None) -> None:
         self.trigger = name
         self.config = config
         self.source = source
@@ -117,8 +142,12 @@ class Trigger:
         self.dispatcher = dispatcher
         self.http = http
         self.metrics = metrics
-        self.checkpoints: Checkpoints = TriggerCheckpoints(name, state)
+        self.membership = membership
+        self._checkpoints = TriggerCheckpoints(name, state, membership)
+        self.checkpoints: Checkpoints = self._checkpoints
         self.inbox: Inbox = TriggerInbox(name, state)
+        self.standby: str | None = None
+        """A single-reader source that another replica reads: that replica's id (this one waits for the lease)."""
         self.ready = False
         self.stopped: str | None = None
         self.source_error: str | None = None
@@ -238,6 +267,8 @@ class Trigger:
             try:
                 try:
                     with anyio.CancelScope() as self._source_scope:
+                        if self.single_reader:
+                            await self._lease()
                         await self.source.run(self)
                 except BaseExceptionGroup as group:  # raised in a source's own task group: what went wrong
                     leaf = _first(group)
@@ -257,6 +288,7 @@ class Trigger:
                               extra=fields(f"source crashed; restarting in {delay:.0f}s", trigger=self.trigger))
             finally:
                 self._source_scope = None
+                await self._unlease()
                 # Its routes answer 503 until it serves them again: nothing is accepted without a live source.
                 self.http.remove_routes(self._handlers)
                 self._handlers.clear()
@@ -267,12 +299,59 @@ class Trigger:
             await anyio.sleep(delay)
             delay = min(delay * 2, SOURCE_RESTART_MAX)
 
+    @property
+    def single_reader(self) -> bool:
+        """Whether the source must have one reader among the replicas (a folder, a chain): it runs under a lease."""
+        return self.membership is not None and bool(getattr(self.source, "single_reader", False))
+
+    @property
+    def lease_name(self) -> str:
+        return f"{LEASE_PREFIX}{self.trigger}"
+
+    async def _lease(self) -> None:
+        """Wait until this replica holds the source's lease; its checkpoint writes are fenced by its token."""
+        assert self.membership is not None
+        while (token := await self.membership.acquire(self.lease_name)) is None:
+            holder = await self.membership.holder(self.lease_name)
+            if holder != self.standby:
+                log.info("source of trigger %s: replica %s reads it; this one stands by", self.trigger, holder,
+                         extra=fields(f"standby: replica {holder} reads the source", trigger=self.trigger))
+            self.standby = holder
+            self.set_ready(True)  # (a replica standing by is ready: it serves what it can, and takes over if need be)
+            await anyio.sleep(self.membership.every)
+        if self.standby is not None:
+            log.info("source of trigger %s: this replica holds its lease now (token %d)", self.trigger, token,
+                     extra=fields("took the source's lease", trigger=self.trigger, token=token))
+        self.standby = None
+        self._checkpoints.lease = (self.lease_name, token)
+
+    async def _unlease(self) -> None:
+        """Free the lease when the source stops (another replica may take it at once). The checkpoints keep its
+        token: a late write (a batch that was in flight) is refused, until this replica holds the lease again."""
+        if self._checkpoints.lease is None or self.membership is None or self.lease_name not in self.membership.leases:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.membership.release(self.lease_name)
+            except StoreError:
+                pass  # it expires
+
+    def lease_lost(self) -> None:
+        """The heartbeat could not renew the lease (this replica was paused or cut off past it): the source stops
+        here (what it held comes again from its checkpoint, where the new holder reads it)."""
+        if self._checkpoints.lease is not None and self.membership is not None:
+            self.membership.leases.pop(self.lease_name, None)  # (its token stays with the checkpoints: refused)
+            self.fail_source(f"this replica lost the lease of trigger {self.trigger}'s source (not renewed within "
+                             f"{self.membership.timeout:g}s)")
+
     def status(self) -> dict[str, Any]:
         return {
             "trigger": self.trigger,
             "source": self.config.source.kind,  # type: ignore[attr-defined]
             "function": self.config.function,
-            "state": "stopped" if self.stopped else ("running" if self.ready else "starting"),
+            "state": "stopped" if self.stopped else ("standby" if self.standby is not None else
+                                                     ("running" if self.ready else "starting")),
+            "standby_for": self.standby,
             "ready": self.ready,
             "buffered": self.pipeline.depth,
             "in_flight": self.in_flight,
@@ -324,19 +403,25 @@ class Daemon:
         """The file ``reload`` reads again (None: a config given in code, which cannot be reloaded)."""
         self.loaded = _Loaded.of(config_path)
         self.metrics = Metrics()
-        self.owner = owner_id(config.daemon.state_path)
-        self.lock = store_lock(config.daemon.state_path, config.daemon.state_password)
+        host, port = config.daemon.host_port
+        self.replica = config.daemon.replica or default_id(port)
+        self.owner = owner_id(config.daemon.state_path, self.replica)
+        self.lock = store_lock(config.daemon.state_path, config.daemon.state_password, self.replica)
         if exclusive:  # (``invoke`` runs one invocation beside a running daemon: it takes no lock)
             self.lock.acquire()  # before anything is touched
         try:
             self.store = Store(config.daemon.state_path, check=True, password=config.daemon.state_password)
             self.state = StateStore(self.store)
+            self.membership = Membership(self.state, self.replica, self.owner, config.daemon.listen,
+                                         config.daemon.replica_timeout)
             self.executor: Executor = create(config, self.owner)
             self.metrics.pools.source = self.pools
         except BaseException:
             self.lock.release()
             raise
-        host, port = config.daemon.host_port
+        self.failure: str | None = None
+        """Why the daemon stopped on its own (taken over by another replica), for ``run``'s exit status."""
+        self._joined = False
         self.http = HttpServer(host, port, metrics=self.metrics, state=self.state, status=self._status, ready=self._ready,
                                replay=self._replay, reload=self._reload_request, letters=self._letters,
                                client_timeout=config.daemon.client_timeout,
@@ -360,10 +445,11 @@ class Daemon:
         function = config.functions[tconfig.function]
         dispatcher = Dispatcher(
             trigger=name, config=tconfig, function_name=tconfig.function, function=function,
-            executor=self.executor, state=self.state, metrics=self.metrics, limiter=self.limiter, owner=self.owner)
+            executor=self.executor, state=self.state, metrics=self.metrics, limiter=self.limiter, owner=self.owner,
+            replica=self.replica)
         pipeline = Pipeline(name, tconfig, dispatcher, self.metrics, single_events=function.templated)
         source = connectors()[tconfig.source.kind](tconfig.source)
-        return Trigger(name, tconfig, source, pipeline, dispatcher, self.state, self.http, self.metrics)
+        return Trigger(name, tconfig, source, pipeline, dispatcher, self.state, self.http, self.metrics, self.membership)
 
     def _start(self, trigger: Trigger) -> None:
         assert self._tg is not None
@@ -451,8 +537,12 @@ class Daemon:
         return pools() if pools is not None else []
 
     async def _status(self) -> dict[str, Any]:
+        try:
+            replicas = await self.membership.report()
+        except StoreError:
+            replicas = []
         return {"triggers": [t.status() for t in self.triggers.values()], "executor": self.executor.kind,
-                "pools": self.pools(), "config": self.loaded.report()}
+                "pools": self.pools(), "config": self.loaded.report(), "replica": self.replica, "replicas": replicas}
 
     async def _ready(self) -> dict[str, Any]:
         executor_ok = await self.executor.ping()
@@ -492,10 +582,13 @@ class Daemon:
             await self.executor.start()
             # Reconcile: what an earlier run left behind is removed; its unacknowledged events come back
             # from their sources and run again as new invocations (never under an old invocation id).
+            await self.membership.join()
+            self._joined = True
             removed = await self.executor.gc(self.owner)
             if removed:
                 log.info("removed %d containers, services, configs or processes left behind by an earlier run", removed)
-            await self.state.write(abandon_unfinished(time.time()))
+            # (this replica's, under its earlier incarnation; on SQLite, one daemon: all of them)
+            await self.state.write(abandon_unfinished(time.time(), [self.replica, ""] if self.store.postgres else None))
             await self._prepare()
             self.build_triggers()
             await self.http.start()
@@ -513,6 +606,7 @@ class Daemon:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._housekeeping)
                 tg.start_soon(self._sampling)
+                tg.start_soon(self._heartbeat)
                 self.started.set()
                 await self._stop.wait()
                 await self._shutdown()
@@ -582,6 +676,46 @@ class Daemon:
                 pass  # the store said why, once; the next round tries again
             await anyio.sleep(HOUSEKEEPING_EVERY)
 
+    async def _heartbeat(self) -> None:
+        """Beat (and renew the leases held); take over replicas that are gone. Stop when this one was taken over."""
+        membership = self.membership
+        while True:
+            await anyio.sleep(membership.every)
+            try:
+                alive, held = await membership.beat()
+                if not alive:
+                    self.failure = (f"replica {self.replica} was taken over by another replica (its heartbeat was "
+                                    f"older than {membership.timeout:g}s: paused, or cut off from the state store); "
+                                    "it stops so that its work runs once, where it is now")
+                    log.error("%s", self.failure)
+                    self.stop()
+                    return
+                for name in [n for n in membership.leases if n not in held]:
+                    trigger = self.triggers.get(name.removeprefix(LEASE_PREFIX))
+                    if trigger is not None:
+                        trigger.lease_lost()
+                for replica, incarnation, owner in await membership.dead():
+                    await self._take_over(replica, incarnation, owner)
+            except StoreError:
+                pass  # the store said why, once; the next beat tries again
+
+    async def _take_over(self, replica: str, incarnation: str, owner: str) -> None:
+        """Take over the work of ``replica``, gone: unless another replica was first."""
+        why = f"replica {replica} stopped before it finished"
+        if not await self.membership.bury(replica, incarnation, lambda which: abandon_unfinished(time.time(), which, why)):
+            return
+        log.warning("replica %s is gone: this replica (%s) takes over its work", replica, self.replica,
+                    extra=fields(f"took over replica {replica}", replica=replica))
+        if self.executor.kind in ("docker", "swarm", "auto"):  # (a process executor's children are on that host)
+            try:
+                removed = await self.executor.gc(owner)
+            except ExecutorError as exc:
+                log.warning("cannot remove what replica %s left running: %s", replica, exc)
+            else:
+                if removed:
+                    log.info("removed %d containers, services or configs that replica %s left behind", removed, replica)
+        self.state.orphans()  # its webhook events are claimed
+
     async def close(self) -> None:
         await self.http.stop()
         for trigger in self.triggers.values():
@@ -590,6 +724,12 @@ class Daemon:
             await self.executor.close()
         except ExecutorError:
             pass
+        if self._joined and self.failure is None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.membership.leave()
+                except StoreError:
+                    pass  # its heartbeat goes stale: the others take over all the same
         self.store.close()
         self.lock.release()
 

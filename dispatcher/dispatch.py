@@ -152,7 +152,7 @@ class Dispatcher:
 
     def __init__(self, *, trigger: str, config: TriggerBase, function_name: str, function: FunctionConfig,
                  executor: Executor, state: StateStore, metrics: Metrics, limiter: anyio.CapacityLimiter,
-                 owner: str = "") -> None:
+                 owner: str = "", replica: str = "") -> None:
         self.trigger = trigger
         self.config = config
         self.function_name = function_name
@@ -162,6 +162,7 @@ class Dispatcher:
         self.metrics = metrics
         self.limiter = limiter
         self.owner = owner
+        self.replica = replica
         self.draining = anyio.Event()
         self._latency = metrics.event_latency.labels(trigger)
         self.last_error: str | None = None
@@ -275,7 +276,8 @@ class Dispatcher:
         ids = list(itertools.chain.from_iterable(run.ids for run in runs))
         count = len(ids)
         record = insert_invocation(InvocationRecord(invocation_id, self.trigger, self.function_name, "queued", attempt,
-                                                    count, ids, None, None, queued, None, None, None))
+                                                    count, ids, None, None, queued, None, None, None,
+                                                    self.replica))
         # Without a free slot the record is stored now, visible as queued while it waits; with one, it is
         # stored in one transaction with the start (or the finish) below: one transaction less per batch.
         pending: tuple[Write, ...] = (record,)

@@ -1,5 +1,5 @@
 """One daemon per state store: an exclusive OS lock (``flock``) on ``<state>.lock``, held while it runs (on
-PostgreSQL: a session advisory lock, ``PostgresLock``).
+PostgreSQL, one daemon per replica id: a session advisory lock, ``PostgresLock``; see ``replicas``).
 
 A second daemon on the same store would mark the first one's running invocations interrupted and
 remove its containers as leftovers. The lock is taken before anything is touched; the kernel drops
@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from dispatcher.errors import EventswarmError, StoreError
 
@@ -57,18 +58,19 @@ class StoreLock:
 
 
 class PostgresLock:
-    """One daemon per PostgreSQL database (several replicas on one database are not run yet): a session advisory
-    lock, held by a connection of its own while the daemon runs. The server drops it when that connection ends,
-    however the process ended (``kill -9`` included). A table says who holds it, for the error a second daemon
-    prints."""
+    """One daemon per replica id on a PostgreSQL database (several replicas share it, each under its own id): a
+    session advisory lock, held by a connection of its own while the daemon runs. The server drops it when that
+    connection ends, however the process ended (``kill -9`` included): the other replicas read a free lock as the
+    replica gone. A table says who holds it, for the error a second daemon prints."""
 
-    KEY = 0x6576656E7473  # "events"
-
-    def __init__(self, url: str, password: str | None) -> None:
+    def __init__(self, url: str, password: str | None, replica: str = "") -> None:
         from dispatcher import postgres
+        from dispatcher.replicas import lock_key
 
         self.url = url
         self.where = postgres.redacted(url)
+        self.replica = replica
+        self.key = lock_key(replica)
         self._password = password
         self._conn: postgres.Connection | None = None
 
@@ -81,19 +83,20 @@ class PostgresLock:
             raise StoreError(f"cannot lock the state store {self.where}: {exc or type(exc).__name__} (is the "
                              "PostgreSQL server up, and reachable from here?)", temporary=False) from None
         try:
-            if not conn.execute("SELECT pg_try_advisory_lock(?)", (self.KEY,)).fetchone()[0]:
+            if not self._try(conn):
                 try:
-                    row = conn.execute("SELECT holder FROM eventswarm_holder WHERE key = ?", (self.KEY,)).fetchone()
+                    row = conn.execute("SELECT holder FROM eventswarm_holder WHERE key = ?", (self.key,)).fetchone()
                 except postgres.ERRORS:
                     row = None
                 holder = row[0] if row else "another process"
-                raise StoreLocked(f"the state store {self.where} is in use by {holder}: one daemon per database; stop "
-                                  "that one first, or give this one its own daemon.state")
+                raise StoreLocked(f"replica {self.replica!r} of the state store {self.where} is in use by {holder}: "
+                                  "each daemon sharing a database needs its own daemon.replica (or stop that one "
+                                  "first)")
             conn.execute("CREATE TABLE IF NOT EXISTS eventswarm_holder (key BIGINT PRIMARY KEY, holder TEXT NOT NULL)")
             holder = (f"{what}, pid {os.getpid()} on {socket.gethostname()}, since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}")
             conn.execute("INSERT INTO eventswarm_holder (key, holder) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
-                         "SET holder = excluded.holder", (self.KEY, holder))
+                         "SET holder = excluded.holder", (self.key, holder))
         except BaseException as exc:
             conn.close()
             if isinstance(exc, postgres.ERRORS):
@@ -102,20 +105,28 @@ class PostgresLock:
         self._conn = conn
         return self
 
+    def _try(self, conn: Any) -> bool:
+        """Take the lock (a replica checking whether this id's process is gone holds it for a moment: tried again)."""
+        for _ in range(5):
+            if conn.execute("SELECT pg_try_advisory_lock(?)", (self.key,)).fetchone()[0]:
+                return True
+            time.sleep(0.1)
+        return False
+
     def release(self) -> None:
         from dispatcher import postgres
 
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                conn.execute("DELETE FROM eventswarm_holder WHERE key = ?", (self.KEY,))
+                conn.execute("DELETE FROM eventswarm_holder WHERE key = ?", (self.key,))
             except postgres.ERRORS:
                 pass  # (closing drops the lock all the same)
             conn.close()
 
 
-def store_lock(state: str, password: str | None = None) -> StoreLock | PostgresLock:
-    """The lock of the state store at ``state`` (a SQLite path, or a PostgreSQL URL)."""
+def store_lock(state: str, password: str | None = None, replica: str = "") -> StoreLock | PostgresLock:
+    """The lock of the state store at ``state`` (a SQLite path), or of ``replica`` on it (a PostgreSQL URL)."""
     if state.startswith(("postgresql://", "postgres://")):
-        return PostgresLock(state, password)
+        return PostgresLock(state, password, replica)
     return StoreLock(state)

@@ -38,5 +38,5 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "urllib3", "docker"):
+    for noisy in ("aiohttp.access", "urllib3", "docker", "watchfiles"):  # (watchfiles: a line per change seen)
         logging.getLogger(noisy).setLevel(logging.WARNING)

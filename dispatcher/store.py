@@ -101,6 +101,44 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (trigger, key)
     );
     """,
+    # 2: replicas sharing one store (PostgreSQL): who runs, the leases of single-reader sources (with a history of
+    # their terms, to show that one replica at a time wrote), and which replica holds an invocation or an inbox row
+    """
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        incarnation TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        stopped_at REAL
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        incarnation TEXT NOT NULL,
+        token INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE lease_terms (
+        name TEXT NOT NULL,
+        token INTEGER NOT NULL,
+        holder TEXT NOT NULL,
+        incarnation TEXT NOT NULL,
+        acquired_at REAL NOT NULL,
+        first_write REAL,
+        last_write REAL,
+        writes INTEGER NOT NULL DEFAULT 0,
+        refused INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, token)
+    );
+    ALTER TABLE invocations ADD COLUMN replica TEXT NOT NULL DEFAULT '';
+    CREATE INDEX invocations_by_replica ON invocations (replica, status);
+    ALTER TABLE inbox ADD COLUMN replica TEXT NOT NULL DEFAULT '';
+    CREATE INDEX inbox_by_replica ON inbox (replica, trigger, seq);
+    """,
 ]
 
 
@@ -119,6 +157,8 @@ class InvocationRecord:
     started_at: float | None
     finished_at: float | None
     executor_ref: str | None
+    replica: str = ""
+    """The replica that ran it (its id; "" before replicas)."""
 
     def to_json(self) -> dict[str, Any]:
         doc = {k: getattr(self, k) for k in self.__slots__}
@@ -147,7 +187,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 _INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, event_ids, exit_code, error, "
-                       "queued_at, started_at, finished_at, executor_ref")
+                       "queued_at, started_at, finished_at, executor_ref, replica")
 _REPLACE_INVOCATION = ", ".join(f"{c} = excluded.{c}" for c in _INVOCATION_COLUMNS.split(", ")[1:]) + \
     ", stdout = NULL, stderr = NULL"
 """(An invocation written again replaces the row, as a new one: its logs too.)"""
@@ -267,7 +307,7 @@ class Store:
     def _check(self) -> None:
         rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
         if rows != [("ok",)]:
-            found = "; ".join(str(row[0]) for row in rows)
+            found = "; ".join(" ".join(str(row[0]).split()) for row in rows)  # (one line: SQLite's may hold several)
             raise StoreError(f"the state store {self.path} is damaged ({found}): move it away to start with an empty one, "
                              "or put back a copy", temporary=False)
 
@@ -377,10 +417,12 @@ class Store:
                                  "ORDER BY key LIMIT ?", (trigger, len(prefix), prefix, limit)).fetchall()
         return dict(rows)
 
-    def inbox_page(self, trigger: str, after: int, upto: int, limit: int) -> list[tuple[int, bytes, float]]:
+    def inbox_page(self, trigger: str, after: int, upto: int, limit: int, replica: str = "") -> list[tuple[int, bytes, float]]:
+        """Rows of ``trigger`` held by ``replica``, after ``after`` up to ``upto``, oldest first."""
         return [tuple(row) for row in self.conn.execute(
-            "SELECT seq, event, received_at FROM inbox WHERE trigger = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            (trigger, after, upto, limit),
+            "SELECT seq, event, received_at FROM inbox WHERE replica = ? AND trigger = ? AND seq > ? AND seq <= ? "
+            "ORDER BY seq LIMIT ?",
+            (replica, trigger, after, upto, limit),
         ).fetchall()]
 
     def inbox_last(self) -> int:
@@ -396,11 +438,11 @@ class Store:
 def insert_invocation(record: InvocationRecord) -> Write:
     def write(conn: Conn) -> None:
         conn.execute(
-            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             f"ON CONFLICT (id) DO UPDATE SET {_REPLACE_INVOCATION}",
             (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size,
              msgspec.json.encode(record.event_ids).decode(), record.exit_code, record.error, record.queued_at, record.started_at,
-             record.finished_at, record.executor_ref),
+             record.finished_at, record.executor_ref, record.replica),
         )
     return write
 
@@ -466,12 +508,15 @@ def forget_checkpoints(trigger: str, prefix: str, before: float) -> Write:
     return write
 
 
-def abandon_unfinished(finished_at: float) -> Write:
-    """At start: invocations a crashed daemon left queued or running did not finish; their events run again."""
+def abandon_unfinished(finished_at: float, replicas: Sequence[str] | None = None,
+                       why: str = "the daemon stopped before it finished") -> Write:
+    """Invocations a crashed daemon left queued or running did not finish; their events run again (at start: those
+    of this replica, or of every one; at a takeover: those of the replica taken over)."""
     def write(conn: Conn) -> None:
-        conn.execute("UPDATE invocations SET status = 'failed', finished_at = ?, "
-                     "error = 'interrupted: the daemon stopped before it finished (its events run again)' "
-                     "WHERE status IN ('queued', 'running')", (finished_at,))
+        which = "" if replicas is None else f" AND replica IN ({', '.join('?' * len(replicas))})"
+        conn.execute(f"UPDATE invocations SET status = 'failed', finished_at = ?, error = ? "
+                     f"WHERE status IN ('queued', 'running'){which}",
+                     (finished_at, f"interrupted: {why} (its events run again)", *(replicas or ())))
     return write
 
 
@@ -512,6 +557,9 @@ class StateStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.error: str | None = None
+        self.replica = ""
+        """The replica this daemon is (its id): the inbox rows it stores are its own (``replicas``)."""
+        self._orphans = anyio.Event()
         self._thread = anyio.CapacityLimiter(1)
         self._commit_lock = anyio.Lock()
         self._open = _Group()
@@ -593,32 +641,58 @@ class StateStore:
                     return
                 conn.execute("INSERT INTO dedupe (trigger, key, event_id, seen_at) VALUES (?,?,?,?)",
                              (trigger, dedupe_key, event.id, event.received))
-            conn.execute("INSERT INTO inbox (trigger, event_id, event, received_at) VALUES (?,?,?,?) "
+            conn.execute("INSERT INTO inbox (trigger, event_id, event, received_at, replica) VALUES (?,?,?,?,?) "
                          "ON CONFLICT DO NOTHING",
-                         (trigger, event.id, encoded, event.received))
+                         (trigger, event.id, encoded, event.received, self.replica))
 
         await self.write(write)
         return earlier[0] if earlier else None
 
     async def inbox_remove(self, trigger: str, event_id: str, *, forget_dedupe: bool = False) -> None:
+        """Remove an event settled here (a row another replica claimed meanwhile stays: it runs there)."""
         def write(conn: Conn) -> None:
-            conn.execute("DELETE FROM inbox WHERE event_id = ?", (event_id,))
+            conn.execute("DELETE FROM inbox WHERE event_id = ? AND replica = ?", (event_id, self.replica))
             if forget_dedupe:
                 conn.execute("DELETE FROM dedupe WHERE trigger = ? AND event_id = ?", (trigger, event_id))
 
         await self.write(write)
 
     async def inbox_pending(self, trigger: str, page: int = 500) -> AsyncIterator[Event]:
-        """Events stored for ``trigger`` before this call, oldest first, read a page at a time."""
+        """Events this replica stored for ``trigger`` before this call, oldest first, read a page at a time."""
         upto = await self.read(lambda s: s.inbox_last())
         return self._inbox_pages(trigger, upto, page)
 
     async def _inbox_pages(self, trigger: str, upto: int, page: int) -> AsyncIterator[Event]:
         after = 0
         while True:
-            rows = await self.read(lambda s, after=after: s.inbox_page(trigger, after, upto, page))  # type: ignore[misc]
+            rows = await self.read(lambda s, after=after: s.inbox_page(trigger, after, upto, page, self.replica))  # type: ignore[misc]
             if not rows:
                 return
             for seq, raw, received in rows:
                 after = seq
                 yield Event.decode(bytes(raw), received=received)
+
+    async def inbox_claim(self, trigger: str, page: int = 500) -> list[Event]:
+        """Take over up to ``page`` of ``trigger``'s events stored by replicas that are gone (no row in ``replicas``:
+        taken over, see ``replicas.Membership``), oldest first. Replicas claiming together each get other rows
+        (PostgreSQL: ``FOR UPDATE SKIP LOCKED``)."""
+        claimed: list[tuple[int, bytes, float]] = []
+        skip = " FOR UPDATE SKIP LOCKED" if self.store.postgres else ""
+
+        def write(conn: Conn) -> None:
+            claimed.extend(tuple(row) for row in conn.execute(
+                "UPDATE inbox SET replica = ? WHERE seq IN (SELECT seq FROM inbox WHERE trigger = ? AND replica NOT IN "
+                f"(SELECT id FROM replicas) ORDER BY seq LIMIT ?{skip}) RETURNING seq, event, received_at",
+                (self.replica, trigger, page)).fetchall())
+
+        await self.write(write)
+        return [Event.decode(bytes(raw), received=received) for _, raw, received in sorted(claimed)]
+
+    async def orphaned(self) -> None:
+        """Return when inbox rows may have lost their replica (one was taken over): time to ``inbox_claim``."""
+        await self._orphans.wait()
+
+    def orphans(self) -> None:
+        """Wake ``orphaned`` (after a replica was taken over)."""
+        self._orphans.set()
+        self._orphans = anyio.Event()

@@ -88,6 +88,12 @@ class MemoryInbox:
                 yield event
         return each()
 
+    async def claim(self) -> list[Event]:
+        return []  # (one replica: nobody else's events to take over)
+
+    async def orphaned(self) -> None:
+        await anyio.sleep_forever()
+
 
 class _Emitted:
     """A run the source handed over, and which of its events are not settled yet."""

@@ -31,11 +31,13 @@ def docker_engine() -> str:
 def daemon_process(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def make(doc: dict[str, Any], env: dict[str, str] | None = None) -> DaemonProcess:
+    def make(doc: dict[str, Any], env: dict[str, str] | None = None, name: str = "") -> DaemonProcess:
+        """A daemon of ``doc``; several at once each have a ``name`` (their config file and log are theirs)."""
         port = int(doc["daemon"]["listen"].rsplit(":", 1)[1])
-        config_file = tmp_path / "eventswarm.toml"
+        suffix = f"-{name}" if name else ""
+        config_file = tmp_path / f"eventswarm{suffix}.toml"
         config_file.write_text(toml(doc))
-        process = DaemonProcess(config_file, port, tmp_path / "daemon.log", env=env)
+        process = DaemonProcess(config_file, port, tmp_path / f"daemon{suffix}.log", env=env)
         started.append(process)
         return process
 

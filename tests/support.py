@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,19 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval
     deadline = anyio.current_time() + timeout
     while True:
         value = predicate()
+        if value:
+            return value
+        if anyio.current_time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await anyio.sleep(interval)
+
+
+async def wait_for_async(predicate: Callable[[], Awaitable[Any]], timeout: float = 30.0, interval: float = 0.05,  # noqa: ASYNC109
+                         what: str = "") -> Any:
+    """``wait_for`` with an async ``predicate`` (a query of the store, say)."""
+    deadline = anyio.current_time() + timeout
+    while True:
+        value = await predicate()
         if value:
             return value
         if anyio.current_time() > deadline:

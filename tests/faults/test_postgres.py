@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.errors import StoreError
-from dispatcher.store import InvocationRecord, StateStore, Store, insert_invocation
+from dispatcher.store import _MIGRATIONS, InvocationRecord, StateStore, Store, insert_invocation
 from tests.support import ROOT, free_port
 
 pytestmark = pytest.mark.anyio
@@ -70,7 +70,7 @@ def test_replicas_opening_a_new_database_together_migrate_it_once(server):
     with ThreadPoolExecutor(6) as pool:
         stores = list(pool.map(lambda _: Store(server.url), range(6)))
     try:
-        assert stores[0].conn.execute("SELECT version FROM eventswarm_schema").fetchall() == [(1,)]
+        assert stores[0].conn.execute("SELECT version FROM eventswarm_schema").fetchall() == [(len(_MIGRATIONS),)]
     finally:
         for store in stores:
             store.close()
