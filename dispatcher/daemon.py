@@ -313,7 +313,7 @@ class Trigger:
         assert self.membership is not None
         while (token := await self.membership.acquire(self.lease_name)) is None:
             holder = await self.membership.holder(self.lease_name)
-            if holder != self.standby:
+            if holder is not None and holder != self.standby:
                 log.info("source of trigger %s: replica %s reads it; this one stands by", self.trigger, holder,
                          extra=fields(f"standby: replica {holder} reads the source", trigger=self.trigger))
             self.standby = holder
@@ -422,6 +422,8 @@ class Daemon:
         self.failure: str | None = None
         """Why the daemon stopped on its own (taken over by another replica), for ``run``'s exit status."""
         self._joined = False
+        self._taking_over: set[str] = set()
+        """Replicas this one is taking over now (each in a task of its own)."""
         self.http = HttpServer(host, port, metrics=self.metrics, state=self.state, status=self._status, ready=self._ready,
                                replay=self._replay, reload=self._reload_request, letters=self._letters,
                                client_timeout=config.daemon.client_timeout,
@@ -680,9 +682,16 @@ class Daemon:
         """Beat (and renew the leases held); take over replicas that are gone. Stop when this one was taken over."""
         membership = self.membership
         while True:
+            asleep = time.monotonic()
             await anyio.sleep(membership.every)
+            began = time.monotonic()
             try:
                 alive, held = await membership.beat()
+                took = time.monotonic() - began
+                if took + (began - asleep - membership.every) > membership.timeout / 2:
+                    log.warning("heartbeat late: %.1fs to wake, %.1fs to write (replica_timeout %gs): this replica "
+                                "or the state store is slow; its leases may be lost", began - asleep - membership.every,
+                                took, membership.timeout)
                 if not alive:
                     self.failure = (f"replica {self.replica} was taken over by another replica (its heartbeat was "
                                     f"older than {membership.timeout:g}s: paused, or cut off from the state store); "
@@ -695,12 +704,23 @@ class Daemon:
                     if trigger is not None:
                         trigger.lease_lost()
                 for replica, incarnation, owner in await membership.dead():
-                    await self._take_over(replica, incarnation, owner)
+                    if replica not in self._taking_over and self._tg is not None:
+                        # (in a task of its own: removing its jobs can take seconds, and beats must go on meanwhile)
+                        self._taking_over.add(replica)
+                        self._tg.start_soon(self._take_over, replica, incarnation, owner)
             except StoreError:
                 pass  # the store said why, once; the next beat tries again
 
     async def _take_over(self, replica: str, incarnation: str, owner: str) -> None:
         """Take over the work of ``replica``, gone: unless another replica was first."""
+        try:
+            await self._bury(replica, incarnation, owner)
+        except StoreError:
+            pass  # the store said why; the next beat sees it gone again
+        finally:
+            self._taking_over.discard(replica)
+
+    async def _bury(self, replica: str, incarnation: str, owner: str) -> None:
         why = f"replica {replica} stopped before it finished"
         if not await self.membership.bury(replica, incarnation, lambda which: abandon_unfinished(time.time(), which, why)):
             return

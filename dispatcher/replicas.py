@@ -157,7 +157,7 @@ class Membership:
                 conn.execute("UPDATE leases SET expires_at = 0 WHERE holder = ? AND incarnation = ?",
                              (replica, incarnation))
 
-        await self.state.write(write)
+        await self.state.alone(write)
         return bool(won)
 
     async def leave(self) -> None:
@@ -170,7 +170,7 @@ class Membership:
             conn.execute("UPDATE leases SET expires_at = 0 WHERE holder = ? AND incarnation = ?",
                          (me.id, me.incarnation))
 
-        await self.state.write(write)
+        await self.state.alone(write)
         self.leases.clear()
 
     # -- leases -----------------------------------------------------------------------------
@@ -192,7 +192,7 @@ class Membership:
                              f"VALUES (?, ?, ?, ?, {self.now})", (name, got[0][0], me.id, me.incarnation))
                 conn.execute("DELETE FROM lease_terms WHERE name = ? AND token < ?", (name, got[0][0] - TERMS_KEPT))
 
-        await self.state.write(write)
+        await self.state.alone(write)
         if not got:
             return None
         self.leases[name] = int(got[0][0])
@@ -206,7 +206,7 @@ class Membership:
         def write(conn: Conn) -> None:
             conn.execute("UPDATE leases SET expires_at = 0 WHERE name = ? AND token = ?", (name, token))
 
-        await self.state.write(write)
+        await self.state.alone(write)
 
     async def holder(self, name: str) -> str | None:
         """Who holds the lease ``name`` now (None: nobody)."""

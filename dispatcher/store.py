@@ -290,7 +290,7 @@ class Store:
         """What went wrong, and what to do about it when that is known."""
         if not self.postgres:
             return describe(exc, self.path)
-        text = str(exc) or type(exc).__name__
+        text = " ".join(str(exc).split()) or type(exc).__name__  # (one line: the server's DETAIL comes on another)
         if isinstance(exc, (OSError, TimeoutError)):
             return f"{text} (is the PostgreSQL server up, and reachable from here?)"
         return text
@@ -611,6 +611,15 @@ class StateStore:
                         group.done.set()
         if group.error is not None:
             raise group.error
+
+    async def alone(self, write: Write) -> None:
+        """Run ``write`` in a transaction of its own, not in a group commit (a lease taken or given up: it locks one
+        lease row and nothing else, so that replicas taking leases at once never wait on each other in a cycle)."""
+        async with self._commit_lock:
+            try:
+                await anyio.to_thread.run_sync(self.store.transaction, [write], limiter=self._thread)
+            except self.store.errors as exc:
+                raise self._failed(exc) from None
 
     async def probe(self) -> str | None:
         """``error``, after a small write has tried whether the store works again (an idle daemon writes nothing)."""

@@ -138,9 +138,10 @@ def test_three_replicas_under_a_mixed_load_with_two_kill_9s_lose_nothing(tmp_pat
                                                                          token_contract):
     """Three daemons (swarm executor) on one database take webhooks sent to all three, a 4-partition Kafka topic, a
     file folder and a chain's logs; one of them is killed with kill -9 at a random point, twice (first the reader of
-    the folder or of the chain, then one at random), and started again as Swarm would. Every accepted webhook, record, file and log runs; duplicates involve a killed
-    replica's work; nothing is left on the Swarm; the folder and the chain were each read by one replica at a
-    time (from the lease terms of their checkpoint writes)."""
+    the folder or of the chain, then one at random), and started again as Swarm would. Every accepted webhook,
+    record, file and log runs; an event runs twice only if it was in flight at a killed replica; nothing is left on
+    the Swarm; the folder and the chain were each read by one replica at a time (from the lease terms of their
+    checkpoint writes)."""
     seed = int(os.environ.get("EVENTSWARM_CHAOS_SEED", random.randrange(1 << 30)))
     chance = random.Random(seed)
     print(f"chaos seed {seed} (EVENTSWARM_CHAOS_SEED={seed} runs this one again)")
@@ -152,7 +153,7 @@ def test_three_replicas_under_a_mixed_load_with_two_kill_9s_lose_nothing(tmp_pat
 
     def config(name: str) -> dict[str, Any]:
         doc = replica_config(tmp_path, postgres_database, name, shutdown_grace="5s")
-        doc["daemon"]["replica_timeout"] = "3s"
+        doc["daemon"]["replica_timeout"] = "6s"  # (takeover after kill -9 is at once: the lock of its id is free)
         doc["executor"] = {"kind": "swarm", "max_in_flight": 4, "network": "none"}
         doc["functions"]["f"] = {"image": BUSYBOX, "command": ["sh", "-c", 'cat "$EVENTSWARM_INPUT" > /dev/null'],
                                  "timeout": "60s"}
@@ -213,23 +214,29 @@ def test_three_replicas_under_a_mixed_load_with_two_kill_9s_lose_nothing(tmp_pat
         records |= {f"{topic}/{partition}/{offset}" for offset in range(high)}
     assert len(records) == 240 and len(files) == 60 and len(logs) == 30 and len(accepted) > 120
 
-    def runs() -> list[tuple[str, str, float, str]]:
-        return [(event, replica, queued, status) for ids, replica, queued, status in rows(
-            postgres_database, "SELECT event_ids, replica, queued_at, status FROM invocations")
+    def runs() -> list[tuple[str, str, float, float | None, str]]:
+        return [(event, replica, queued, finished, status) for ids, replica, queued, finished, status in rows(
+            postgres_database, "SELECT event_ids, replica, queued_at, finished_at, status FROM invocations")
             for event in json.loads(ids)]
 
     def succeeded() -> set[str]:
-        return {event for event, _, _, status in runs() if status == "succeeded"}
+        return {event for event, _, _, _, status in runs() if status == "succeeded"}
 
     wait_until(lambda: (accepted | records | files | logs) <= succeeded(), timeout=240, interval=1,
                what="every accepted webhook, record, file and log to run")
     for daemon in daemons.values():
         assert daemon.stop() == 0
-    counted = Counter(event for event, _, _, status in runs() if status == "succeeded")
-    killed_work = {event for event, replica, queued, _ in runs()
-                   if any(replica == victim and queued <= at for victim, at in kills)}
+    counted = Counter(event for event, _, _, _, status in runs() if status == "succeeded")
+    # What a killed replica had in flight: queued before the kill and not finished by then (or finished within
+    # UNCOMMITTED before it: acknowledged, its Kafka offset or checkpoint not yet saved, which the committers do
+    # every second).
+    in_flight = {event for event, replica, queued, finished, _ in runs()
+                 if any(replica == victim and queued <= at and (finished is None or finished > at - UNCOMMITTED)
+                        for victim, at in kills)}
     duplicates = {event for event, count in counted.items() if count > 1}
-    assert duplicates <= killed_work, f"seed {seed}: ran twice without a kill: {sorted(duplicates - killed_work)[:5]}"
+    unexplained = sorted(duplicates - in_flight)[:3]
+    assert not unexplained, (f"seed {seed}: ran twice, not in flight at a kill (kills {kills}): "
+                             + "; ".join(f"{e}: {[r[1:] for r in runs() if r[0] == e]}" for e in unexplained))
     owners = [owner_id(postgres_database, name) for name in names]
     assert _swarm_leftovers(owners) == [], f"seed {seed}"
     written: dict[str, int] = {}
@@ -247,6 +254,11 @@ def test_three_replicas_under_a_mixed_load_with_two_kill_9s_lose_nothing(tmp_pat
           f"{len(logs)} logs; {len(duplicates)} events ran twice; lease terms that wrote: {written}")
 
 
+UNCOMMITTED = 3.0
+"""Seconds before a kill within which a finished invocation may not have had its position saved yet (the
+committers save every second; the rest is margin for a loaded machine)."""
+
+
 def _swarm_leftovers(owners: list[str]) -> list[Any]:
     import docker
 
@@ -258,4 +270,54 @@ def _swarm_leftovers(owners: list[str]) -> list[Any]:
             found += client.services.list(filters=labels) + client.configs.list(filters=labels)
         return found
     finally:
+        client.close()
+
+
+def test_gc_removes_what_gone_replicas_left_and_never_what_a_live_one_owns(tmp_path, daemon_process, postgres_database,
+                                                                          docker_engine):
+    """What a replica's containers are labelled with: a live replica's stay, whoever runs gc; a replica killed with
+    kill -9 has its own removed by the replica that takes it over; the CLI's gc removes its own replica's, and
+    those of replicas that are gone (here: stopped, with nobody left to take them over)."""
+    import docker
+
+    def doc(name: str) -> dict[str, Any]:
+        made = replica_config(tmp_path, postgres_database, name)
+        made["executor"] = {"kind": "docker"}
+        return made
+
+    client = docker.from_env()
+    made: dict[str, Any] = {}
+
+    def left() -> set[str]:
+        ids = {c["Id"] for c in client.api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"})}
+        return {name for name, container in made.items() if container.id in ids}
+
+    def gc(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dispatcher", "gc", "-c", str(tmp_path / f"eventswarm-{name}.toml")],
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        live = daemon_process(doc("live"), name="live").start()
+        gone = daemon_process(doc("gone"), name="gone").start()
+        made.update({name: client.containers.create(BUSYBOX, ["sleep", "60"], network_mode="none", labels={
+            LABEL_MANAGED: "true", LABEL_OWNER: owner_id(postgres_database, name)})
+            for name in ("live", "gone", "operator")})  # (as if each had a function running)
+        gone.kill()
+        wait_until(lambda: "gone" not in left(), timeout=30, what="live to take gone over and remove its container")
+        assert "removed 1 containers, services or configs that replica gone left behind" in live.log.read_text()
+        daemon_process(doc("operator"), name="operator")  # (its config only: it does not run)
+        done = gc("operator")
+        assert done.returncode == 0 and "removed 1 containers" in done.stdout, done.stdout + done.stderr
+        assert left() == {"live"}  # its own went; the live replica's stays
+        refused = gc("live")
+        assert refused.returncode == 2 and "replica 'live'" in refused.stderr, refused.stderr
+        assert live.stop() == 0  # stopped: gone, with no replica left to take it over
+        done = gc("operator")
+        assert done.returncode == 0 and "removed 1 containers" in done.stdout and left() == set(), done.stdout
+    finally:
+        for container in made.values():
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
         client.close()

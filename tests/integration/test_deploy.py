@@ -72,3 +72,43 @@ def test_the_stack_runs_the_daemon_which_runs_a_webhook_as_a_swarm_job(tmp_path:
         wait_until(lambda: not docker("ps", "-aq", "--filter", f"label=com.docker.stack.namespace={STACK}").stdout.strip(),
                    timeout=120, what="the stack's containers to go")
         docker("volume", "rm", f"{STACK}_state", check=False)
+
+
+def test_the_replicated_stack_runs_3_replicas_on_one_postgres_database(tmp_path: Path, daemon_image: str,
+                                                                       postgres_database: str):
+    """deploy/stack-replicated.yml on this single-node Swarm: 3 replicas (one port per slot, as its comment says for
+    a single node) on the test's database; each takes webhooks and runs them, and each shows all three."""
+    stack = f"{STACK}-replicated"
+    prefix = free_port() // 10 % 6000 + 1000  # (slot n listens on prefix * 10 + n)
+    config = tmp_path / "eventswarm.toml"
+    config.write_text((ROOT / "deploy" / "eventswarm.toml").read_text())
+    env = {"EVENTSWARM_IMAGE": daemon_image, "EVENTSWARM_PORT": f"{prefix}{{{{.Task.Slot}}}}",
+           "EVENTSWARM_CONFIG_FILE": str(config), "EVENTSWARM_STATE": postgres_database,
+           "EVENTSWARM_REPLICAS_PER_NODE": "3"}
+    docker("stack", "deploy", "-c", str(ROOT / "deploy" / "stack-replicated.yml"), stack, env=env)
+    bases = [f"http://127.0.0.1:{prefix}{slot}" for slot in (1, 2, 3)]
+    try:
+        for base in bases:
+            wait_until(lambda base=base: (get_json(f"{base}/readyz") or {}).get("ready"), timeout=180,
+                       what=f"the replica at {base}")
+        names = {f"{stack}_daemon.{slot}" for slot in (1, 2, 3)}
+        for base in bases:
+            replicas = get_json(f"{base}/v1/status")["replicas"]
+            assert {r["id"] for r in replicas} == names and all(r["state"] == "live" for r in replicas)
+        accepted = {}
+        for n, base in enumerate(bases * 3):
+            status, _, body = post(f"{base}/hooks/echo", json.dumps({"n": n}).encode())
+            assert status == 202
+            accepted[json.loads(body)["id"]] = base
+
+        def ran() -> set[str]:
+            records = get_json(f"{bases[0]}/v1/invocations?trigger=echo&status=succeeded&limit=1000") or []
+            return {event for r in records for event in r["event_ids"]}
+
+        wait_until(lambda: set(accepted) <= ran(), timeout=180, what="every replica's webhooks to run")
+        records = get_json(f"{bases[0]}/v1/invocations?trigger=echo&status=succeeded&limit=1000")
+        assert {r["replica"] for r in records} == names  # each replica ran what it accepted
+    finally:
+        docker("stack", "rm", stack, check=False)
+        wait_until(lambda: not docker("ps", "-aq", "--filter", f"label=com.docker.stack.namespace={stack}").stdout.strip(),
+                   timeout=120, what="the stack's containers to go")

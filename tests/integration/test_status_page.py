@@ -4,6 +4,7 @@ daemon with an API token: counts, a failed invocation's stderr on click, a repla
 from __future__ import annotations
 
 import json
+import urllib.request
 
 from tests.support import BUSYBOX, base_config, free_port, post, store_of, wait_until
 
@@ -46,6 +47,7 @@ def test_the_status_page_counts_opens_stderr_replays_a_dead_letter_and_updates_w
             expect(bad.locator("td.error")).to_contain_text("exit code 3")
             expect(page.locator("#auth")).to_be_hidden()
             expect(page.locator("#pools")).to_be_hidden()  # no warm function: no pools section
+            expect(page.locator("#replicas")).to_be_hidden()  # one daemon alone: no replicas section
 
             page.evaluate("window.notReloaded = true")
             for n in range(2):
@@ -95,3 +97,37 @@ def test_the_status_page_shows_each_warm_pool(tmp_path, daemon_process, chromium
         finally:
             browser.close()
     assert daemon.stop() == 0
+
+
+def test_the_status_page_shows_every_replica_and_what_each_holds(tmp_path, daemon_process, chromium,
+                                                                  postgres_database):
+    from playwright.sync_api import expect, sync_playwright
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    docs = {}
+    for name in ("a", "b"):
+        doc = base_config(tmp_path, executor="process", port=free_port())
+        doc["daemon"].update({"state": postgres_database, "replica": name})
+        doc["functions"]["f"] = {"command": ["sh", "-c", "cat > /dev/null"]}
+        doc["triggers"]["files"] = {"function": "f", "source": {"kind": "file", "path": str(drop)}}
+        docs[name] = doc
+    first = daemon_process(docs["a"], name="a").start()
+    wait_until(lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{first.port}/v1/status").read())[
+        "triggers"][0]["state"] == "running", timeout=30, what="a to read the folder")
+    second = daemon_process(docs["b"], name="b").start()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{second.port}/")
+            a, b = page.locator('#replica-table tr[data-replica="a"]'), page.locator('#replica-table tr[data-replica="b"]')
+            expect(page.locator("#replicas")).to_be_visible()
+            expect(a.locator("td.holds")).to_have_text("trigger/files (token 1)")
+            expect(a.locator("td.state")).to_have_text("live")
+            expect(b.locator("td.name")).to_have_text("b (this one)")
+            expect(b.locator("td.holds")).to_have_text("-")
+            expect(page.locator('tr[data-trigger="files"] td.state')).to_have_text("standby")
+        finally:
+            browser.close()
+    assert second.stop() == 0 and first.stop() == 0
