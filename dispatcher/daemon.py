@@ -726,7 +726,9 @@ class Daemon:
             return
         log.warning("replica %s is gone: this replica (%s) takes over its work", replica, self.replica,
                     extra=fields(f"took over replica {replica}", replica=replica))
-        if self.executor.kind in ("docker", "swarm", "auto"):  # (a process executor's children are on that host)
+        # (a process executor's children are on that host; on SQLite the name this daemon had before shares its
+        # owner label: its leftovers went at start, and what carries the label now is this daemon's own)
+        if self.executor.kind in ("docker", "swarm", "auto") and owner != self.owner:
             try:
                 removed = await self.executor.gc(owner)
             except ExecutorError as exc:

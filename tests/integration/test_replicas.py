@@ -154,3 +154,36 @@ async def test_on_sqlite_the_name_a_daemon_had_before_is_taken_over_at_once(repl
     assert replica == "host-a:8080"
     assert await now.bury(replica, incarnation, lambda which: abandon_unfinished(0.0, which, "gone"))
     assert [e.id for e in await now.state.inbox_claim("t")] == [event.id]
+
+
+async def test_on_sqlite_taking_over_a_former_name_leaves_the_daemons_own_containers_alone(tmp_path, docker_engine):
+    """On SQLite every name of the daemon shares one owner label (the file's): taking over the name it had before
+    must not remove what the daemon runs now."""
+    import docker
+
+    from dispatcher.daemon import owner_id
+    from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER
+    from tests.support import BUSYBOX, base_config, running_daemon
+
+    doc = base_config(tmp_path, replica="now", replica_timeout="1s")
+    state = str(tmp_path / "state.db")
+    before = Membership(StateStore(Store(state)), "before", owner_id(state), "127.0.0.1:0", 1.0)
+    await before.join()
+    before.state.store.close()
+    client = docker.from_env()
+    try:
+        async with running_daemon(doc) as daemon:
+            running = client.containers.create(BUSYBOX, ["sleep", "60"], network_mode="none",
+                                               labels={LABEL_MANAGED: "true", LABEL_OWNER: daemon.owner})
+            await wait_for_async(_only_now(daemon.membership), timeout=10, what="'before' to be taken over")
+            assert client.containers.get(running.id).id == running.id  # (NotFound: removed as 'before's)
+    finally:
+        for container in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={owner_id(state)}"}):
+            container.remove(force=True)
+        client.close()
+
+
+def _only_now(membership: Membership):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return [r["id"] for r in await membership.report()] == ["now"]
+    return check
