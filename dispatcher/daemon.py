@@ -18,9 +18,9 @@ from anyio.abc import TaskGroup
 from dispatcher import config as configuration
 from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Run, Source, rfc3339
 from dispatcher.config import ConfigBase, TriggerBase
-from dispatcher.dispatch import Dispatcher, TriggerStopped
+from dispatcher.dispatch import Dispatcher, TriggerStopped, outcome_of
 from dispatcher.errors import ConfigError, ExecutorError, SourceError, StoreError
-from dispatcher.executors import Executor, create
+from dispatcher.executors import Executor, Invocation, Result, create
 from dispatcher.http import HttpServer
 from dispatcher.lock import store_lock
 from dispatcher.logs import fields
@@ -28,13 +28,14 @@ from dispatcher.metrics import Metrics
 from dispatcher.pipeline import Pipeline
 from dispatcher.plugins import connectors
 from dispatcher.progress import Backfill
-from dispatcher.replicas import LEASE_PREFIX, LeaseLost, Membership, default_id
+from dispatcher.replicas import LEASE_PREFIX, LeaseLost, Membership, Unfinished, default_id
 from dispatcher.store import (
     StateStore,
     Store,
     Write,
     abandon_unfinished,
     delete_checkpoints,
+    finish_invocation,
     forget_checkpoints,
     is_postgres,
     prune,
@@ -722,13 +723,24 @@ class Daemon:
 
     async def _bury(self, replica: str, incarnation: str, owner: str) -> None:
         why = f"replica {replica} stopped before it finished"
-        if not await self.membership.bury(replica, incarnation, lambda which: abandon_unfinished(time.time(), which, why)):
+        unfinished = await self.membership.bury(replica, incarnation,
+                                                lambda which: abandon_unfinished(time.time(), which, why))
+        if unfinished is None:
             return
         log.warning("replica %s is gone: this replica (%s) takes over its work", replica, self.replica,
                     extra=fields(f"took over replica {replica}", replica=replica))
+        self.state.orphans()  # its webhook events, but those of jobs that may still run, are claimed at once
+        running = [u for u in unfinished if u.status == "running"]
+        if running:
+            async with anyio.create_task_group() as tg:
+                for each in running:
+                    tg.start_soon(self._adopt, replica, each)
         # (a process executor's children are on that host; on SQLite the name this daemon had before shares its
         # owner label: its leftovers went at start, and what carries the label now is this daemon's own)
-        if self.executor.kind in ("docker", "swarm", "auto") and owner != self.owner:
+        # (nor when it is back under the same id: its containers carry the same label, and it removed its own
+        # leftovers as it started)
+        if self.executor.kind in ("docker", "swarm", "auto") and owner != self.owner \
+                and not await self.membership.present(replica):
             try:
                 removed = await self.executor.gc(owner)
             except ExecutorError as exc:
@@ -736,7 +748,37 @@ class Daemon:
             else:
                 if removed:
                     log.info("removed %d containers, services or configs that replica %s left behind", removed, replica)
-        self.state.orphans()  # its webhook events are claimed
+
+    async def _adopt(self, replica: str, unfinished: Unfinished) -> None:
+        """The job of an invocation that a replica now gone was running: if it is still there, followed to its end
+        (or its result taken), its record finished, and its webhook events settled when it succeeded; else (or when
+        it failed) its events run again here or at another replica."""
+        adopt = getattr(self.executor, "adopt", None)
+        function = self.config.functions.get(unfinished.function)
+        result: Result | None = None
+        if adopt is not None and function is not None and function.warm is None:
+            invocation = Invocation(id=unfinished.id, trigger=unfinished.trigger, function_name=unfinished.function,
+                                    function=function, input=b"", env={}, args=(), owner="")
+            try:
+                result = await adopt(invocation)
+            except ExecutorError:
+                result = None
+        try:
+            if result is not None:
+                status, error = outcome_of(result, function.timeout if function else 0.0)
+                note = f"adopted by replica {self.replica}: the job ran on after replica {replica} was gone"
+                await self.state.write(finish_invocation(
+                    unfinished.id, status=status, exit_code=result.exit_code,
+                    error=f"{error}; {note}" if error else note, finished_at=time.time(), executor_ref=result.ref,
+                    stdout=result.stdout, stderr=result.stderr))
+                log.info("adopted invocation %s of replica %s (%d events): %s", unfinished.id, replica,
+                         len(unfinished.event_ids), status,
+                         extra=fields(f"adopted an invocation of replica {replica}: {status}", trigger=unfinished.trigger,
+                                      invocation_id=unfinished.id, events=len(unfinished.event_ids)))
+            await self.membership.settle_adopted(unfinished.event_ids, result is not None and result.ok)
+        except StoreError:
+            return  # (the rows stay held by this replica: they run after its restart, or where it is taken over)
+        self.state.orphans()
 
     async def close(self) -> None:
         await self.http.stop()

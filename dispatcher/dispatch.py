@@ -316,12 +316,7 @@ class Dispatcher:
         status = "succeeded" if result is not None and result.ok else ("timed_out" if result and result.timed_out else "failed")
         if result is not None:
             self.metrics.invocation_seconds.labels(self.trigger).observe(result.duration)
-            if result.timed_out:
-                error = f"timed out after {self.function.timeout:g}s"
-            elif result.oom_killed:
-                error = "killed: out of memory"
-            elif result.exit_code != 0:
-                error = f"exit code {result.exit_code}"
+            status, error = outcome_of(result, self.function.timeout)
         self.metrics.batches.labels(self.trigger, status).inc()
         if status != "succeeded":
             self.last_error = error
@@ -430,6 +425,17 @@ class Dispatcher:
                       extra=fields(f"acknowledging events failed: {reason}", trigger=self.trigger, events=len(run),
                                    first_event=run.ids[0]))
             self.ack_failed(f"acknowledging events failed: {reason}")
+
+
+def outcome_of(result: Result, timeout: float) -> tuple[str, str | None]:
+    """An invocation's status and error from what its executor gave back."""
+    if result.ok:
+        return "succeeded", None
+    if result.timed_out:
+        return "timed_out", f"timed out after {timeout:g}s"
+    if result.oom_killed:
+        return "failed", "killed: out of memory"
+    return "failed", f"exit code {result.exit_code}"
 
 
 def _trace_env(runs: list[Run]) -> dict[str, str]:

@@ -8,10 +8,12 @@ cannot be the same replica, and a replica that restarts takes up its own work at
 A replica is dead when its heartbeat is older than ``replica_timeout``, or when it stopped, or (PostgreSQL) when the
 lock of its id is free: its process is gone. (On SQLite, one daemon per file: any other row is a name this daemon
 had before, and dead.) The first live replica to see it takes it over (``bury``, one winner:
-the row is deleted): its unfinished invocations are marked interrupted, its containers and jobs are removed, its
-leases are freed, and its inbox rows, which no replica holds any more, are claimed by the others' webhook triggers.
-What it had in flight comes again from its sources (the inbox, Kafka's committed offsets, a file source's claims,
-a chain's checkpoint): at least once.
+the row is deleted): its unfinished invocations are marked interrupted, the Swarm jobs it was running are adopted
+(followed to their end; a job that succeeded settles its webhook events, whose inbox rows the adopter holds meanwhile),
+then what is left of its containers and jobs is removed, its leases are freed, and its other inbox rows, which no
+replica holds any more, are claimed by the others' webhook triggers. What it had in flight and did not finish comes
+again from its sources (the inbox, Kafka's committed offsets, a file source's claims, a chain's checkpoint): at least
+once.
 
 A source that must have one reader (a file folder, a chain) runs only on the holder of its lease: a row with an
 expiry and a fencing token, renewed with the heartbeat. Every checkpoint write of that source runs in a transaction
@@ -25,6 +27,7 @@ Times are the database's clock (``now``), so that replicas on hosts whose clocks
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -61,6 +64,17 @@ def lock_key(replica: str) -> int:
 class LeaseLost(SourceError):
     """A fenced write was refused: this replica no longer holds the source's lease (temporary: the source stops,
     and runs again here once it holds the lease again)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unfinished:
+    """An invocation a replica that is gone left queued or running."""
+
+    id: str
+    trigger: str
+    function: str
+    event_ids: list[str]
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,21 +158,51 @@ class Membership:
 
         return [(r, i, o) for r, i, o, stale in await self.state.read(read) if stale]
 
-    async def bury(self, replica: str, incarnation: str, abandon: Callable[[Sequence[str]], Write]) -> bool:
-        """Take over the dead ``replica``: its row goes (whoever deletes it is the one to take it over: True), its
-        unfinished invocations are marked interrupted (``abandon``), its leases are freed."""
+    async def bury(self, replica: str, incarnation: str, abandon: Callable[[Sequence[str]], Write]
+                   ) -> list[Unfinished] | None:
+        """Take over the dead ``replica``: its row goes (whoever deletes it is the one to take it over; None for the
+        others), its unfinished invocations are marked interrupted (``abandon``), its leases are freed. Returns those
+        invocations; the inbox rows of the events of those that were running are held by this replica, for their
+        jobs to be adopted (``settle_adopted``), while its other rows are left for any replica to claim."""
         won: list[Any] = []
+        unfinished: list[Unfinished] = []
 
         def write(conn: Conn) -> None:
             won.extend(conn.execute("DELETE FROM replicas WHERE id = ? AND incarnation = ? RETURNING id",
                                     (replica, incarnation)).fetchall())
-            if won:
-                abandon([replica])(conn)
-                conn.execute("UPDATE leases SET expires_at = 0 WHERE holder = ? AND incarnation = ?",
-                             (replica, incarnation))
+            if not won:
+                return
+            unfinished.extend(Unfinished(i, t, f, json.loads(e), s) for i, t, f, e, s in conn.execute(
+                "SELECT id, trigger, function, event_ids, status FROM invocations WHERE replica = ? AND status IN "
+                "('queued', 'running') ORDER BY queued_at", (replica,)).fetchall())
+            abandon([replica])(conn)
+            conn.execute("UPDATE leases SET expires_at = 0 WHERE holder = ? AND incarnation = ?",
+                         (replica, incarnation))
+            held = [(self.me.id, event, replica) for u in unfinished if u.status == "running" for event in u.event_ids]
+            if held:
+                conn.executemany("UPDATE inbox SET replica = ? WHERE event_id = ? AND replica = ?", held)
 
         await self.state.alone(write)
-        return bool(won)
+        return unfinished if won else None
+
+    async def settle_adopted(self, events: Sequence[str], settled: bool) -> None:
+        """The events of an adopted job whose inbox rows this replica holds: removed when the job succeeded (they
+        ran), else let go (any replica claims them, and they run again)."""
+        me = self.me.id
+
+        def write(conn: Conn) -> None:
+            if settled:
+                conn.executemany("DELETE FROM inbox WHERE event_id = ? AND replica = ?", [(e, me) for e in events])
+            else:
+                conn.executemany("UPDATE inbox SET replica = '' WHERE event_id = ? AND replica = ?",
+                                 [(e, me) for e in events])
+
+        await self.state.write(write)
+
+    async def present(self, replica: str) -> bool:
+        """Whether ``replica`` has a row (it is back, under a new incarnation, after it was taken over)."""
+        return bool(await self.state.read(lambda s: s.conn.execute("SELECT 1 FROM replicas WHERE id = ?",
+                                                                   (replica,)).fetchall()))
 
     async def leave(self) -> None:
         """At a clean stop: the row says stopped (the others take over what is left at once), the leases are freed."""

@@ -80,6 +80,11 @@ class AutoExecutor:
     async def gc(self, owner: str | None) -> int:
         return await self.chosen.gc(owner)
 
+    async def adopt(self, invocation: Invocation) -> Result | None:
+        """A gone replica's job, on a Swarm (``SwarmExecutor.adopt``); None on a single engine (it runs again)."""
+        adopt = getattr(self.chosen, "adopt", None)
+        return await adopt(invocation) if adopt is not None else None
+
     async def close(self) -> None:
         if self.chosen is not self.docker:
             await self.chosen.close()

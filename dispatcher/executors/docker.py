@@ -13,9 +13,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import docker
@@ -38,6 +38,8 @@ from dispatcher.executors.base import (
     tar_file,
 )
 from dispatcher.executors.warm import WarmPools
+
+T = TypeVar("T")
 
 _TICK = 0.2
 """How often a running invocation's thread looks for a cancellation."""
@@ -151,13 +153,16 @@ class EngineExecutor:
             self._client.close()
 
     async def run(self, invocation: Invocation) -> Result:
+        return await self._in_thread(self._run, invocation)
+
+    async def _in_thread(self, work: Callable[[Invocation, threading.Event], T], invocation: Invocation) -> T:
+        """``work`` in a worker thread; cancelled, the thread is told (it stops what runs and cleans up on its own)."""
         cancelled = threading.Event()
         try:
-            return await anyio.to_thread.run_sync(
-                self._run, invocation, cancelled, limiter=self._limiter, abandon_on_cancel=True,
-            )
+            return await anyio.to_thread.run_sync(work, invocation, cancelled, limiter=self._limiter,
+                                                  abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
-            cancelled.set()  # the thread stops what runs and cleans up on its own
+            cancelled.set()
             raise
 
     def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:

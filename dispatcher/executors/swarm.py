@@ -75,22 +75,48 @@ class SwarmExecutor(EngineExecutor):
                 temporary=False)
         return await super().run(invocation)
 
+    async def adopt(self, invocation: Invocation) -> Result | None:
+        """The job ``eventswarm-<id>`` of a replica that is gone (``invocation`` names it; its input is not needed):
+        followed to its end if it still runs, its result and logs taken if it finished, then removed. None when
+        there is no such job (it never started, or went with its replica): the invocation is to run again."""
+        return await self._in_thread(self._adopt, invocation)
+
     # -- in a worker thread -----------------------------------------------------------------
+
+    def _adopt(self, invocation: Invocation, cancelled: threading.Event) -> Result | None:
+        api = self.client.api
+        name = f"eventswarm-{invocation.id}"
+        try:
+            service_id = str(api.inspect_service(name)["ID"])
+        except _ENGINE_ERRORS:
+            return None
+        try:
+            config_id: str | None = str(api.inspect_config(name)["ID"])
+        except _ENGINE_ERRORS:
+            config_id = None
+        return self._follow(api, invocation, service_id, config_id, time.monotonic(), cancelled)
 
     def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
         api = self.client.api
         function = invocation.function
         name = f"eventswarm-{invocation.id}"
         started = time.monotonic()
-        service_id: str | None = None
         config_id: str | None = None
+        try:
+            config_id = _create_config(api, name, invocation)
+            service_id = _create_service(api, name, self._task_template(invocation, name, config_id), invocation)
+        except _ENGINE_ERRORS as exc:
+            if config_id:
+                _quietly(api.remove_config, config_id)
+            raise engine_error(exc, f"cannot create a Swarm job for {function.image!r}") from exc
+        return self._follow(api, invocation, service_id, config_id, started, cancelled)
+
+    def _follow(self, api: Any, invocation: Invocation, service_id: str, config_id: str | None, started: float,
+                cancelled: threading.Event) -> Result:
+        """Wait for the job to end; its result and logs; then it is removed (as ``cleanup`` says)."""
+        function = invocation.function
         ok = False
         try:
-            try:
-                config_id = _create_config(api, name, invocation)
-                service_id = _create_service(api, name, self._task_template(invocation, name, config_id), invocation)
-            except _ENGINE_ERRORS as exc:
-                raise engine_error(exc, f"cannot create a Swarm job for {function.image!r}") from exc
             task, timed_out, note = self._wait(api, service_id, function.timeout, cancelled)
             status = task.get("Status", {}) if task else {}
             exit_code = status.get("ContainerStatus", {}).get("ExitCode")
@@ -108,14 +134,13 @@ class SwarmExecutor(EngineExecutor):
             return result
         finally:
             if self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok):
-                if service_id:
-                    _quietly(api.remove_service, service_id)
-                    # A job's finished task container outlives its service: remove it where it ran (here).
-                    _quietly(lambda _: remove_containers(api, {"label": [f"{LABEL_INVOCATION}={invocation.id}"]}), "")
+                _quietly(api.remove_service, service_id)
+                # A job's finished task container outlives its service: remove it where it ran (here).
+                _quietly(lambda _: remove_containers(api, {"label": [f"{LABEL_INVOCATION}={invocation.id}"]}), "")
                 if config_id:
                     # Refused while the engine still counts the config in use by the job being removed.
                     for _ in range(CONFIG_REMOVE_TRIES):
-                        if _quietly(api.remove_config, config_id) or _gone(api, config_id):
+                        if _quietly(api.remove_config, config_id) or _gone(api.inspect_config, config_id):
                             break
                         time.sleep(0.2)
 
@@ -184,6 +209,8 @@ class SwarmExecutor(EngineExecutor):
                 tasks = api.tasks(filters={"service": service_id})
             except _ENGINE_ERRORS:
                 tasks = []
+            if not tasks and _gone(api.inspect_service, service_id):
+                return task, False, "the job was removed before it ended"
             if tasks:
                 task = max(tasks, key=lambda t: t.get("CreatedAt", ""))
                 state = task.get("Status", {}).get("State", "")
@@ -235,9 +262,10 @@ def _create_service(api: Any, name: str, template: dict[str, Any], invocation: I
         return str(api.inspect_service(name)["ID"])  # never launch the same invocation twice
 
 
-def _gone(api: Any, config_id: str) -> bool:
+def _gone(inspect: Any, ident: str) -> bool:
+    """Whether the engine says the service or config ``ident`` is no more (``inspect``: how to look it up)."""
     try:
-        api.inspect_config(config_id)
+        inspect(ident)
         return False
     except docker.errors.NotFound:
         return True
