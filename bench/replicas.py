@@ -12,7 +12,6 @@ Run: `.venv/bin/python bench/replicas.py`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from webhook import WRK_SCRIPT, daemon
+from webhook import WRK_SCRIPT, daemon, save
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 3
@@ -78,9 +77,7 @@ def main() -> None:
           f"{result['sqlite_accepts_per_s']:,.0f}; PostgreSQL 1 replica {result['postgres_1_replica_accepts_per_s']:,.0f} "
           f"({result['postgres_vs_sqlite']:.2f}x SQLite), 3 replicas {result['postgres_3_replicas_accepts_per_s']:,.0f} "
           f"({result['3_replicas_vs_1']:.2f}x 1 replica)")
-    out = ROOT / "bench" / "results" / "replicas.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save("replicas", result)
 
 
 if __name__ == "__main__":

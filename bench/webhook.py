@@ -96,6 +96,13 @@ def bare(script: Path) -> tuple[float, int]:
         process.wait()
 
 
+def save(name: str, result: dict[str, object]) -> None:
+    """Write a benchmark's figures to bench/results/<name>.json."""
+    out = ROOT / "bench" / "results" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def sqlite_counts(state: Path) -> Callable[[], tuple[int, int]]:
     """(events that ran, events still in the inbox) of the daemon on SQLite file ``state``."""
     def count() -> tuple[int, int]:
@@ -190,9 +197,7 @@ def main() -> None:
     }
     print(f"webhook (async, FULL commits): {result['eventswarm_accepts_per_s']:,.0f} accepts/s vs "
           f"{result['bare_aiohttp_requests_per_s']:,.0f} req/s bare = {result['ratio']:.2f}x (median of {ROUNDS})")
-    out = ROOT / "bench" / "results" / "webhook.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save("webhook", result)
 
 
 if __name__ == "__main__":
