@@ -435,7 +435,8 @@ def outcome_of(result: Result, timeout: float) -> tuple[str, str | None]:
         return "timed_out", f"timed out after {timeout:g}s"
     if result.oom_killed:
         return "failed", "killed: out of memory"
-    return "failed", f"exit code {result.exit_code}"
+    code = f"exit code {result.exit_code}" if result.exit_code is not None else "no exit code"
+    return "failed", f"{code}: {'; '.join(result.notes)}" if result.notes else code
 
 
 def _trace_env(runs: list[Run]) -> dict[str, str]:

@@ -6,12 +6,24 @@
  * program's stdout and stderr as they come and, at the end, its exit status. Between batches it
  * kills whatever the batch left running and empties /tmp, so batch 2 never sees batch 1.
  *
+ * The control channel is out of the function's reach. The runner splits in two at start:
+ *   - the face stays PID 1 and holds no part of the channel: its stdin is /dev/null and its stdout and
+ *     stderr are pipes to the core, so the Docker idiom `exec >/proc/1/fd/1` reaches the running batch's
+ *     stdout (and /proc/1/fd/2 its stderr), as logging;
+ *   - the core, its child, holds the channel (the attach socket's stdin and stdout) and runs the batches.
+ *     It is not dumpable, so /proc/<core>/fd and /proc/<core>/mem are closed to the function's processes
+ *     (they have no CAP_SYS_PTRACE: every capability is dropped), and it never lets them inherit the channel.
+ *     It ignores the signals it can (a function's `kill -TERM -1` leaves it be); a SIGKILL ends the container.
+ * Each batch's 'G' carries a token that its 'B' and 'X' echo: the daemon refuses frames that are not the batch's.
+ *
  * Frames, both ways: one type byte, a 4-byte big-endian payload length, the payload.
  *   daemon -> runner  'A' one argv element   'E' one NAME=value   'I' the input document
- *                     'T' "<timeout_ms> <grace_ms>"   'G' run what came since the last 'G'
- *   runner -> daemon  'R' ready (its version)   'O' stdout bytes   'E' stderr bytes
- *                     'X' "<status> <timed_out> <oom_kills>": status is the exit code, or 128 + the
- *                     signal that ended the program; oom_kills counts the cgroup's OOM kills meanwhile.
+ *                     'T' "<timeout_ms> <grace_ms>"   'G' "<token>": run what came since the last 'G'
+ *   runner -> daemon  'R' ready (its version)   'B' "<token>": the batch of that 'G' begins
+ *                     'O' stdout bytes   'E' stderr bytes
+ *                     'X' "<token> <status> <timed_out> <oom_kills>": the batch's token from its 'G'; status is
+ *                     the exit code, or 128 + the signal that ended the program; oom_kills counts the
+ *                     cgroup's OOM kills meanwhile.
  * End of stdin (the daemon is gone): the runner kills everything and exits 0.
  *
  * Static (musl), no libc needed in the image: built by scripts/runner.sh in `make install`.
@@ -27,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -34,15 +47,17 @@
 #include <time.h>
 #include <unistd.h>
 
-#define VERSION "eventswarm-runner 1"
+#define VERSION "eventswarm-runner 2"
 #define INPUT_DIR "/run/eventswarm"
 #define INPUT_PATH INPUT_DIR "/input.json"
 #define MAX_ITEMS 4096          /* argv and env entries per batch */
 #define MAX_FRAME (1u << 20)    /* an 'A', 'E' or 'T' payload */
 #define CHUNK 65536
+#define MAX_TOKEN 64            /* a 'G' payload */
 
 extern char **environ;
 
+static int face_out = -1, face_err = -1; /* the read ends of the face's stdout and stderr */
 static char inbuf[CHUNK];
 static size_t in_start, in_end;
 static int in_eof;
@@ -194,7 +209,22 @@ static char **batch_env(char **entries, size_t count) {
     return env;
 }
 
-static void run_batch(char **argv, char **env, uint64_t timeout_ms, uint64_t grace_ms, int sigfd) {
+/* What the face's pipes hold now (writes to /proc/1/fd/1 and /proc/1/fd/2), sent as the batch's 'O' and 'E'
+ * frames (or dropped, between batches): they are non-blocking, and their write ends stay open in the face. */
+static void drain_face(int send) {
+    static char chunk[CHUNK];
+    int fds[2] = {face_out, face_err};
+    for (int i = 0; i < 2; i++) {
+        for (;;) {
+            ssize_t n = read(fds[i], chunk, sizeof chunk);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) break;
+            if (send) send_frame(i == 0 ? 'O' : 'E', chunk, (size_t)n);
+        }
+    }
+}
+
+static void run_batch(char **argv, char **env, uint64_t timeout_ms, uint64_t grace_ms, int sigfd, const char *token) {
     int out[2], err[2];
     if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) die("cannot make pipes");
     long ooms = oom_kills();
@@ -205,7 +235,7 @@ static void run_batch(char **argv, char **env, uint64_t timeout_ms, uint64_t gra
     if (pid == 0) {
         setpgid(0, 0);
         sigprocmask(SIG_SETMASK, &all, NULL);
-        signal(SIGPIPE, SIG_DFL);
+        for (int sig = 1; sig < 32; sig++) signal(sig, SIG_DFL); /* (the core ignores most: the program does not) */
         int in = open(INPUT_PATH, O_RDONLY);
         if (in < 0 || dup2(in, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0) _exit(126);
         if (in > 2) close(in);
@@ -218,7 +248,8 @@ static void run_batch(char **argv, char **env, uint64_t timeout_ms, uint64_t gra
     setpgid(pid, pid);
     close(out[1]);
     close(err[1]);
-    struct pollfd fds[4] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}, {sigfd, POLLIN, 0}, {0, POLLIN, 0}};
+    struct pollfd fds[6] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}, {sigfd, POLLIN, 0}, {0, POLLIN, 0},
+                            {face_out, POLLIN, 0}, {face_err, POLLIN, 0}};
     uint64_t deadline = now_ms() + timeout_ms, kill_at = 0;
     int status = 0, ended = 0, timed_out = 0, open_pipes = 2;
     static char chunk[CHUNK];
@@ -237,7 +268,7 @@ static void run_batch(char **argv, char **env, uint64_t timeout_ms, uint64_t gra
         uint64_t next = ended ? UINT64_MAX : (timed_out ? (kill_at ? kill_at : UINT64_MAX) : deadline);
         int wait = next == UINT64_MAX ? 1000 : (int)(next > now ? (next - now < 1000 ? next - now : 1000) : 0);
         fds[3].fd = in_eof ? -1 : 0;
-        int ready = poll(fds, 4, wait);
+        int ready = poll(fds, 6, wait);
         if (ready < 0) {
             if (errno == EINTR) continue;
             die("poll");
@@ -254,6 +285,7 @@ static void run_batch(char **argv, char **env, uint64_t timeout_ms, uint64_t gra
                 send_frame(i == 0 ? 'O' : 'E', chunk, (size_t)n);
             }
         }
+        if ((fds[4].revents | fds[5].revents) & POLLIN) drain_face(1);
         if (fds[2].revents & POLLIN) {
             struct signalfd_siginfo info;
             while (read(sigfd, &info, sizeof info) == sizeof info) {}
@@ -286,12 +318,65 @@ static void run_batch(char **argv, char **env, uint64_t timeout_ms, uint64_t gra
         if (gone < 0 && errno == EINTR) continue;
         if (gone <= 0) break;
     }
+    drain_face(1); /* (nothing of the batch is left to write there) */
     unlink(INPUT_PATH);
     wipe_tmp();
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    char report[64];
-    int size = snprintf(report, sizeof report, "%d %d %ld", code, timed_out, oom_kills() - ooms);
+    char report[MAX_TOKEN + 64];
+    int size = snprintf(report, sizeof report, "%s %d %d %ld", token, code, timed_out, oom_kills() - ooms);
     send_frame('X', report, (size_t)size);
+}
+
+/* PID 1 after the split: holds no part of the channel, reaps what comes to it, and ends with the core. */
+static void face(pid_t core) {
+    for (;;) {
+        int st;
+        pid_t gone = wait(&st);
+        if (gone < 0 && errno == EINTR) continue;
+        if (gone < 0) _exit(0);
+        if (gone == core) {
+            kill(-1, SIGKILL);
+            while (wait(NULL) > 0 || errno == EINTR) {}
+            _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+        }
+    }
+}
+
+/* Split: the parent stays PID 1 as the face (see the top of this file), the child goes on as the core. */
+static void split(void) {
+    int out[2], err[2], ready[2];
+    /* Not dumpable from here on: the channel's descriptors are never open to the function's processes. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) die("cannot make the runner non-dumpable");
+    if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0 || pipe2(ready, O_CLOEXEC) < 0) die("cannot make pipes");
+    pid_t core = fork();
+    if (core < 0) die("cannot fork");
+    if (core > 0) {
+        int null = open("/dev/null", O_RDWR);
+        if (null < 0 || dup2(null, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0) die("cannot set up PID 1");
+        for (int fd = 3; fd < 4096; fd++)
+            if (fd != ready[1]) close(fd); /* the pipes' other ends: nothing of the channel stays */
+        if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) _exit(2); /* /proc/1/fd/1 and /2 open as logging */
+        close(ready[1]); /* the core may start: PID 1 is safe to show */
+        face(core);
+    }
+    close(out[1]);
+    close(err[1]);
+    close(ready[1]);
+    char byte;
+    while (read(ready[0], &byte, 1) < 0 && errno == EINTR) {}
+    close(ready[0]);
+    face_out = out[0];
+    face_err = err[0];
+    if (fcntl(face_out, F_SETFL, O_NONBLOCK) < 0 || fcntl(face_err, F_SETFL, O_NONBLOCK) < 0) die("fcntl");
+    /* Orphans of a batch come to the core (it kills and reaps them), not to the face. */
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) die("cannot become a subreaper");
+    prctl(PR_SET_NAME, "eventswarm-core", 0, 0, 0);
+    for (int sig = 1; sig < 32; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP || sig == SIGCHLD || sig == SIGSEGV || sig == SIGBUS || sig == SIGFPE
+            || sig == SIGILL || sig == SIGABRT || sig == SIGTRAP || sig == SIGSYS)
+            continue;
+        signal(sig, SIG_IGN);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -302,6 +387,7 @@ int main(int argc, char **argv) {
         dprintf(2, "eventswarm-runner: runs only as PID 1 of a container\n");
         return 2;
     }
+    split();
     signal(SIGPIPE, SIG_IGN);
     sigset_t chld;
     sigemptyset(&chld);
@@ -346,15 +432,25 @@ int main(int argc, char **argv) {
             grace_ms = g;
             free(payload);
         } else if (type == 'G') {
+            char token[MAX_TOKEN + 1];
+            snprintf(token, sizeof token, "%s", payload);
             free(payload);
+            if (strlen(token) != size || strpbrk(token, " \t\n")) {
+                dprintf(2, "eventswarm-runner: a 'G' frame whose token is not one word of at most %d bytes\n", MAX_TOKEN);
+                break;
+            }
+            drain_face(0); /* (nothing runs between batches: what is there is no batch's) */
+            send_frame('B', token, strlen(token));
             if (nargs == 0) {
                 const char *say = "eventswarm-runner: no program to run\n";
                 send_frame('E', say, strlen(say));
-                send_frame('X', "127 0 0", 7);
+                char report[MAX_TOKEN + 16];
+                int n = snprintf(report, sizeof report, "%s 127 0 0", token);
+                send_frame('X', report, (size_t)n);
             } else {
                 args[nargs] = NULL;
                 char **env = batch_env(envs, nenvs);
-                run_batch(args, env, timeout_ms, grace_ms, sigfd);
+                run_batch(args, env, timeout_ms, grace_ms, sigfd, token);
                 free(env);
             }
             for (size_t i = 0; i < nargs; i++) free(args[i]);

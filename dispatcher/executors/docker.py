@@ -37,6 +37,7 @@ from dispatcher.executors.base import (
     hardened_host_config,
     tar_file,
 )
+from dispatcher.executors.sight import Sight
 from dispatcher.executors.warm import WarmPools
 
 T = TypeVar("T")
@@ -186,13 +187,13 @@ class DockerExecutor(EngineExecutor):
         if self._client is not None:
             return
         client = self._client = await connect(self.config)
-        if self._input_mode == "auto":
-            self._input_mode = "bind" if await anyio.to_thread.run_sync(_shares_file_system, client) else "copy"
-        if self._input_mode == "bind":
+        if self._input_mode in ("auto", "bind"):
             self.scratch.mkdir(parents=True, exist_ok=True)
         self.sweeper = Sweeper(client.api)
-        # (the runner is bind-mounted where input files are: the engine sees this host's files; else copied in)
-        self._warm = WarmPools(client.api, self.config, self.sweeper, copy_runner=self._input_mode != "bind")
+        # (input = "auto": the input files and the warm runner are bind-mounted where the engine sees them, asked of
+        # the engine at their first use; else copied in)
+        self.sight = Sight(client.api)
+        self._warm = WarmPools(client.api, self.config, self.sweeper, self.sight)
 
     @property
     def warm(self) -> WarmPools:
@@ -227,6 +228,11 @@ class DockerExecutor(EngineExecutor):
         api = self.client.api
         function = invocation.function
         mode = self._input_mode
+        if mode == "auto":
+            try:
+                mode = "bind" if self.sight.sees_folder(self.scratch, function.image, invocation.owner) else "copy"
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise engine_error(exc, f"cannot start a container for {function.image!r}") from exc
         if mode == "copy" and function.read_only:
             mode = "stdin"  # a read-only root file system refuses the copy: stdin alone carries the input
         input_file: Path | None = None
@@ -339,21 +345,6 @@ class DockerExecutor(EngineExecutor):
                         if not chunk:
                             return out, err, timed_out, interrupted
                         frames.feed(chunk)
-
-
-def _shares_file_system(client: docker.DockerClient) -> bool:
-    """Does the engine see this process's files (so that a bind mount of a file written here works)?
-
-    True for an engine on a local socket whose host is this host: the daemon runs beside the
-    engine, not in a container of its own with the socket mounted (then the host names differ).
-    """
-    base_url = str(client.api.base_url)
-    if not base_url.startswith(("http+unix://", "http+docker://localhost")):
-        return False
-    try:
-        return bool(client.api.info().get("Name") == socket.gethostname())
-    except (docker.errors.DockerException, requests.exceptions.RequestException):
-        return False
 
 
 def _stop(api: Any, container_id: str, grace: float) -> None:

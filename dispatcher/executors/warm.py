@@ -48,6 +48,7 @@ from dispatcher.executors.base import (
 
 if TYPE_CHECKING:
     from dispatcher.executors.docker import Sweeper
+    from dispatcher.executors.sight import Sight
 
 log = logging.getLogger("eventswarm.warm")
 
@@ -74,6 +75,15 @@ _Errors = (docker.errors.DockerException, requests.exceptions.RequestException, 
 
 class RunnerGone(Exception):
     """The runner's socket ended or broke: the container is gone or going."""
+
+
+class ProtocolError(Exception):
+    """The container sent what the frame protocol does not allow (an unknown type, a length past its limit, a report
+    that is not the running batch's, anything while idle): the container is replaced, its batch fails."""
+
+
+FRAME_LIMITS = {b"R": 256, b"B": 256, b"O": 1 << 20, b"E": 1 << 20, b"X": 256}
+"""The frames a container may send, and the largest payload of each (the runner sends output in 64 KiB chunks)."""
 
 
 class Link:
@@ -129,19 +139,20 @@ class Link:
                 raise RunnerGone("the runner ended")
             self._demux(chunk)
 
-    def ended(self) -> bool:
-        """(An idle container's link.) Has the runner's socket ended? Reads what is there, without waiting."""
+    def idle_fault(self) -> str | None:
+        """(An idle container's link.) Why it cannot take a batch: its runner's socket ended (``runner_ended``), or it
+        sent something while no batch ran (``protocol``); None when it is quiet. Reads what is there, without waiting."""
         try:
             while self._selector.select(0):
                 chunk = self.sock.recv(1 << 16)
                 if not chunk:
-                    return True
+                    return "runner_ended"
                 self._demux(chunk)
         except (BlockingIOError, InterruptedError):
-            return False
+            pass
         except OSError:
-            return True
-        return False
+            return "runner_ended"
+        return "protocol" if self._frames else None
 
     def _demux(self, chunk: bytes) -> None:
         raw = self._raw
@@ -165,9 +176,15 @@ class Link:
         if len(frames) < 5:
             return None
         size = struct.unpack_from(">I", frames, 1)[0]
+        kind = bytes(frames[:1])
+        limit = FRAME_LIMITS.get(kind)
+        if limit is None:
+            raise ProtocolError(f"a frame of unknown type {kind!r}")
+        if size > limit:  # (said at once, not after waiting for a payload that never comes)
+            raise ProtocolError(f"a {kind.decode()!r} frame of {size} bytes (at most {limit})")
         if len(frames) < 5 + size:
             return None
-        kind, payload = bytes(frames[:1]), bytes(frames[5:5 + size])
+        payload = bytes(frames[5:5 + size])
         del frames[:5 + size]
         return kind, payload
 
@@ -247,10 +264,13 @@ class Pool:
                     raise ExecutorError("the daemon shut down while the batch waited for a warm container")
                 while self.idle:
                     container = self.idle.pop()  # the most recently used: the others age out
-                    if container.generation == self.generation:
+                    if container.generation != self.generation:
+                        self._drop_later(container, "image")
+                    elif (fault := container.link.idle_fault()) is not None:
+                        self._drop_later(container, fault)
+                    else:
                         self.busy.add(container)
                         return container
-                    self._drop_later(container, "image")
                 if self.size < self.settings.max:
                     self.starting += 1
                     break
@@ -331,10 +351,11 @@ class Pool:
             while self.idle and (self.retired or now - self.idle[0].idle_since >= ttl):
                 old.append(self.idle.popleft())
                 self.replacements["retired" if self.retired else "idle_ttl"] += 1
-            for container in [c for c in self.idle if c.link.ended()]:  # (killed from outside, the engine restarted)
+            # (killed from outside, the engine restarted; or it spoke while idle)
+            for container, fault in [(c, f) for c in self.idle if (f := c.link.idle_fault()) is not None]:
                 self.idle.remove(container)
                 old.append(container)
-                self.replacements["runner_ended"] += 1
+                self.replacements[fault] += 1
             if old or self.retired:
                 return old
             if may_start and len(self.idle) + self.starting < self.settings.min_idle and self.size < self.settings.max:
@@ -365,11 +386,11 @@ class Pool:
 class WarmPools:
     """The docker executor's warm pools, and the thread that keeps them."""
 
-    def __init__(self, api: Any, config: ExecutorConfig, sweeper: Sweeper, copy_runner: bool) -> None:
+    def __init__(self, api: Any, config: ExecutorConfig, sweeper: Sweeper, sight: Sight) -> None:
         self.api = api
         self.sweeper = sweeper
         self.config = config
-        self.copy_runner = copy_runner
+        self.sight = sight
         self.pools: dict[str, Pool] = {}
         self.doomed: deque[Container] = deque()
         self._lock = threading.Lock()
@@ -443,11 +464,13 @@ class WarmPools:
         env = environment(invocation, INPUT_PATH)
         frames = [(b"A", arg.encode()) for arg in argv]
         frames += [(b"E", f"{k}={v}".encode()) for k, v in env.items()]
+        token = random.token_hex(8).encode()  # (its 'X' must echo it: a report of another batch is refused)
         frames += [(b"I", invocation.input),
-                   (b"T", f"{int(function.timeout * 1000)} {int(STOP_GRACE * 1000)}".encode()), (b"G", b"")]
+                   (b"T", f"{int(function.timeout * 1000)} {int(STOP_GRACE * 1000)}".encode()), (b"G", token)]
         persistent = pool.settings.mode == "persistent"
         # (the runner ends a batch at its timeout; a persistent function's own loop is ended by the daemon)
         backstop = started + function.timeout + (0 if persistent else STOP_GRACE + 10)
+        begun = False
         try:
             container.link.send(frames)
             while True:
@@ -462,20 +485,34 @@ class WarmPools:
                 if frame is None:
                     continue
                 kind, payload = frame
-                if kind == b"O":
+                if not begun:  # (what came before the batch's 'B' is no batch's: sent while idle, or forged)
+                    if kind != b"B" or payload != token:
+                        raise ProtocolError(f"a {kind.decode()!r} frame where the batch's 'B' with its token was due"
+                                            f"{'' if kind != b'B' else f' (its token is {payload[:40]!r})'}")
+                    begun = True
+                elif kind == b"O":
                     out.write(payload)
                 elif kind == b"E":
                     err.write(payload)
                 elif kind == b"X":
-                    code, timed_out, ooms = _exit_report(payload)
+                    code, timed_out, ooms = _exit_report(payload, token)
                     # (as a cold container's OOMKilled says: the kernel killed a process of the batch for memory)
                     result = self._result(container, started, out, err, code, timed_out=bool(timed_out), oom=ooms > 0)
                     return result, ("timeout" if timed_out else "oom" if ooms else None)
+                else:
+                    raise ProtocolError(f"a {kind.decode()!r} frame during a batch")
+        except ProtocolError as broken:
+            # The channel carried what the runner never sends: nothing more it says can be trusted for this batch.
+            self._kill(container)
+            note = f"the warm container broke the frame protocol ({broken}): it was replaced"
+            err.write(f"\n[eventswarm] {note}\n".encode())
+            return self._result(container, started, out, err, None, notes=[note]), "protocol"
         except RunnerGone as gone:
             exit_code, oom = self._ended(container)
-            result = self._result(container, started, out, err, exit_code, oom=oom)
             complaint = bytes(container.link.complaints).decode("utf-8", "replace").strip()
-            result.notes.append(f"the warm container ended during the batch ({gone}{': ' + complaint if complaint else ''})")
+            note = f"the warm container ended during the batch ({gone}{': ' + complaint if complaint else ''})"
+            err.write(f"\n[eventswarm] {note}\n".encode())
+            result = self._result(container, started, out, err, exit_code, oom=oom, notes=[note])
             return result, "oom" if oom else "runner_ended"
 
     @staticmethod
@@ -508,7 +545,12 @@ class WarmPools:
         generation = pool.generation  # (before the image: a change in between makes this container old, not wrong)
         image = pool.image_of()
         persistent = function.warm is not None and function.warm.mode == "persistent"
-        binds = [f"{RUNNER}:{RUNNER_DIR}/eventswarm-runner:ro"] if not persistent and not self.copy_runner else []
+        try:
+            copy_runner = not persistent and not self._engine_sees_runner(image.id, pool.owner)
+        except _Errors as exc:
+            from dispatcher.executors.docker import engine_error
+            raise engine_error(exc, f"cannot start a warm container for {function.image!r}") from exc
+        binds = [f"{RUNNER}:{RUNNER_DIR}/eventswarm-runner:ro"] if not persistent and not copy_runner else []
         tmp_size = function.warm.tmp_size if function.warm is not None else 64 << 20
         host_config = hardened_host_config(api, self.config.network, function, binds, log_config=LogConfig(type="none"),
                                            tmpfs={"/tmp": f"size={tmp_size},mode=1777", "/run/eventswarm": INPUT_TMPFS})
@@ -522,12 +564,12 @@ class WarmPools:
             spec = api.create_container_config(
                 image.id, command, entrypoint=entrypoint, environment=dict(function.env),
                 user=function.user or None, labels=labels, stdin_open=True,
-                volumes=[RUNNER_DIR] if self.copy_runner and not persistent else None, host_config=host_config,
+                volumes=[RUNNER_DIR] if copy_runner else None, host_config=host_config,
             )
             spec["StdinOnce"] = True  # the daemon's attach ending (it stopped, or died) closes the runner's stdin: it exits
             created = api.create_container_from_config(spec, f"eventswarm-warm-{pool.name}-{random.token_hex(5)}")
             container_id = created["Id"]
-            if self.copy_runner and not persistent:
+            if copy_runner:
                 api.put_archive(container_id, RUNNER_DIR, tar_file("eventswarm-runner", RUNNER.read_bytes(), 0o755))
             attached = api.attach_socket(container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             api.start(container_id)
@@ -542,14 +584,21 @@ class WarmPools:
         try:
             frame = link.receive(READY_TIMEOUT)
             if frame is None or frame[0] != b"R":
-                raise RunnerGone("no ready frame within {READY_TIMEOUT:g}s" if frame is None else
+                raise RunnerGone(f"no ready frame within {READY_TIMEOUT:g}s" if frame is None else
                                  f"a {frame[0]!r} frame before the ready frame")
-        except RunnerGone as exc:
+        except (RunnerGone, ProtocolError) as exc:
             complaint = bytes(link.complaints).decode("utf-8", "replace").strip()
             self.remove(container)
             raise ExecutorError(f"a warm container of {pool.name!r} did not become ready: {exc}"
                                 + (f" ({complaint})" if complaint else "")) from None
         return container
+
+    def _engine_sees_runner(self, image: str, owner: str) -> bool:
+        """Is the runner bind-mounted (the engine sees it at its path here) or copied in? ``executor.input`` says so
+        when it is set (``bind``: bind-mounted; ``copy``, ``stdin``: copied), else the engine is asked (once)."""
+        if self.config.input != "auto":
+            return self.config.input == "bind"
+        return self.sight.sees(RUNNER, image, owner)
 
     def remove(self, container: Container) -> None:
         container.link.close()
@@ -623,13 +672,18 @@ class WarmPools:
             self.remove(self.doomed.popleft())
 
 
-def _exit_report(payload: bytes) -> tuple[int, int, int]:
-    """An 'X' frame: ``<status> [<timed_out> [<oom_kills>]]`` (a persistent function may send the status alone)."""
+def _exit_report(payload: bytes, token: bytes) -> tuple[int, int, int]:
+    """An 'X' frame: ``<token> <status> [<timed_out> [<oom_kills>]]``, the token of the batch's 'G' first (a persistent
+    function may send the token and the status alone)."""
+    words = payload.split()
+    if not words or words[0] != token:
+        raise ProtocolError(f"an 'X' frame that is not this batch's (it does not begin with the token of its 'G'): "
+                            f"{payload[:80]!r}")
     try:
-        parts = [int(part) for part in payload.split()]
+        parts = [int(part) for part in words[1:]]
     except ValueError:
         parts = []
     if not 1 <= len(parts) <= 3:
-        raise RunnerGone(f"an 'X' frame that is not '<status> [<timed_out> [<oom_kills>]]': {payload[:80]!r}")
+        raise ProtocolError(f"an 'X' frame that is not '<token> <status> [<timed_out> [<oom_kills>]]': {payload[:80]!r}")
     parts += [0] * (3 - len(parts))
     return parts[0], parts[1], parts[2]

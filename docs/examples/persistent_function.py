@@ -3,7 +3,10 @@ answers on stdout, and keeps what it holds in memory from one batch to the next 
 
 Frames: one type byte, a 4-byte big-endian length, the payload. Say 'R' once ready; then, per batch, the
 daemon sends 'A' (argv), 'E' (NAME=value), 'I' (the input document), 'T' ("<timeout_ms> <grace_ms>") and 'G'
-(go): answer with any 'O' (stdout) and 'E' (stderr) frames, then 'X' with the exit status ("0" = success).
+(go, with the batch's token): answer with 'B' (begin) and the token, any 'O' (stdout) and 'E' (stderr) frames, then
+'X' with the token and the exit status ("<token> 0" = success). A frame that is not the batch's (no 'B' first, an
+'X' without the token, anything between batches) fails the batch and replaces the container. Nothing this program
+starts may write to its stdout: give a child other descriptors.
 """
 
 import json
@@ -29,10 +32,12 @@ for kind, payload in frames():
     if kind == b"I":
         batch = json.loads(payload)
     elif kind == b"G":
+        token = payload
+        send(b"B", token)
         try:
             seen += len(batch["events"])
             send(b"O", f"{len(batch['events'])} events, {seen} since this container started\n".encode())
-            send(b"X", b"0")
+            send(b"X", token + b" 0")
         except Exception as exc:  # a batch that fails says so; the loop goes on
             send(b"E", f"{exc!r}\n".encode())
-            send(b"X", b"1")
+            send(b"X", token + b" 1")

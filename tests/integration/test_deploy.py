@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, post, wait_until
+from tests.support import BUSYBOX, ROOT, free_port, post, wait_until
 
 STACK = f"eventswarm-test-{os.getpid()}"
 
@@ -112,3 +112,53 @@ def test_the_replicated_stack_runs_3_replicas_on_one_postgres_database(tmp_path:
         docker("stack", "rm", stack, check=False)
         wait_until(lambda: not docker("ps", "-aq", "--filter", f"label=com.docker.stack.namespace={stack}").stdout.strip(),
                    timeout=120, what="the stack's containers to go")
+
+
+def test_the_daemons_image_beside_the_engines_socket_runs_warm_and_cold_functions(tmp_path: Path, daemon_image: str):
+    """The daemon in its own container with the engine's socket mounted, as deploy/ runs it: the engine does not see
+    the container's files, so the warm runner and the cold input files are copied in (they were bind-mounted from
+    paths the engine's host lacks: every warm batch failed). A synchronous webhook answers through each."""
+    port = free_port()
+    config = tmp_path / "eventswarm.toml"
+    config.write_text(f"""
+[daemon]
+listen = "127.0.0.1:{port}"
+state = "sqlite:////var/lib/eventswarm/state.db"
+
+[executor]
+kind = "docker"
+
+[functions.warm]
+image = "{BUSYBOX}"
+command = ["sh", "-c", 'echo "warm $(cat "$EVENTSWARM_INPUT" | grep -c batch_id) $(cat | grep -c batch_id)"']
+warm = {{ min_idle = 1, max = 2 }}
+
+[functions.cold]
+image = "{BUSYBOX}"
+command = ["sh", "-c", 'echo "cold $(cat "$EVENTSWARM_INPUT" | grep -c batch_id)"']
+
+[triggers.warm]
+function = "warm"
+source = {{ kind = "webhook", path = "/hooks/warm", mode = "sync" }}
+
+[triggers.cold]
+function = "cold"
+source = {{ kind = "webhook", path = "/hooks/cold", mode = "sync" }}
+""")
+    name = f"eventswarm-test-image-{os.getpid()}"
+    docker("run", "-d", "--name", name, "--network", "host", "--user", "0",
+           "-v", "/var/run/docker.sock:/var/run/docker.sock", "-v", f"{config}:/etc/eventswarm/eventswarm.toml:ro",
+           daemon_image, "run")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: (get_json(f"{base}/readyz") or {}).get("ready"), timeout=120,
+                   what="the daemon in its container", )
+        for _ in range(3):  # (the same warm container, batch after batch)
+            status, _, body = post(f"{base}/hooks/warm", b'{"hello": "warm"}')
+            assert (status, body) == (200, b"warm 1 1\n"), (status, body, docker("logs", name, check=False).stderr[-2000:])
+        status, _, body = post(f"{base}/hooks/cold", b'{"hello": "cold"}')
+        assert (status, body) == (200, b"cold 1\n"), (status, body, docker("logs", name, check=False).stderr[-2000:])
+        logs = docker("logs", name).stderr
+        assert "does not see this process's files" in logs and "Traceback" not in logs, logs[-2000:]
+    finally:
+        docker("rm", "-f", name, check=False)

@@ -150,6 +150,77 @@ async def test_args_mode_passes_templated_event_fields(kind, tmp_path):
     assert result.stdout == b"voter=17 vote=yes\n"
 
 
+# -- PID 1's stdout: the warm runner's control channel is out of the function's reach ------------------------------
+# The Docker idiom "write to /proc/1/fd/1 so that it is logged" (cron images, entrypoint scripts), and a function that
+# writes a forged report or garbage there and to every other process's stdout it can open (the warm runner's core
+# holds the frame channel: it must stay closed to the function). Not the process executor: its PID 1 is the host's.
+
+@pytest.fixture(params=["docker", "warm", "swarm"])
+def container_kind(request) -> str:
+    request.getfixturevalue("docker_engine")
+    return request.param
+
+
+async def run_in_turn(kind: str, tmp_path: Path, *invocations: Invocation, **settings: Any) -> list[Any]:
+    """``invocations`` one after the other on one executor (a warm one: the same pool, one container at most)."""
+    executor = make_executor(kind, tmp_path, **settings)
+    await executor.start()
+    try:
+        return [await executor.run(warmed(inv, max=1) if kind == "warm" else inv) for inv in invocations]
+    finally:
+        await executor.close()
+
+
+FORGED_REPORT = r"X\000\000\000\0050 0 0"
+"""What the issue's function wrote: an 'X' frame saying "exit 0", in the runner's framing of before the fix."""
+EVERY_STDOUT = ("for fd in /proc/1/fd/1 /proc/[0-9]*/fd/1; do {payload} > $fd 2>/dev/null; done; "
+                r"for fd in /proc/[0-9]*/fd/0; do printf 'G\000\000\000\000' > $fd 2>/dev/null; done")
+"""``payload`` into PID 1's stdout and every other stdout the function can open, and a 'G' frame into every stdin
+(the warm runner's core reads its batches from its stdin: were it open to the function, that would run a batch)."""
+
+
+def batch(script: str, mode: str) -> Invocation:
+    """A batch of one event ``{"mode": mode}``: every batch of one test runs the same function (one warm pool)."""
+    return invocation(script, [Event(source="test", type="t", data={"mode": mode})])
+
+
+async def assert_own_results_then_normal(kind: str, tmp_path: Path, script: str, marker: str) -> None:
+    """A failing batch that runs ``script`` is recorded as failed with its own output; the next batches of the same
+    function (in the same warm container) run normally and get nothing of the first."""
+    branch = (f'cat >/dev/null; if grep -q bad "$EVENTSWARM_INPUT"; then {script}; echo {marker}; sleep 1; exit 1; '
+              'fi; echo normal')
+    first, second, third = await run_in_turn(kind, tmp_path, batch(branch, "bad"), batch(branch, "good"),
+                                             batch(branch, "good"))
+    assert first.exit_code == 1 and not first.ok, (first.exit_code, first.stderr)
+    assert marker.encode() in first.stdout, first.stdout[-300:]
+    for result in (second, third):
+        assert result.ok and result.stdout == b"normal\n", (result.exit_code, result.stdout[-300:], result.stderr)
+    if kind == "warm":  # the channel was never reached: the container served all three, none was replaced
+        assert first.ref == second.ref == third.ref
+
+
+async def test_a_forged_report_written_to_pid1_and_every_stdout_does_not_end_the_batch(container_kind, tmp_path):
+    forge = EVERY_STDOUT.format(payload=f"printf '{FORGED_REPORT}'")
+    await assert_own_results_then_normal(container_kind, tmp_path, forge, "forged-then-failing")
+
+
+async def test_garbage_written_to_pid1_and_every_stdout_does_not_end_the_batch(container_kind, tmp_path):
+    garbage = EVERY_STDOUT.format(payload="head -c 70000 /dev/urandom")
+    await assert_own_results_then_normal(container_kind, tmp_path, garbage, "garbage-then-failing")
+
+
+async def test_writing_to_pid1s_stdout_and_stderr_is_logging(container_kind, tmp_path):
+    """``exec >/proc/1/fd/1 2>/proc/1/fd/2``: the bytes are the batch's stdout and stderr, its exit code its own."""
+    script = ('exec >/proc/1/fd/1 2>/proc/1/fd/2; cat >/dev/null; echo logged-out; echo logged-err >&2; '
+              'grep -q bad "$EVENTSWARM_INPUT" && exit 3; exit 0')
+    results = await run_in_turn(container_kind, tmp_path, batch(script, "good"), batch(script, "bad"),
+                                batch(script, "good"))
+    assert [r.exit_code for r in results] == [0, 3, 0], [r.stderr for r in results]
+    for result in results:
+        assert result.stdout == b"logged-out\n", result.stdout
+        assert b"logged-err\n" in result.stderr, result.stderr
+
+
 # -- docker only ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["bind", "copy"])

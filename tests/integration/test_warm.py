@@ -257,6 +257,77 @@ async def test_a_persistent_function_that_never_answers_is_timed_out_and_replace
     assert pool(executor)["replacements"] == {"timeout": 2}
 
 
+BREAKER = r"""
+import json, struct, sys
+
+def send(kind, payload):
+    sys.stdout.buffer.write(kind + struct.pack(">I", len(payload)) + payload)
+    sys.stdout.buffer.flush()
+
+send(b"R", b"breaker")
+mode = "good"
+while len(header := sys.stdin.buffer.read(5)) == 5:
+    kind, payload = header[:1], sys.stdin.buffer.read(struct.unpack(">I", header[1:])[0])
+    if kind == b"I":
+        mode = json.loads(payload)["events"][0]["data"]["mode"]
+    elif kind == b"G":
+        if mode != "tokenless":
+            send(b"B", payload)
+        send(b"O", mode.encode() + b"\n")
+        if mode == "stale":     # a report that is not this batch's (a forged one, or the last batch's)
+            send(b"X", b"0123456789abcdef 0")
+        elif mode == "untyped":  # a type no frame has
+            send(b"Z", b"")
+        elif mode == "huge":     # a length no frame has: the daemon must not wait for 2 GiB
+            sys.stdout.buffer.write(b"O\x7f\xff\xff\xff")
+            sys.stdout.buffer.flush()
+        elif mode == "tokenless":  # the status alone, as persistent functions sent before tokens
+            send(b"X", b"0")
+        else:
+            send(b"X", payload + b" 0")
+            if mode == "chatter":  # then speaks while no batch runs
+                send(b"O", b"late\n")
+"""
+
+
+@pytest.fixture
+def breaker(python_image, tmp_path):
+    """A batch, ``breaker(mode)``, of the persistent function BREAKER (one function: one pool)."""
+    (tmp_path / "breaker.py").write_text(BREAKER)
+    function = {"image": python_image, "command": ["python3", "/fn/breaker.py"], "mounts": [f"{tmp_path}:/fn"],
+                "warm": WarmConfig(mode="persistent", min_idle=0), "timeout": 60.0}
+
+    def batch(mode: str):
+        inv = invocation("", events=[Event(source="t", type="t", data={"mode": mode})])
+        return dataclasses.replace(inv, function=inv.function.model_copy(update=function))
+
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["stale", "untyped", "huge", "tokenless"])
+async def test_a_frame_that_breaks_the_protocol_fails_the_batch_at_once_and_replaces_the_container(
+        executor, breaker, mode):
+    batch = breaker
+    broken = await executor.run(batch(mode))
+    assert broken.exit_code is None and not broken.ok and broken.duration < 10, broken
+    assert b"broke the frame protocol" in broken.stderr and "frame protocol" in broken.notes[0]
+    fine = await executor.run(batch("good"))
+    assert fine.ok and fine.stdout == b"good\n" and fine.ref != broken.ref, fine
+    assert pool(executor)["replacements"] == {"protocol": 1}
+
+
+async def test_a_container_that_speaks_between_batches_is_replaced_before_the_next(executor, breaker):
+    batch = breaker
+    first = await executor.run(batch("chatter"))
+    assert first.ok and first.stdout == b"chatter\n"  # (its own batch reported as it should)
+    # (the upkeep looks at idle containers every second; a batch taking it first would refuse it too, as a protocol
+    # error of its own, then run again: waiting here makes the test say which)
+    await wait_for(lambda: pool(executor)["replacements"] == {"protocol": 1}, what="the upkeep to replace it")
+    second = await executor.run(batch("good"))
+    assert second.ok and second.stdout == b"good\n" and second.ref != first.ref, second
+    assert pool(executor)["replacements"] == {"protocol": 1}
+
+
 async def test_on_a_swarm_manager_auto_runs_warm_functions_on_the_engines_pool(tmp_path):
     executor = AutoExecutor(ExecutorConfig(kind="auto"), str(tmp_path / "inputs"))
     await executor.start()
