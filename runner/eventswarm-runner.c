@@ -43,6 +43,7 @@
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -68,26 +69,52 @@ static void die(const char *what) {
     _exit(2);
 }
 
-static void write_all(int fd, const void *data, size_t size) {
-    const char *p = data;
-    while (size) {
-        ssize_t n = write(fd, p, size);
+static void write_all(int fd, struct iovec *iov, int count) {
+    while (count) {
+        ssize_t n = writev(fd, iov, count);
         if (n < 0) {
             if (errno == EINTR) continue;
             /* the daemon is gone: nobody reads what we say any more */
             kill(-1, SIGKILL);
             _exit(0);
         }
-        p += n;
-        size -= (size_t)n;
+        while (count && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            count--;
+        }
+        if (count) {
+            iov->iov_base = (char *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
     }
 }
 
+static unsigned char held[5 + MAX_TOKEN];
+static size_t held_size;
+
+/* A frame in one write, after the frame held back (if any). */
 static void send_frame(char type, const void *data, size_t size) {
     unsigned char head[5] = {(unsigned char)type, (unsigned char)(size >> 24), (unsigned char)(size >> 16),
                              (unsigned char)(size >> 8), (unsigned char)size};
-    write_all(1, head, sizeof head);
-    if (size) write_all(1, data, size);
+    struct iovec iov[3];
+    int count = 0;
+    if (held_size) iov[count++] = (struct iovec){held, held_size};
+    iov[count++] = (struct iovec){head, sizeof head};
+    if (size) iov[count++] = (struct iovec){(void *)data, size};
+    write_all(1, iov, count);
+    held_size = 0;
+}
+
+/* A small frame sent with the next one (the batch's 'B' goes with its first output, or its 'X'). */
+static void hold_frame(char type, const char *data, size_t size) {
+    held[0] = (unsigned char)type;
+    held[1] = (unsigned char)(size >> 24);
+    held[2] = (unsigned char)(size >> 16);
+    held[3] = (unsigned char)(size >> 8);
+    held[4] = (unsigned char)size;
+    memcpy(held + 5, data, size);
+    held_size = 5 + size;
 }
 
 /* Fill the input buffer; returns 0 at end of input. */
@@ -440,7 +467,7 @@ int main(int argc, char **argv) {
                 break;
             }
             drain_face(0); /* (nothing runs between batches: what is there is no batch's) */
-            send_frame('B', token, strlen(token));
+            hold_frame('B', token, strlen(token));
             if (nargs == 0) {
                 const char *say = "eventswarm-runner: no program to run\n";
                 send_frame('E', say, strlen(say));
