@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from connectors.folder import Refused, display, name_extensions, open_regular
 from dispatcher.api import Committer, Event, Outcome, Progress, Run, SourceContext, SourceError, Span, rfc3339
 
 if TYPE_CHECKING:
@@ -113,13 +114,13 @@ class Lines:
                 tg.start_soon(self.committer.run)
                 await self._scan(first=True)
                 await self._recover()
-                next_scan = time.monotonic() + self.config.rescan_interval
+                next_scan = time.monotonic() + source.rescan_every
                 while True:
                     busy = await self._read_round()
                     if time.monotonic() >= next_scan or source._dirty.is_set():
                         source._dirty = anyio.Event()
                         await self._scan(first=False)
-                        next_scan = time.monotonic() + self.config.rescan_interval
+                        next_scan = time.monotonic() + source.rescan_every
                         continue
                     if not busy:
                         with anyio.move_on_after(POLL):
@@ -143,9 +144,11 @@ class Lines:
 
     async def _scan(self, *, first: bool) -> None:
         try:
-            files, others = await anyio.to_thread.run_sync(self.source._scan)
+            files, others, refused = await anyio.to_thread.run_sync(self.source._scan)
         except OSError as exc:
             raise SourceError(f"cannot read folder {self.source.root}: {exc.strerror or exc}") from None
+        for rel, why in refused:  # (lines mode moves nothing: it says so once, and leaves them)
+            self.source._warn_once(rel, f"{display(self.source.root / rel)} is not read: {why}")
         if first and not files and others:
             log.warning("no file in %s matches patterns %s (%d other files there)", self.source.root,
                         self.config.patterns, others)
@@ -163,11 +166,16 @@ class Lines:
         original was read up to (a copytruncate copy), or from its start (its end, at a first start with
         ``start_at = "end"``)."""
         path = self.source.root / rel
+        config = self.config
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(path, follow=config.follow_symlinks, allow_outside=config.allow_outside,
+                              root=self.source.real_root)
+        except Refused as why:
+            self.source._warn_once(rel, f"{display(path)} is not read: {why}")
+            return None
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
-                self.source._warn_once(rel, f"cannot read {path}: {exc.strerror or exc}")
+                self.source._warn_once(rel, f"cannot read {display(path)}: {exc.strerror or exc}")
             return None
         st = os.fstat(fd)
         if f"{st.st_dev}:{st.st_ino}" != ident:
@@ -326,19 +334,21 @@ class Lines:
         def literal(text: str) -> bytes:
             return encode_basestring(text).encode().replace(b"%", b"%%")
 
+        names = [b',"%s":%s' % (key.encode(), literal(value)) for key, value in name_extensions(filename=tail.rel).items()]
+
         return b"".join((
             b'{"specversion":"1.0","id":', literal(tail.ident + "/")[:-1], b'%d-%08x","source":',
             literal(f"file://{self.source.root}"), b',"type":"eventswarm.file.line","time":"%s",',
-            b'"datacontenttype":"text/plain","subject":', literal(tail.rel), b',"filename":', literal(tail.rel),
+            b'"datacontenttype":"text/plain","subject":', literal(display(tail.rel)), *names,
             b',"fileoffset":%d%s,"data":%s}'))
 
     def _event(self, tail: Tail, line: Line, received: float) -> Event:
         _, start, text, length = line
-        extensions: dict[str, Any] = {"filename": tail.rel, "fileoffset": start}
+        extensions: dict[str, Any] = {**name_extensions(filename=tail.rel), "fileoffset": start}
         if length != len(text):
             extensions["linelength"] = length
         common: dict[str, Any] = {"id": _id(tail, line), "source": f"file://{self.source.root}",
-                                  "type": "eventswarm.file.line", "subject": tail.rel, "time": rfc3339(received),
+                                  "type": "eventswarm.file.line", "subject": display(tail.rel), "time": rfc3339(received),
                                   "extensions": extensions, "partition": tail.ident, "received": received}
         try:
             return Event(data=text.decode("utf-8"), datacontenttype="text/plain", **common)

@@ -138,3 +138,46 @@ async def test_memory_of_done_files_is_forgotten_after_remember_done(tmp_path):
     async with ctx.running(source(tmp_path, remember_done=60)):
         pass
     assert "done/old.json" not in ctx.checkpoints.values
+
+
+async def test_a_file_that_grows_while_it_is_read_is_not_half_delivered(tmp_path, monkeypatch):
+    """The writer appends while the source reads (here: right after the source's first read, once): the file goes
+    back to the folder and is read again once complete, so its event has the whole content."""
+    import connectors.file as file_module
+
+    growing = tmp_path / "growing.txt"
+    growing.write_text("first part")
+    appended = []
+
+    class Reader:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def read(self, size: int = -1) -> bytes:
+            data = self.f.read(size)
+            if not appended:
+                appended.append(True)
+                with open(growing if growing.exists() else next(tmp_path.rglob("growing.txt")), "a") as writer:
+                    writer.write(" and more")
+            return data
+
+        def __enter__(self) -> Reader:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.f.close()
+
+    class Os:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        @staticmethod
+        def fdopen(fd: int, mode: str) -> Reader:
+            return Reader(os.fdopen(fd, mode))
+
+    monkeypatch.setattr(file_module, "os", Os())
+    ctx = StubContext()
+    async with ctx.running(source(tmp_path)):
+        await ctx.wait_emitted(1)
+    assert appended and [doc["data"] for doc in events(ctx).values()] == ["first part and more"]
+    assert len(ctx._runs) == 1
