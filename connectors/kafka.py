@@ -98,6 +98,9 @@ class KafkaSourceConfig(SourceConfig):
     one stuck record then stops that partition's reading instead of filling memory."""
     fetch_max_bytes: int = 8 * 1024 * 1024
     """Bytes one fetch may bring (bounds what the client holds beyond the trigger's buffer)."""
+    isolation: Literal["read_committed", "read_uncommitted"] = "read_committed"
+    """``read_committed``: records of transactions still open wait, and those of aborted transactions are skipped
+    (what users of exactly-once producers expect; it needs a broker that keeps transaction markers)."""
 
     @model_validator(mode="after")
     def _check(self) -> KafkaSourceConfig:
@@ -305,8 +308,31 @@ def _trace(headers: Any) -> str | None:
     return next((trace for key, value in headers if key == "traceparent" and (trace := traceparent(value))), None)
 
 
+def _header_value(value: bytes | str | None) -> str | dict[str, str] | None:
+    """A header's value, losslessly: UTF-8 text as a string, null as null, other bytes as ``{"base64": ...}``."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode("ascii")}
+
+
 def _headers_json(headers: Any) -> str:
-    return json.dumps({k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in headers})
+    """The ``kafkaheaders`` extension: a JSON object of the headers; a name that comes more than once has the list
+    of its values, in order (Kafka allows repeated names)."""
+    merged: dict[str, Any] = {}
+    repeated: set[str] = set()
+    for key, value in headers:
+        value = _header_value(value)
+        if key not in merged:
+            merged[key] = value
+        elif key in repeated:
+            merged[key].append(value)
+        else:
+            merged[key] = [merged[key], value]
+            repeated.add(key)
+    return json.dumps(merged)
 
 
 def _json_data(values: Sequence[bytes | None]) -> Sequence[bytes | None]:
@@ -398,6 +424,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
         consumer = AIOKafkaConsumer(
             group_id=config.group_id, enable_auto_commit=False, auto_offset_reset=config.start,
             fetch_max_bytes=config.fetch_max_bytes, max_partition_fetch_bytes=min(config.fetch_max_bytes, 1024 * 1024),
+            isolation_level=config.isolation,
             rebalance_timeout_ms=int(REBALANCE_TIMEOUT * 1000), **config.client_options())
         if config.topics:
             consumer.subscribe(config.topics, listener=_Rebalance(self))

@@ -21,10 +21,13 @@ def new_topic(broker: str, partitions: int = 4, prefix: str = "t") -> str:
 
 
 def produce(broker: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]],
-            partition: int | None = None) -> dict[int, int]:
-    """Produce (key, value) pairs; returns each partition's high watermark from the delivery reports."""
+            partition: int | None = None, *, compression: str = "none",
+            headers: list[tuple[str, bytes | None]] | None = None) -> dict[int, int]:
+    """Produce (key, value) pairs (compressed with ``compression``, each with ``headers``); returns each partition's
+    high watermark from the delivery reports."""
     producer = Producer({"bootstrap.servers": broker, "linger.ms": 5, "batch.num.messages": 10000,
-                         "queue.buffering.max.messages": 1_000_000})
+                         "queue.buffering.max.messages": 1_000_000, "compression.type": compression})
+    extra = {"headers": headers} if headers else {}
     high: dict[int, int] = {}
     errors: list[str] = []
 
@@ -38,9 +41,9 @@ def produce(broker: str, topic: str, messages: Iterable[tuple[bytes | None, byte
         while True:
             try:
                 if partition is None:
-                    producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                    producer.produce(topic, value=value, key=key, on_delivery=delivered, **extra)
                 else:
-                    producer.produce(topic, value=value, key=key, partition=partition, on_delivery=delivered)
+                    producer.produce(topic, value=value, key=key, partition=partition, on_delivery=delivered, **extra)
                 break
             except BufferError:
                 producer.poll(0.1)

@@ -63,6 +63,39 @@ async def test_every_record_reaches_the_function_and_offsets_are_committed_to_th
     assert set(seen_ids(doc)) == expected
 
 
+CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
+
+
+async def test_records_in_every_codec_a_producer_may_use_all_run_once_in_one_topic(tmp_path, kafka_broker):
+    """librdkafka (confluent-kafka) compresses each batch with its codec; the broker keeps the batches as they
+    came; the source reads them all, in one partition, in order, and a restart runs none of them again."""
+    topic = new_topic(kafka_broker, 1)
+    for codec in CODECS:
+        produce(kafka_broker, topic, [(codec.encode(), json.dumps({"codec": codec, "n": n}).encode())
+                                      for n in range(3)], compression=codec)
+    doc = config(tmp_path, kafka_broker, topic, PRINT_IDS)
+    everything = {f"{topic}/0/{offset}" for offset in range(15)}
+    async with running_daemon(doc):
+        await wait_for(lambda: set(seen_ids(doc)) == everything, timeout=60, what="every codec's records")
+    produce(kafka_broker, topic, [(b"after", b'{"after": true}')])
+    async with running_daemon(doc):
+        await wait_for(lambda: f"{topic}/0/15" in seen_ids(doc), timeout=60, what="the record after the restart")
+    assert sorted(seen_ids(doc)) == sorted([*everything, f"{topic}/0/15"])  # each once
+
+
+async def test_header_values_travel_losslessly_bytes_nulls_and_repeated_names(tmp_path, kafka_broker):
+    topic = new_topic(kafka_broker, 1)
+    headers = [("bin", b"\xff\xfe"), ("text", "caf\u00e9".encode()), ("null", None), ("dup", b"a"), ("dup", b"\x80")]
+    produce(kafka_broker, topic, [(b"k", b'{"n": 1}')], headers=headers)
+    doc = config(tmp_path, kafka_broker, topic, "cat")
+    async with running_daemon(doc):
+        await wait_for(lambda: store_of(doc).invocations(status="succeeded"), timeout=60, what="the record")
+    store = store_of(doc)
+    (event,) = json.loads(store.logs(store.invocations(status="succeeded")[0].id)[0])["events"]
+    assert json.loads(event["kafkaheaders"]) == {"bin": {"base64": "//4="}, "text": "caf\u00e9", "null": None,
+                                                 "dup": ["a", {"base64": "gA=="}]}
+
+
 async def test_values_that_do_not_fit_the_format_arrive_as_data_base64(tmp_path, kafka_broker):
     json_topic, text_topic = new_topic(kafka_broker, 1), new_topic(kafka_broker, 1)
     produce(kafka_broker, json_topic, [(None, b"{not json"), (None, b'{"ok": 1}')])
