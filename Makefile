@@ -22,7 +22,8 @@ install: $(STAMP) $(RUNNER)
 # The Docker engine (a single-node Swarm manager, no default bridge), the test function images and
 # a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc,
 # Debian's chromium (the status page's tests drive it headless with playwright), and Debian's PostgreSQL on
-# 127.0.0.1:15432 (the state store's contract suite runs on it as on SQLite).
+# 127.0.0.1:15432 (the state store's contract suite runs on it as on SQLite), and npm's @octokit/webhooks-methods
+# (GitHub's signing library: the webhook tests sign with each sender's own).
 services: install
 	bash scripts/services.sh
 	bash scripts/images.sh
@@ -30,6 +31,7 @@ services: install
 	bash scripts/ethereum.sh
 	bash scripts/browser.sh
 	bash scripts/postgres.sh
+	bash scripts/senders.sh
 
 run: install services
 	$(BIN)/eventswarm run -c config.example.toml

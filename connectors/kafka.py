@@ -41,6 +41,7 @@ from dispatcher.api import (
     SourceContext,
     SourceError,
     Span,
+    pairs_json,
     rfc3339,
     rfc3339_ms,
     traceparent,
@@ -308,31 +309,8 @@ def _trace(headers: Any) -> str | None:
     return next((trace for key, value in headers if key == "traceparent" and (trace := traceparent(value))), None)
 
 
-def _header_value(value: bytes | str | None) -> str | dict[str, str] | None:
-    """A header's value, losslessly: UTF-8 text as a string, null as null, other bytes as ``{"base64": ...}``."""
-    if not isinstance(value, bytes):
-        return value
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(value).decode("ascii")}
-
-
-def _headers_json(headers: Any) -> str:
-    """The ``kafkaheaders`` extension: a JSON object of the headers; a name that comes more than once has the list
-    of its values, in order (Kafka allows repeated names)."""
-    merged: dict[str, Any] = {}
-    repeated: set[str] = set()
-    for key, value in headers:
-        value = _header_value(value)
-        if key not in merged:
-            merged[key] = value
-        elif key in repeated:
-            merged[key].append(value)
-        else:
-            merged[key] = [merged[key], value]
-            repeated.add(key)
-    return json.dumps(merged)
+_headers_json = pairs_json
+"""The ``kafkaheaders`` extension: the headers as a JSON object, losslessly (``dispatcher.api.pairs_json``)."""
 
 
 def _json_data(values: Sequence[bytes | None]) -> Sequence[bytes | None]:

@@ -32,6 +32,7 @@ from dispatcher.api import (
     SourceConfig,
     SourceContext,
     StoreError,
+    pairs_json,
     parse_json,
     traceparent,
 )
@@ -45,7 +46,7 @@ STORE_RETRY_AFTER = "5"
 class SignatureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scheme: Literal["github", "standard-webhooks", "hmac-sha256"]
+    scheme: Literal["github", "standard-webhooks", "stripe", "hmac-sha256"]
     secret_env: str | list[str] = ""
     """Environment variable holding the secret (spaces are part of it); during a rotation, a list of them."""
     secret_file: str = ""
@@ -53,7 +54,7 @@ class SignatureConfig(BaseModel):
     header: str = ""
     """hmac-sha256 only: the header carrying the signature (default ``X-Signature``)."""
     tolerance: Duration = 300.0
-    """standard-webhooks: how far the timestamp may be from now, either way."""
+    """standard-webhooks and stripe: how far the signed timestamp may be from now, either way."""
 
     @model_validator(mode="after")
     def _secret(self) -> SignatureConfig:
@@ -92,6 +93,18 @@ class WebhookSourceConfig(SourceConfig):
     Default: ``webhook-id`` under the ``standard-webhooks`` signature (its spec asks receivers to dedupe on it)."""
     enqueue_timeout: Duration = 2.0
     """While the buffer stays full this long, requests are answered ``503`` with ``Retry-After``."""
+    headers: list[str] = []
+    """Request headers (names, any case) handed to the function, in the extension ``httpheaders``."""
+    query: bool = False
+    """Hand the query string's parameters to the function, in the extension ``httpquery``."""
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or not all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~") for c in name):
+                raise ValueError(f"{name!r} is not a header name")
+        return [name.lower() for name in value]
 
     def exclusive(self) -> list[str]:
         return [f"{method} {self.path}" for method in self.methods]
@@ -102,6 +115,14 @@ class WebhookSourceConfig(SourceConfig):
         if self.dedupe_header:
             return self.dedupe_header.lower()
         return "webhook-id" if self.signature is not None and self.signature.scheme == "standard-webhooks" else ""
+
+    def delivery_id(self, headers: Mapping[str, str]) -> str | None:
+        """The request's delivery id, if the source dedupes on one (standard-webhooks: ``webhook-id``, or Svix's
+        ``svix-id``)."""
+        name = self.delivery_header
+        if not name:
+            return None
+        return headers.get(name) or (headers.get("svix-id") if name == "webhook-id" else None) or None
 
     @field_validator("path")
     @classmethod
@@ -144,16 +165,33 @@ def verify(config: SignatureConfig, secrets: list[bytes], headers: Mapping[str, 
         digests = [hmac.new(s, body, hashlib.sha256).digest() for s in secrets]
         candidates = [_utf8(given.lower()), _utf8(given)]
         expected = [d.hex().encode() for d in digests] + [base64.b64encode(d) for d in digests]
+    elif config.scheme == "stripe":
+        # Stripe-Signature: t=<unix seconds>,v1=<hex>[,v1=<hex> during a rotation][,v0=<hex>, not checked]
+        given = headers.get("stripe-signature", "")
+        fields = [part.split("=", 1) for part in given.split(",") if "=" in part]
+        stamps = [value.strip() for key, value in fields if key.strip() == "t"]
+        candidates = [_utf8(value.strip().lower()) for key, value in fields if key.strip() == "v1"]
+        if not stamps or not candidates:
+            raise SignatureError("missing Stripe-Signature, or its t= or v1=")
+        stamp = stamps[0]
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+            raise SignatureError("the Stripe-Signature timestamp is not a number of seconds")
+        if abs((time.time() if now is None else now) - int(stamp)) > config.tolerance:
+            raise SignatureError("the Stripe-Signature timestamp is outside the tolerance")
+        signed = _utf8(f"{stamp}.") + body
+        expected = [hmac.new(s, signed, hashlib.sha256).hexdigest().encode() for s in secrets]
     else:
-        msg_id = headers.get("webhook-id", "")
-        stamp = headers.get("webhook-timestamp", "")
-        given = headers.get("webhook-signature", "")
+        # (Svix, which the spec came from, sends the same three as svix-id, svix-timestamp and svix-signature)
+        prefix = "webhook" if "webhook-signature" in headers or "svix-signature" not in headers else "svix"
+        msg_id = headers.get(f"{prefix}-id", "")
+        stamp = headers.get(f"{prefix}-timestamp", "")
+        given = headers.get(f"{prefix}-signature", "")
         if not (msg_id and stamp and given):
             raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature")
         if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
-            raise SignatureError("webhook-timestamp is not a number of seconds")
+            raise SignatureError(f"{prefix}-timestamp is not a number of seconds")
         if abs((time.time() if now is None else now) - int(stamp)) > config.tolerance:
-            raise SignatureError("webhook-timestamp is outside the tolerance")
+            raise SignatureError(f"{prefix}-timestamp is outside the tolerance")
         signed = _utf8(f"{msg_id}.{stamp}.") + body
         expected = [base64.b64encode(hmac.new(s, signed, hashlib.sha256).digest()) for s in secrets]
         candidates = [_utf8(part.split(",", 1)[1]) for part in given.split() if part.startswith("v1,")]
@@ -210,7 +248,14 @@ class WebhookSource(Source[WebhookSourceConfig]):
         content_type = headers.get("content-type", "")
         body = request.body
         extensions = {"httpmethod": request.method}
-        delivery = headers.get(self.config.delivery_header) if self.config.delivery_header else None
+        if self.config.headers:
+            getall = getattr(headers, "getall", None)
+            named = [(name, value) for name in self.config.headers
+                     for value in (getall(name, []) if getall else [v for v in [headers.get(name)] if v is not None])]
+            extensions["httpheaders"] = pairs_json(named)
+        if self.config.query:
+            extensions["httpquery"] = pairs_json(request.query.items())
+        delivery = self.config.delivery_id(headers)
         if delivery:
             extensions["deliveryid"] = delivery
         trace = traceparent(headers.get("traceparent"))
@@ -254,7 +299,7 @@ class WebhookSource(Source[WebhookSourceConfig]):
             return HttpResponse.json(400, {"error": "JSON body nested too deeply"})
         if config.mode == "sync":
             return await self._run_now(event)
-        dedupe_key = headers.get(config.delivery_header) if config.delivery_header else None
+        dedupe_key = config.delivery_id(headers)
         try:
             earlier = await self._ctx.inbox.put(event, dedupe_key or None)
         except StoreError as exc:  # not stored, so not accepted: the sender tries again later

@@ -41,7 +41,18 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from dispatcher.errors import SourceError, StoreError
-from dispatcher.events import Event, Outcome, Run, RunAck, new_id, parse_json, rfc3339, rfc3339_ms, traceparent
+from dispatcher.events import (
+    Event,
+    Outcome,
+    Run,
+    RunAck,
+    new_id,
+    pairs_json,
+    parse_json,
+    rfc3339,
+    rfc3339_ms,
+    traceparent,
+)
 from dispatcher.progress import Committer, Progress, Span
 from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
@@ -69,6 +80,7 @@ __all__ = [
     "Span",
     "StoreError",
     "new_id",
+    "pairs_json",
     "parse_json",
     "rfc3339",
     "rfc3339_ms",

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import time as _time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -15,6 +15,29 @@ from typing import Any, Literal
 import msgspec
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def pairs_json(pairs: Iterable[tuple[str, bytes | str | None]]) -> str:
+    """Name-value pairs (Kafka or HTTP headers) as the text of a JSON object, losslessly: a value that is UTF-8 as a
+    string, a null value as null, other bytes as ``{"base64": "..."}``; a name that comes more than once has the list
+    of its values, in order. (A ``str`` with surrogate escapes, as aiohttp gives undecodable header bytes, is bytes.)"""
+    merged: dict[str, Any] = {}
+    repeated: set[str] = set()
+    for name, value in pairs:
+        if value is not None:
+            raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+            try:
+                value = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                value = {"base64": base64.b64encode(raw).decode("ascii")}  # type: ignore[assignment]
+        if name not in merged:
+            merged[name] = value
+        elif name in repeated:
+            merged[name].append(value)
+        else:
+            merged[name] = [merged[name], value]
+            repeated.add(name)
+    return json.dumps(merged)
 
 
 def traceparent(value: str | bytes | None) -> str | None:

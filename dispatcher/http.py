@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from dispatcher.api import HttpHandler, HttpRequest, HttpResponse
 from dispatcher.executors.base import LIVE
@@ -78,6 +79,8 @@ class _QuietBadRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RequestPayloadError):
+            return False  # (a body its Content-Encoding does not fit: the route said so, in one line with its path)
         if isinstance(error, HttpProcessingError):
             record.levelno, record.levelname = logging.INFO, "INFO"
             peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
@@ -389,23 +392,36 @@ class HttpServer:
         return web.Response(status=response.status, body=response.body, headers=response.headers)
 
     async def _body(self, request: web.BaseRequest, max_body: int) -> bytes | web.StreamResponse:
-        """The request's body, read within ``client_timeout`` and ``max_body``; or the 4xx answer saying why not."""
+        """The request's body, read within ``client_timeout`` and ``max_body`` (``max_body`` counts what is read,
+        after its Content-Encoding is undone); or the 4xx answer saying why not."""
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in CONTENT_ENCODINGS:
+            return _error(415, f"Content-Encoding {encoding[:40]!r} is not accepted: send the body as it is, or with "
+                               "one of gzip, deflate, br, zstd", {"Accept-Encoding": "gzip, deflate, br, zstd"})
         length = request.content_length
         if length is not None and length > max_body:
             return _error(413, f"body larger than {max_body} bytes")
-        if length is not None and request.content.is_eof():
-            return request.content.read_nowait()  # it came with the headers (the common case): all is here
-        body = bytearray()
-        with anyio.move_on_after(self.client_timeout):
-            try:
+        try:
+            if length is not None and request.content.is_eof():
+                return request.content.read_nowait()  # it came with the headers (the common case): all is here
+            body = bytearray()
+            with anyio.move_on_after(self.client_timeout):
                 async for chunk in request.content.iter_any():
                     body += chunk
                     if len(body) > max_body:
                         return _error(413, f"body larger than {max_body} bytes")
-            except HttpProcessingError as exc:
-                return _error(400, f"malformed body: {exc.message}")
-            return bytes(body)
+                return bytes(body)
+        except (HttpProcessingError, RequestPayloadError) as exc:
+            # (a body that is not what its Content-Encoding says: the sender's error, said in one line at INFO)
+            why = " ".join(str(getattr(exc, "message", None) or exc).split()).removeprefix("400, message: ")
+            log.info("a request to %s had a malformed body: %s", request.path, why)
+            return _error(400, f"malformed body: {why}")
         return _error(408, f"the body did not arrive within {self.client_timeout:g}s", {"Connection": "close"})
+
+
+CONTENT_ENCODINGS = ("", "identity", "gzip", "x-gzip", "deflate", "br", "zstd")
+"""What a request's body may be encoded with (aiohttp undoes them, with Brotli and backports.zstd for the last two);
+signatures are checked on what it gives: the bytes the sender signed before compressing."""
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

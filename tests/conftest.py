@@ -61,6 +61,15 @@ def _service(script: str, **env: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def senders() -> Path:
+    """Where npm's @octokit/webhooks-methods is installed (scripts/senders.sh): run ``node`` there to sign."""
+    import os
+
+    _service("senders.sh")
+    return Path(os.environ.get("EVENTSWARM_SERVICES_HOME", "/var/cache/eventswarm")) / "senders"
+
+
+@pytest.fixture(scope="session")
 def kafka_broker() -> str:
     """A Kafka-protocol broker (tansu, started by scripts/kafka.sh) on 127.0.0.1."""
     import sys

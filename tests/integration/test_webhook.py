@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
+import logging
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -81,6 +84,32 @@ async def test_bad_requests_get_the_right_status(tmp_path):
         assert (await call(daemon, b"{}", path="/hooks/nope"))[0] == 404
         assert (await call(daemon, b"", method="GET"))[0] == 405
         assert (await call(daemon, b"plain text", {"Content-Type": "text/plain"}))[0] == 202
+
+
+async def test_compressed_bodies_are_undone_and_a_bad_or_unknown_encoding_is_a_4xx_without_a_traceback(tmp_path, caplog):
+    import brotli
+    from backports import zstd
+
+    caplog.set_level(logging.INFO, logger="eventswarm.http")
+    doc = config(tmp_path, mode="sync")
+    good = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress, "zstd": zstd.compress}
+    async with running_daemon(doc) as daemon:
+        for encoding, compress in good.items():
+            status, _, body = await call(daemon, compress(b'{"via": "%s"}' % encoding.encode()),
+                                         {"Content-Encoding": encoding})
+            assert status == 200 and json.loads(body)["events"][0]["data"] == {"via": encoding}, (encoding, body)
+        for encoding in good:
+            status, _, body = await call(daemon, b"these bytes are not " + encoding.encode(),
+                                         {"Content-Encoding": encoding})
+            assert status == 400 and "malformed body: Can not decode content-encoding" in json.loads(body)["error"]
+        for encoding in ("compress", "x-unknown", "gzip, deflate"):
+            status, headers, body = await call(daemon, b"{}", {"Content-Encoding": encoding})
+            assert status == 415 and "is not accepted" in json.loads(body)["error"], (encoding, status, body)
+            assert headers["Accept-Encoding"] == "gzip, deflate, br, zstd"
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
+        [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    malformed = [r.getMessage() for r in caplog.records if "had a malformed body" in r.getMessage()]
+    assert len(malformed) == 4 and all(r.levelno == logging.INFO for r in caplog.records if "malformed" in r.getMessage())
 
 
 async def test_github_signatures_are_checked_on_the_raw_body(tmp_path, monkeypatch):
@@ -217,3 +246,29 @@ async def test_githubs_test_vector_verifies_through_the_config_and_the_server_a_
         wrong = hmac.new(b"It's", b"Hello, World!", hashlib.sha256).hexdigest()  # the first word alone
         assert (await call(daemon, b"Hello, World!", {"X-Hub-Signature-256": f"sha256={wrong}",
                                                       "Content-Type": "text/plain"}))[0] == 401
+
+
+async def test_named_headers_and_the_query_reach_the_function_losslessly(tmp_path):
+    doc = config(tmp_path, mode="sync", headers=["X-Event", "X-Repeated", "X-Absent"], query=True)
+    async with running_daemon(doc) as daemon:
+        url = f"http://127.0.0.1:{daemon.http.port}/hooks/t?a=1&a=2&b=caf%C3%A9&c="
+
+        def send() -> bytes:
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", daemon.http.port, timeout=10)
+            conn.putrequest("POST", url.split(str(daemon.http.port), 1)[1])
+            for name, value in (("X-Event", b"push"), ("x-repeated", b"one"), ("X-Repeated", b"\xff\xfe"),
+                                ("Content-Type", b"application/json"), ("Content-Length", b"2")):
+                conn.putheader(name, value)
+            try:
+                conn.endheaders(b"{}")
+                response = conn.getresponse()
+                assert response.status == 200
+                return response.read()
+            finally:
+                conn.close()
+
+        event = json.loads(await anyio.to_thread.run_sync(send))["events"][0]
+    assert json.loads(event["httpheaders"]) == {"x-event": "push", "x-repeated": ["one", {"base64": "//4="}]}
+    assert json.loads(event["httpquery"]) == {"a": ["1", "2"], "b": "caf\u00e9", "c": ""}
