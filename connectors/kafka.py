@@ -378,6 +378,33 @@ def encode_records(topic: str, partition: int, payloads: list[Payload], value_fo
     return encoded, ids, [key[0] for key in keys], offsets, trace
 
 
+async def tls_problem(config: KafkaSourceConfig) -> str | None:
+    """Why a TLS connection to the first broker fails, in one line (aiokafka says only that it could not bootstrap);
+    None when the handshake works, or the broker is not there at all."""
+    host, _, port = config.bootstrap_servers[0].rpartition(":")
+    context = config.client_options()["ssl_context"]
+    try:
+        with anyio.fail_after(10):
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=context, server_hostname=host)
+            try:
+                with anyio.move_on_after(1):  # (TLS 1.3: a server that wants a client certificate says so now)
+                    if not await reader.read(1):
+                        return (f"the TLS connection to {host}:{port} was closed at once by the other end (does it "
+                                "require a client certificate: cert_file and key_file?)")
+            finally:
+                writer.close()
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: the certificate of {host}:{port} is not trusted ({exc.verify_message}; ca_file: {config.ca_file or 'the system CAs'})"
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or exc)
+        if "CERTIFICATE_REQUIRED" in reason or ("HANDSHAKE_FAILURE" in reason and not config.cert_file):
+            return f"TLS: {host}:{port} requires a client certificate ({reason}): set cert_file and key_file"
+        return f"TLS with {host}:{port} failed: {reason}"
+    except (OSError, TimeoutError, ValueError):
+        return None
+    return None
+
+
 class KafkaSource(Source[KafkaSourceConfig]):
     config_model = KafkaSourceConfig
 
@@ -415,7 +442,9 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 await self._producer.start()
         except KafkaError as exc:
             await self._stop_clients(consumer)
-            raise SourceError(f"cannot connect to Kafka at {','.join(config.bootstrap_servers)}: {exc}") from exc
+            why = await tls_problem(config) if config.security in ("SSL", "SASL_SSL") else None
+            raise SourceError(f"cannot connect to Kafka at {','.join(config.bootstrap_servers)}: "
+                              f"{why or exc}") from exc
         self._consumer = consumer
         if not fetch_payloads(consumer):
             log.info("this aiokafka's fetcher is not the one expected: records are converted one by one (slower)")

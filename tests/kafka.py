@@ -13,20 +13,21 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
-def new_topic(broker: str, partitions: int = 4, prefix: str = "t") -> str:
+def new_topic(broker: str, partitions: int = 4, prefix: str = "t", client: dict[str, str] | None = None) -> str:
+    """A new topic (``client``: more librdkafka settings, TLS for one)."""
     name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": broker})  # kept alive until the result is in
+    admin = AdminClient({"bootstrap.servers": broker, **(client or {})})  # kept alive until the result is in
     admin.create_topics([NewTopic(name, partitions, 1)])[name].result(timeout=30)
     return name
 
 
 def produce(broker: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]],
             partition: int | None = None, *, compression: str = "none",
-            headers: list[tuple[str, bytes | None]] | None = None) -> dict[int, int]:
-    """Produce (key, value) pairs (compressed with ``compression``, each with ``headers``); returns each partition's
-    high watermark from the delivery reports."""
+            headers: list[tuple[str, bytes | None]] | None = None, client: dict[str, str] | None = None) -> dict[int, int]:
+    """Produce (key, value) pairs (compressed with ``compression``, each with ``headers``; ``client``: more
+    librdkafka settings); returns each partition's high watermark from the delivery reports."""
     producer = Producer({"bootstrap.servers": broker, "linger.ms": 5, "batch.num.messages": 10000,
-                         "queue.buffering.max.messages": 1_000_000, "compression.type": compression})
+                         "queue.buffering.max.messages": 1_000_000, "compression.type": compression, **(client or {})})
     extra = {"headers": headers} if headers else {}
     high: dict[int, int] = {}
     errors: list[str] = []
