@@ -24,7 +24,7 @@ install: $(STAMP) $(RUNNER)
 # Debian's chromium (the status page's tests drive it headless with playwright), and Debian's PostgreSQL on
 # 127.0.0.1:15432 (the state store's contract suite runs on it as on SQLite), and npm's @octokit/webhooks-methods
 # (GitHub's signing library: the webhook tests sign with each sender's own), and Debian's stunnel4 (a TLS front for
-# the Kafka TLS tests).
+# the Kafka TLS tests) and logrotate.
 services: install
 	bash scripts/services.sh
 	bash scripts/images.sh
@@ -33,7 +33,7 @@ services: install
 	bash scripts/browser.sh
 	bash scripts/postgres.sh
 	bash scripts/senders.sh
-	bash scripts/stunnel.sh
+	bash scripts/tools.sh
 
 run: install services
 	$(BIN)/eventswarm run -c config.example.toml

@@ -72,6 +72,8 @@ KEPT_LIMIT = 100_000
 """Files left in place (``keep``) remembered in memory, so that a rescan does not claim them again."""
 ALWAYS_IGNORED = ("*.error.json",)
 """The reason files the source writes itself."""
+COMPRESSED = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.lz4", "*.Z")
+"""Lines mode never tails these: they are compressed rotations (logrotate's ``compress``), not text that grows."""
 
 
 FILE_KEYS = {"stable_for", "on_success", "on_failure", "max_inline", "remember_done", "max_file_size"}
@@ -367,7 +369,8 @@ class FileSource(Source[FileSourceConfig]):
         return files, others, refused
 
     def _ignored(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*self.config.ignore, *ALWAYS_IGNORED))
+        extra = COMPRESSED if self.config.mode == "lines" else ()
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*self.config.ignore, *ALWAYS_IGNORED, *extra))
 
     def _wanted(self, rel: str, name: str) -> bool:
         if self._ignored(name):

@@ -70,6 +70,12 @@ def senders() -> Path:
 
 
 @pytest.fixture(scope="session")
+def debian_tools() -> None:
+    """Debian's stunnel4, openssl and logrotate (scripts/tools.sh): peers some tests drive for real."""
+    _service("tools.sh")
+
+
+@pytest.fixture(scope="session")
 def kafka_broker() -> str:
     """A Kafka-protocol broker (tansu, started by scripts/kafka.sh) on 127.0.0.1."""
     import sys

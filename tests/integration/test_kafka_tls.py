@@ -24,10 +24,7 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="session")
-def stunnel() -> str:
-    from tests.conftest import _service
-
-    _service("stunnel.sh")
+def stunnel(debian_tools) -> str:
     return "stunnel4"
 
 
