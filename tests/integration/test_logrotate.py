@@ -7,7 +7,6 @@ matches them)."""
 from __future__ import annotations
 
 import gzip
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.support import base_config, running_daemon, store_of, wait_for
+from tests.integration.test_files import delivered_lines
+from tests.support import base_config, running_daemon, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -23,12 +23,6 @@ PRINT_DATA = "grep -o '\"data\\(_base64\\)\\?\":\"[^\"]*\"' | cut -d'\"' -f4"
 """Each event's data, or its data_base64 (a line that is not text: what a compressed file read as lines would give)."""
 
 
-def delivered(doc) -> list[str]:
-    store = store_of(doc)
-    lines: list[str] = []
-    for record in sorted(store.invocations(status="succeeded", limit=100_000), key=lambda r: r.started_at or 0):
-        lines += store.logs(record.id)[0].decode().split()
-    return lines
 
 
 class Writer(threading.Thread):
@@ -92,22 +86,22 @@ async def test_logrotate_under_a_steady_writer_loses_and_repeats_nothing_it_kept
     async with running_daemon(doc) as daemon:
         writer.start()
         for _ in range(3):
-            await wait_for(lambda: len(delivered(doc)) >= writer.written - 50 and writer.written > 300, timeout=30,
+            await wait_for(lambda: len(delivered_lines(doc)) >= writer.written - 50 and writer.written > 300, timeout=30,
                            what="the reader to keep up")
             await anyio.sleep(1.1)  # (dateext names rotations by the second)
-            done = subprocess.run(["/usr/sbin/logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)],
-                                  capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, done.stderr
+            done = await anyio.run_process(["/usr/sbin/logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)],
+                                           check=False)
+            assert done.returncode == 0, done.stderr.decode()
         writer.done.set()
         writer.join()
         files = kept_lines(logs)
         kept = [line for lines in files.values() for line in lines]
-        await wait_for(lambda: set(kept) <= set(delivered(doc)), timeout=60, what="every line kept to be delivered")
+        await wait_for(lambda: set(kept) <= set(delivered_lines(doc)), timeout=60, what="every line kept to be delivered")
         reading = [tail.rel for tail in daemon.triggers["t"].source.lines.tails.values()]
         assert not [rel for rel in reading if rel.endswith(".gz")], reading  # matched by the pattern, never opened
     names = sorted(files)
     assert sum(name.endswith(".gz") for name in names) == 2 and len(names) == 4, names  # 3 rotations, 2 compressed
-    lines = delivered(doc)
+    lines = delivered_lines(doc)
     assert len(lines) == len(set(lines)), "a line was delivered twice"
     written = {f"L{n:06d}" for n in range(writer.written)}
     assert set(lines) <= written  # nothing from a compressed file read as text
