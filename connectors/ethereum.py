@@ -67,6 +67,21 @@ CEILING_KEPT = 100
 MAX_MESSAGE = 256 * 1024 * 1024
 """The largest answer read from a ``ws(s)://`` endpoint (an ``eth_getLogs`` over a busy range is large)."""
 RANGE_ERRORS = re.compile(r"range|too many|limit|exceed|10000 results|response size|timeout", re.IGNORECASE)
+RATE_ERRORS = re.compile(r"rate.?limit|too many requests|request count|requests per|capacity|throughput|compute units",
+                         re.IGNORECASE)
+"""A JSON-RPC error that says the provider is limiting this client's rate (not the range): back off, ask again."""
+SUGGESTED_RANGE = re.compile(r"\[\s*(0x[0-9a-fA-F]+)\s*,\s*(0x[0-9a-fA-F]+)\s*\]")
+"""A range a provider suggests in its refusal ("this block range should work: [0x…, 0x…]")."""
+RATE_WAIT_FIRST, RATE_WAIT_MAX, RATE_WAIT_TOTAL = 1.0, 60.0, 600.0
+"""Backing off a rate-limited endpoint: the first wait (without Retry-After), the longest, and the longest in all
+before the step fails (the source then restarts, from its checkpoint)."""
+BLOOM_WINDOW = 16
+"""The newest blocks of a range (within this many of the head) whose empty answer is checked against their
+``logsBloom``: a load-balanced endpoint may answer from a node that has not seen them yet."""
+_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_QUANTITY = re.compile(r"^0x[0-9a-fA-F]{1,16}$")
+_DATA = re.compile(r"^0x([0-9a-fA-F]{2})*$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
 # -- ABI ----------------------------------------------------------------------------------------
@@ -331,6 +346,84 @@ class Unreachable(RpcError):
     """The endpoint did not answer (refused, reset, timed out, not JSON-RPC): the next one is tried."""
 
 
+class Malformed(Unreachable):
+    """The endpoint answered what the method never returns (a result of the wrong type, a log without its fields):
+    it counts as failing, as if it had not answered."""
+
+
+class RateLimited(RpcError):
+    """The endpoint limits this client's rate (HTTP 429, or a JSON-RPC error saying so): wait, ask again."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # (an HTTP date: backed off as without one)
+
+
+def _quantity(value: Any, what: str) -> int:
+    if not isinstance(value, str) or not _QUANTITY.match(value):
+        raise Malformed(f"{what} answered {_shown(value)}, not a hex quantity")
+    return int(value, 16)
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {json.dumps(value, default=str)[:80]}"
+
+
+def block_of(value: Any, endpoint: str) -> dict[str, Any] | None:
+    """An ``eth_getBlockByNumber`` answer, checked: None, or a block with its number, hash and ``logsBloom``."""
+    if value is None:
+        return None
+    what = f"{endpoint}: eth_getBlockByNumber"
+    if not isinstance(value, dict):
+        raise Malformed(f"{what} answered {_shown(value)}, not a block")
+    _quantity(value.get("number"), f"{what} (its number)")
+    if not isinstance(value.get("hash"), str) or not _HASH.match(value["hash"]):
+        raise Malformed(f"{what} answered a block without a hash")
+    bloom = value.get("logsBloom")
+    if bloom is not None and (not isinstance(bloom, str) or len(bloom) != 514):
+        raise Malformed(f"{what} answered a block whose logsBloom is not 256 bytes")
+    return value
+
+
+def logs_of(value: Any, endpoint: str, first: int | None = None, last: int | None = None) -> list[dict[str, Any]]:
+    """An ``eth_getLogs`` answer, checked: a list of logs, each with what the source reads, within the range asked."""
+    what = f"{endpoint}: eth_getLogs"
+    if not isinstance(value, list):
+        raise Malformed(f"{what} answered {_shown(value)}, not a list of logs")
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise Malformed(f"{what} answered a log that is {_shown(entry)}")
+        topics = entry.get("topics")
+        if not isinstance(topics, list) or not all(isinstance(t, str) and _HASH.match(t) for t in topics):
+            raise Malformed(f"{what} answered a log without its topics: {_shown(entry)}")
+        for key, pattern in (("blockHash", _HASH), ("transactionHash", _HASH), ("address", _ADDRESS),
+                             ("data", _DATA), ("blockNumber", _QUANTITY), ("logIndex", _QUANTITY)):
+            if not isinstance(entry.get(key), str) or not pattern.match(entry[key]):
+                raise Malformed(f"{what} answered a log whose {key} is {_shown(entry.get(key))}")
+        if first is not None and last is not None and not first <= int(entry["blockNumber"], 16) <= last:
+            raise Malformed(f"{what} answered a log of block {int(entry['blockNumber'], 16)}, outside {first}-{last}")
+    return value
+
+
+def bloom_may_hold(bloom: str, addresses: Sequence[str], topics: Sequence[str]) -> bool:
+    """May a block whose ``logsBloom`` is ``bloom`` hold a log of one of ``addresses`` (any, when empty) with one of
+    ``topics`` as its first topic? (The yellow paper's bloom: three 11-bit indexes from an item's keccak.)"""
+    bits = int(bloom, 16)
+
+    def present(item: str) -> bool:
+        digest = keccak(bytes.fromhex(item[2:]))
+        return all(bits >> (((digest[i] << 8) | digest[i + 1]) & 2047) & 1 for i in (0, 2, 4))
+
+    return (not addresses or any(map(present, addresses))) and any(map(present, topics))
+
+
 T = TypeVar("T")
 
 
@@ -345,10 +438,15 @@ class Endpoint:
         self.ws = url.startswith(("ws://", "wss://"))
         self._http = None
         if not self.ws:
+            from aiohttp import ClientConnectionError
             from web3 import AsyncHTTPProvider  # (here: web3 takes most of a second to import, and the CLI reads
             #                                       the config, hence this module, at every command)
+            from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
-            self._http = AsyncHTTPProvider(url, request_kwargs={"timeout": timeout})
+            # web3 retries a failed connection itself, quickly; an HTTP error (a 429) comes here at once, so that
+            # its Retry-After is honoured (``Node.step``)
+            retry = ExceptionRetryConfiguration(errors=(ClientConnectionError, TimeoutError))
+            self._http = AsyncHTTPProvider(url, request_kwargs={"timeout": timeout}, exception_retry_configuration=retry)
         self._socket: Any = None
         self._ids = itertools.count(1)
 
@@ -361,14 +459,32 @@ class Endpoint:
                                   else self._http.make_request(method, list(params)))  # type: ignore[union-attr]
         except Exception as exc:  # aiohttp, websockets, timeouts, refused connections, answers that are not JSON
             await self._drop()
+            if getattr(exc, "status", None) == 429:  # (aiohttp's ClientResponseError)
+                headers = getattr(exc, "headers", None) or {}
+                raise RateLimited(f"{self.name}: {method}: HTTP 429 Too Many Requests",
+                                  _retry_after(headers.get("Retry-After"))) from None
             raise Unreachable(f"{self.name}: {method} failed: {type(exc).__name__}: {exc}"[:300]) from None
         if not isinstance(response, dict):
             raise Unreachable(f"{self.name}: {method}: not a JSON-RPC answer")
         error: Any = response.get("error")
         if error:
             message = error.get("message", error) if isinstance(error, dict) else error
-            raise RpcError(f"{method}: {message}", error.get("code") if isinstance(error, dict) else None)
-        return response.get("result")
+            code = error.get("code") if isinstance(error, dict) else None
+            if code == 429 or RATE_ERRORS.search(str(message)):
+                raise RateLimited(f"{self.name}: {method}: {message}"[:300], None)
+            raise RpcError(f"{method}: {message}", code)
+        if "result" not in response:
+            raise Malformed(f"{self.name}: {method}: a JSON-RPC answer without a result or an error")
+        return response["result"]
+
+    async def quantity(self, method: str, *params: Any) -> int:
+        return _quantity(await self.call(method, *params), f"{self.name}: {method}")
+
+    async def block(self, tag: str) -> dict[str, Any] | None:
+        return block_of(await self.call("eth_getBlockByNumber", tag, False), self.name)
+
+    async def logs(self, query: dict[str, Any], first: int | None = None, last: int | None = None) -> list[dict[str, Any]]:
+        return logs_of(await self.call("eth_getLogs", query), self.name, first, last)
 
     async def _ws_request(self, method: str, params: list[Any]) -> Any:
         if self._socket is None:
@@ -423,10 +539,22 @@ class Node:
 
     async def step(self, work: Callable[[Endpoint], Awaitable[T]]) -> T:
         failures: list[str] = []
+        waited, wait = 0.0, RATE_WAIT_FIRST
         while True:
             endpoint = self.endpoint
             try:
                 return await work(endpoint)
+            except RateLimited as exc:
+                # The step runs again, on this endpoint, after its Retry-After (else a wait that doubles): the cursor
+                # stays where it is, and the source stays up while the waits add up to less than RATE_WAIT_TOTAL.
+                pause = min(RATE_WAIT_MAX, exc.retry_after if exc.retry_after is not None else wait)
+                if waited + pause > RATE_WAIT_TOTAL:
+                    raise Unreachable(f"{exc.detail}; still limited after {waited:g}s of waiting") from None
+                if waited == 0:
+                    log.warning("%s: waiting %gs, then asking again", exc.detail, pause)
+                await anyio.sleep(pause)
+                waited += pause
+                wait = min(RATE_WAIT_MAX, wait * 2)
             except Unreachable as exc:
                 failures.append(exc.detail)
                 if len(failures) >= len(self.endpoints):
@@ -488,7 +616,7 @@ class EthereumSource(Source[EthereumSourceConfig]):
                 ctx.set_ready(False)
 
     async def _start(self, ctx: SourceContext, node: Endpoint) -> None:
-        chain = int(await node.call("eth_chainId"), 16)
+        chain = await node.quantity("eth_chainId")
         saved = await ctx.checkpoints.get("chain")
         expected = self.config.chain_id if self.config.chain_id is not None else (int(saved) if saved else None)
         if expected is not None and chain != expected:
@@ -506,7 +634,7 @@ class EthereumSource(Source[EthereumSourceConfig]):
             # [number, hash, logs handed over from it] (older checkpoints: [number, hash])
             self.saved_recent = {int(n): (str(h), int(rest[0]) if rest else -1) for n, h, *rest in state.get("recent", [])}
         else:
-            head = int(await node.call("eth_blockNumber"), 16)
+            head = await node.quantity("eth_blockNumber")
             start = head if self.config.from_block == "latest" else self.config.from_block
             if start > head:
                 log.warning("from_block %d is ahead of the head (%d): waiting for it", start, head)
@@ -518,9 +646,9 @@ class EthereumSource(Source[EthereumSourceConfig]):
     async def _target(self, node: Endpoint) -> int:
         confirmations = self.config.confirmations
         if isinstance(confirmations, str):
-            block = await node.call("eth_getBlockByNumber", confirmations, False)
+            block = await node.block(confirmations)
             return int(block["number"], 16) if block else -1
-        return int(await node.call("eth_blockNumber"), 16) - confirmations
+        return await node.quantity("eth_blockNumber") - confirmations
 
     async def _poll(self, ctx: SourceContext, node: Node) -> None:
         assert self.checkpoint is not None and self.progress is not None
@@ -544,27 +672,66 @@ class EthereumSource(Source[EthereumSourceConfig]):
             return cursor, True
         first, last = cursor + 1, min(target, cursor + self.range)
         try:
-            logs = await node.call("eth_getLogs", self._filter(first, last))
-        except Unreachable:
-            raise  # (not the range's fault: another endpoint is tried)
+            logs = await node.logs(self._filter(first, last), first, last)
+        except (Unreachable, RateLimited):
+            raise  # (not the range's fault: another endpoint is tried, or the same one later)
         except RpcError as exc:
             if exc.code in (-32005, -32602) or RANGE_ERRORS.search(str(exc)):
                 span = last - first + 1
                 if span > 1:
-                    self.range = max(1, span // 2)
+                    suggested = SUGGESTED_RANGE.search(exc.detail)
+                    fits = int(suggested[2], 16) - int(suggested[1], 16) + 1 if suggested else 0
+                    self.range = fits if 0 < fits < span else max(1, span // 2)
                     self.ceiling, self.successes = span - 1, 0  # not that many again for a while
-                    log.info("the node refused %d blocks at once (%s): asking for %d", span, exc, self.range)
+                    log.info("the node refused %d blocks at once (%s): asking for %d%s", span, exc, self.range,
+                             " (the range it suggested)" if 0 < fits < span else "")
                     return cursor, False
             raise
-        block = await node.call("eth_getBlockByNumber", hex(last), False)
+        block = await node.block(hex(last))
         if block is None:
             return cursor, False  # the node is behind its own head (a load balancer): ask again
+        if last > target - BLOOM_WINDOW and not await self._complete(node, logs, max(first, target - BLOOM_WINDOW + 1),
+                                                                      last, block):
+            return cursor, False  # an answer from a node that has not seen the newest blocks yet: ask again
         self.successes += 1
         if self.successes >= CEILING_KEPT:
             self.ceiling = self.config.max_block_range  # try larger ranges again, now and then
         self.range = min(self.config.max_block_range, self.ceiling, self.range * 2)
         await self._hand_over(ctx, logs, last, block["hash"])
         return last, False
+
+    async def _complete(self, node: Endpoint, logs: list[dict[str, Any]], first: int, last: int,
+                        last_block: dict[str, Any]) -> bool:
+        """Are the logs answered for blocks ``first``..``last`` (the newest of the range) all there are? A block
+        without a log in the answer whose ``logsBloom`` says it may hold one is asked again by its hash (EIP-234): a
+        node that has the block answers for it exactly; a bloom's false positive then shows as no log. The logs so
+        found join ``logs``. False when such a block cannot be answered for yet (the step asks again)."""
+        with_logs = {int(entry["blockNumber"], 16) for entry in logs}
+        topics = list(self.decoders)
+        for number in range(first, last + 1):
+            if number in with_logs:
+                continue
+            block = last_block if number == last else await node.block(hex(number))
+            if block is None or block.get("logsBloom") is None:
+                return block is not None  # (a node without blooms: nothing to check against)
+            if not bloom_may_hold(block["logsBloom"], self.config.addresses, topics):
+                continue
+            query = {"blockHash": block["hash"], "topics": [topics]}
+            if self.config.addresses:
+                query["address"] = self.config.addresses
+            try:
+                found = await node.logs(query, number, number)
+            except (Unreachable, RateLimited):
+                raise
+            except RpcError as exc:  # (the node behind the balancer does not know the block yet)
+                log.info("block %d may hold logs the answer lacked, and %s cannot say yet (%s): asking again",
+                         number, node.name, exc)
+                return False
+            if found:
+                log.warning("%s answered no log for block %d, which has %d: a node behind the others answered; "
+                            "they are read by the block's hash", node.name, number, len(found))
+                logs.extend(found)
+        return True
 
     def _report(self, ctx: SourceContext, target: int) -> None:
         """The lag: blocks between the newest one deep enough to dispatch and the checkpoint. More than one
@@ -604,12 +771,12 @@ class EthereumSource(Source[EthereumSourceConfig]):
         if not known:
             return cursor
         top = max(known)
-        block = await node.call("eth_getBlockByNumber", hex(top), False)
+        block = await node.block(hex(top))
         if block is None or block["hash"] == known[top]:
             return cursor
         ancestor = None
         for number in sorted(known, reverse=True):
-            block = await node.call("eth_getBlockByNumber", hex(number), False)
+            block = await node.block(hex(number))
             if block is not None and block["hash"] == known[number]:
                 ancestor = number
                 break
@@ -651,8 +818,8 @@ class EthereumSource(Source[EthereumSourceConfig]):
             if self.config.addresses:
                 query["address"] = self.config.addresses
             try:
-                logs = await node.call("eth_getLogs", query)
-            except Unreachable:
+                logs = await node.logs(query)
+            except (Unreachable, RateLimited):
                 raise
             except RpcError as exc:
                 lost.append(f"block {number} ({count if count >= 0 else 'some'} logs: {exc})")

@@ -89,7 +89,9 @@ class Token:
         return int(self.web3.eth.block_number)
 
 
-Answer = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
+Answer = Callable[[dict[str, Any]], Awaitable[Any]]
+"""A proxy's own answer to a call: a JSON-RPC response (a dict), an aiohttp response (any status, any body), or
+None to forward the call to the node."""
 
 
 class Proxy:
@@ -110,6 +112,8 @@ class Proxy:
             call = await request.json()
             self.methods.append(call["method"])
             answer = await self.answer(call) if self.answer else None
+            if isinstance(answer, web.StreamResponse):
+                return answer
             return web.json_response(answer if answer is not None else await forward(self.node, call))
 
         app = web.Application()

@@ -108,6 +108,129 @@ async def test_a_node_that_refuses_large_ranges_still_gets_the_whole_backfill(tm
     assert refused and max(refused) > 100, "the proxy never refused a range: it tested nothing"
 
 
+async def through_a_provider(tmp_path: Path, token_contract: Any, make_answer: Any, logs: int = 40,
+                             until: Any = None) -> tuple[dict, Any]:
+    """``logs`` Transfers, one per block, emitted while the daemon reads them through a proxy that answers some calls
+    itself, as providers do (``make_answer(node)``: the proxy's answer, given the node's URL); returns the config
+    and the daemon's trigger once every log ran."""
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        async with Proxy(node, make_answer(node)) as proxy:
+            doc = config(tmp_path, proxy.url, token, confirmations=0)
+            async with running_daemon(doc) as daemon:
+                for value in range(logs):
+                    await anyio.to_thread.run_sync(token.emit_one, 2000 + value)
+                    await anyio.sleep(0.05)
+                await wait_for(lambda: len({r["id"] for r in reports(doc)}) >= logs, timeout=90, interval=0.2,
+                               what=f"all {logs} logs")
+                if until is not None:  # (and what the proxy has to do: the source polls on meanwhile)
+                    await wait_for(until, timeout=90, interval=0.2, what="the proxy's answers")
+                trigger = daemon.triggers["t"]
+    return doc, trigger
+
+
+def assert_each_once(doc: dict, logs: int = 40) -> None:
+    values = sorted(int(r["args"]["value"]) for r in reports(doc))
+    assert values == list(range(2000, 2000 + logs)), "a log missing or twice"
+
+
+async def test_rate_limits_are_waited_out_without_losing_the_cursor_or_the_source(
+        tmp_path, eth_node, token_contract, caplog):
+    """HTTP 429 (with and without Retry-After) and a JSON-RPC error that says the rate is limited, as hosted
+    providers answer: the step waits and asks the same endpoint again; the source never fails."""
+    from aiohttp import web
+
+    calls = {"n": 0, "limited": 0}
+    # which calls are limited, and how: twice in a row (the second wait doubles), once after the first logs ran
+    LIMITED = {3: "retry-after", 4: "no retry-after", 8: "json-rpc", 30: "no retry-after", 31: "retry-after",
+               60: "json-rpc"}
+
+    def make_answer(node: str) -> Any:
+        async def limit(call: dict[str, Any]) -> Any:
+            calls["n"] += 1
+            kind = LIMITED.get(calls["n"])
+            if kind is None:
+                return None
+            calls["limited"] += 1
+            if kind == "json-rpc":
+                return {"jsonrpc": "2.0", "id": call["id"], "error": {
+                    "code": -32005, "message": "daily request count exceeded, request rate limited"}}
+            return web.Response(status=429, text="Too Many Requests",
+                                headers={"Retry-After": "1"} if kind == "retry-after" else {})
+        return limit
+
+    doc, trigger = await through_a_provider(tmp_path, token_contract, make_answer, until=lambda: calls["limited"] == 6)
+    assert_each_once(doc)
+    assert calls["limited"] == 6, f"the proxy limited too few calls: it tested nothing ({calls})"
+    assert not trigger.status()["last_error"], trigger.status()["last_error"]
+    assert not [r for r in caplog.records if "source of trigger t failed" in r.getMessage()]
+    assert any("429" in r.getMessage() and "waiting" in r.getMessage() for r in caplog.records)
+
+
+async def test_malformed_answers_are_the_endpoints_failure_never_a_traceback(tmp_path, eth_node, token_contract, caplog):
+    """A result of the wrong type, a log without topics, HTML with status 200, a block number that is not hex:
+    each is the endpoint failing (one line), and no log is missing or twice."""
+    from aiohttp import web
+
+    bad = ["garbage", "no topics", "html", "number"]
+    done: list[str] = []
+
+    def make_answer(node: str) -> Any:
+        async def garble(call: dict[str, Any]) -> Any:
+            if not bad:
+                return None
+            if bad[0] == "number":
+                if call["method"] != "eth_blockNumber":
+                    return None
+                done.append(bad.pop(0))
+                return {"jsonrpc": "2.0", "id": call["id"], "result": 12}
+            if call["method"] != "eth_getLogs":
+                return None
+            real = await forward(node, call)
+            if bad[0] == "no topics" and not real.get("result"):
+                return None  # (a range without logs: spoil one that has some)
+            kind = bad.pop(0)
+            done.append(kind)
+            if kind == "garbage":
+                return {"jsonrpc": "2.0", "id": call["id"], "result": "garbage"}
+            if kind == "html":
+                return web.Response(status=200, text="<html><body>502 Bad Gateway</body></html>",
+                                    content_type="text/html")
+            return {**real, "result": [{k: v for k, v in entry.items() if k != "topics"} for entry in real["result"]]}
+        return garble
+
+    doc, _ = await through_a_provider(tmp_path, token_contract, make_answer)
+    assert_each_once(doc)
+    assert done == ["garbage", "no topics", "html", "number"], done
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    failures = " | ".join(r.getMessage() for r in caplog.records if "source of trigger t failed" in r.getMessage())
+    for said in ("not a list of logs", "without its topics", "not a hex quantity"):
+        assert said in failures, failures
+
+
+async def test_an_empty_answer_from_a_node_behind_the_others_skips_no_log(tmp_path, eth_node, token_contract, caplog):
+    """A load balancer answers some eth_getLogs of the newest blocks from a node that has not seen them: [] for
+    logs that exist. The blocks' logsBloom says they may hold logs; read by block hash, none is skipped."""
+    emptied: list[str] = []
+    ranges = {"n": 0}
+
+    def make_answer(node: str) -> Any:
+        async def lag(call: dict[str, Any]) -> Any:
+            query = call["params"][0] if call["method"] == "eth_getLogs" else {}
+            if "toBlock" in query and len(emptied) < 20:
+                ranges["n"] += 1
+                if ranges["n"] % 2:  # every other range query, answered by the node behind
+                    emptied.append(query["toBlock"])
+                    return {"jsonrpc": "2.0", "id": call["id"], "result": []}
+            return None
+        return lag
+
+    doc, _ = await through_a_provider(tmp_path, token_contract, make_answer)
+    assert_each_once(doc)
+    assert len(emptied) >= 5, "the proxy emptied too few answers: it tested nothing"
+    assert any("a node behind the others answered" in r.getMessage() for r in caplog.records)
+
+
 async def test_an_unreachable_node_or_another_chain_is_the_triggers_error_and_the_daemon_stays_up(
         tmp_path, eth_node, token_contract):
     with own_anvil(tmp_path / "anvil.log") as (node, _):

@@ -126,3 +126,50 @@ def test_an_rpc_url_with_a_key_comes_from_the_environment_and_never_shows(monkey
     assert config.endpoints() == ["https://user:secret@node.example/v3/KEY123"]
     shown = _redacted(config.endpoints()[0])
     assert "KEY123" not in shown and "secret" not in shown and "node.example" in shown
+
+
+def test_answers_of_the_wrong_shape_are_malformed_naming_what_is_wrong():
+    from connectors.ethereum import Malformed, block_of, logs_of
+
+    good = {"blockHash": "0x" + "a" * 64, "transactionHash": "0x" + "b" * 64, "address": "0x" + "c" * 40,
+            "data": "0x", "blockNumber": "0x10", "logIndex": "0x0", "topics": ["0x" + "d" * 64]}
+    assert logs_of([good], "e", 16, 16) == [good]
+    cases = [("garbage", "not a list of logs"), ([1], "a log that is int"),
+             ([{**good, "topics": None}], "without its topics"), ([{**good, "logIndex": 3}], "logIndex is int"),
+             ([{**good, "blockNumber": "0x11"}], "outside 16-16")]
+    for answer, said in cases:
+        with pytest.raises(Malformed, match=said):
+            logs_of(answer, "e", 16, 16)
+    assert block_of(None, "e") is None
+    with pytest.raises(Malformed, match="not a block"):
+        block_of("0x1", "e")
+    with pytest.raises(Malformed, match="without a hash"):
+        block_of({"number": "0x1", "hash": "nope"}, "e")
+
+
+def test_a_providers_suggested_range_is_found_in_its_refusal():
+    from connectors.ethereum import SUGGESTED_RANGE
+
+    alchemy = ("Log response size exceeded. You can make eth_getLogs requests with up to a 2K block range and no limit "
+               "on the response size, or you can request any block range with a cap of 10K logs in the response. "
+               "Based on your parameters, this block range should work: [0x1c2a1d, 0x1c2f6b]")
+    found = SUGGESTED_RANGE.search(alchemy)
+    assert found and int(found[2], 16) - int(found[1], 16) + 1 == 1359
+    assert SUGGESTED_RANGE.search("query returned more than 10000 results") is None
+
+
+def test_a_blooms_bits_say_which_address_and_topic_a_block_may_hold():
+    from eth_utils.crypto import keccak
+
+    from connectors.ethereum import bloom_may_hold
+
+    address, topic = "0x" + "11" * 20, "0x" + "22" * 32
+    bits = 0
+    for item in (address, topic):
+        digest = keccak(bytes.fromhex(item[2:]))
+        for i in (0, 2, 4):
+            bits |= 1 << (((digest[i] << 8) | digest[i + 1]) & 2047)
+    bloom = "0x" + f"{bits:0512x}"
+    assert bloom_may_hold(bloom, [address], [topic]) and bloom_may_hold(bloom, [], [topic])
+    assert not bloom_may_hold(bloom, ["0x" + "33" * 20], [topic])
+    assert not bloom_may_hold("0x" + "0" * 512, [], [topic])
