@@ -438,10 +438,12 @@ class Endpoint:
         self.ws = url.startswith(("ws://", "wss://"))
         self._http = None
         if not self.ws:
+            # (imported here: web3 takes most of a second to import, and the CLI reads the config, hence this
+            # module, at every command)
             from aiohttp import ClientConnectionError
-            from web3 import AsyncHTTPProvider  # (here: web3 takes most of a second to import, and the CLI reads
-            #                                       the config, hence this module, at every command)
+            from web3 import AsyncHTTPProvider
             from web3.providers.rpc.utils import ExceptionRetryConfiguration
+
 
             # web3 retries a failed connection itself, quickly; an HTTP error (a 429) comes here at once, so that
             # its Retry-After is honoured (``Node.step``)
