@@ -19,7 +19,7 @@ import re
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -160,17 +160,37 @@ def payloads_of(records: Iterable[Any]) -> list[Payload]:
     return [record if type(record) is tuple else _payload(None, record) for record in records]
 
 
+Undecodable = Callable[[Any, int, BaseException], None]
+"""Told of a partition whose records from an offset on cannot be decoded: (its TopicPartition, the offset, why)."""
+
+
 class _PayloadBuffer(OrderedDict):  # type: ignore[type-arg]
-    """aiokafka's buffer of fetched partitions, whose records come out as payloads."""
+    """aiokafka's buffer of fetched partitions, whose records come out as payloads; a batch that cannot be decoded
+    ends its partition's records there (those before it come out) and is told to ``undecodable``."""
+
+    def __init__(self, undecodable: Undecodable) -> None:
+        super().__init__()
+        self.undecodable = undecodable
 
     def __setitem__(self, tp: Any, result: Any) -> None:
         records = getattr(result, "_partition_records", None)
         if isinstance(records, PartitionRecords):
             records._consumer_record = _payload
+            records._records_iterator = _guarded(records, records._records_iterator, self.undecodable)
         super().__setitem__(tp, result)
 
 
-def fetch_payloads(consumer: AIOKafkaConsumer) -> bool:
+def _guarded(records: Any, iterator: Any, undecodable: Undecodable) -> Any:
+    """``iterator``'s records until one cannot be decoded (a batch whose codec's data is corrupt, a codec no library
+    reads): then it ends, so that aiokafka hands out the records before it and keeps the partition's position at it.
+    (Raised, the error would lose the records that the same fetch drained from other partitions.)"""
+    try:
+        yield from iterator
+    except Exception as exc:
+        undecodable(records._tp, records.next_fetch_offset, exc)
+
+
+def fetch_payloads(consumer: AIOKafkaConsumer, undecodable: Undecodable) -> bool:
     """Have a started consumer's ``getmany`` return payloads instead of ``ConsumerRecord`` objects.
 
     aiokafka builds a dataclass of eleven fields per record, about half of its cost per record;
@@ -183,7 +203,7 @@ def fetch_payloads(consumer: AIOKafkaConsumer) -> bool:
     buffered = getattr(fetcher, "_records", None)
     if type(buffered) is not OrderedDict or not _consumer_record_as_expected():
         return False
-    replacement = _PayloadBuffer()
+    replacement = _PayloadBuffer(undecodable)
     for tp, result in buffered.items():
         replacement[tp] = result
     fetcher._records = replacement  # type: ignore[union-attr]
@@ -193,7 +213,10 @@ def fetch_payloads(consumer: AIOKafkaConsumer) -> bool:
 def _consumer_record_as_expected() -> bool:
     """aiokafka's ``PartitionRecords._consumer_record(self, tp, record)``, the method the fast path replaces."""
     method = getattr(PartitionRecords, "_consumer_record", None)
-    if not callable(method):
+    try:
+        if not callable(method) or "_records_iterator" not in inspect.getsource(PartitionRecords.__init__):
+            return False
+    except (OSError, TypeError):
         return False
     try:
         return list(inspect.signature(method).parameters) == ["self", "tp", "record"]
@@ -420,6 +443,9 @@ class KafkaSource(Source[KafkaSourceConfig]):
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.fetches_payloads = False
+        self.undecodable: dict[TopicPartition, str] = {}
+        """Partitions paused at records that cannot be decoded, and why (until the source restarts)."""
+        self._told: list[tuple[TopicPartition, str]] = []
         self._backlog: int | None = None
         """The most records behind since a backfill began (None: none under way)."""
         """Whether a fetch came back as payloads (``fetch_payloads``): the fast path is in effect."""
@@ -446,7 +472,8 @@ class KafkaSource(Source[KafkaSourceConfig]):
             raise SourceError(f"cannot connect to Kafka at {','.join(config.bootstrap_servers)}: "
                               f"{why or exc}") from exc
         self._consumer = consumer
-        if not fetch_payloads(consumer):
+        self.undecodable.clear()
+        if not fetch_payloads(consumer, self._undecodable):
             log.info("this aiokafka's fetcher is not the one expected: records are converted one by one (slower)")
         ctx.set_ready(True)
         try:
@@ -471,12 +498,33 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 with anyio.move_on_after(STOP_WAIT):
                     await client.stop()
 
+    def _undecodable(self, tp: TopicPartition, offset: int, exc: BaseException) -> None:
+        """(From inside a fetch.) The partition's records from ``offset`` cannot be decoded."""
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        self._told.append((tp, f"the records of {tp.topic}/{tp.partition} from offset {offset} cannot be decoded "
+                               f"({why}): that partition is paused, its offset stays before them; the other "
+                               "partitions go on"))
+
+    def _pause_undecodable(self, ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
+        told, self._told = self._told, []
+        for tp, message in told:
+            if tp not in consumer.assignment():
+                continue  # (revoked meanwhile: its new owner sees the same, and says so)
+            consumer.pause(tp)
+            if self.undecodable.get(tp) != message:
+                log.error("%s", message)
+            self.undecodable[tp] = message
+        if told:
+            ctx.set_ready(False, "; ".join(self.undecodable.values())[:1000])
+
     async def _consume(self, ctx: SourceContext, consumer: AIOKafkaConsumer) -> None:
         while True:
             try:
                 fetched = await consumer.getmany(timeout_ms=500, max_records=2000)
             except KafkaError as exc:
                 raise SourceError(f"Kafka fetch failed: {exc}") from exc
+            if self._told:
+                self._pause_undecodable(ctx, consumer)
             if self.held:
                 await self._release(ctx, consumer)
             for tp, records in fetched.items():
@@ -551,7 +599,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 await ctx.emit_run(run)
                 tg.cancel_scope.cancel()
         finally:
-            consumer.resume(*(consumer.assignment() - self.held.keys()))
+            consumer.resume(*(consumer.assignment() - self.held.keys() - self.undecodable.keys()))
             ctx.set_paused(bool(self.held))
 
     async def _settle(self, run: Run, outcome: Outcome) -> None:
@@ -632,6 +680,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
         self.revocations += bool(owned)
         for tp in partitions:
             self.held.pop(tp, None)  # never tracked: the next owner reads them
+            self.undecodable.pop(tp, None)  # (its next owner finds the same records, and says so)
         await self.committer.drain(owned, wait=REVOKE_WAIT)
         for tp in owned:
             del self.marks[tp]

@@ -96,3 +96,40 @@ def own_broker(log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     argv = [str(SERVICES_HOME / "tansu"), "broker", "--listener-url", url, "--advertised-listener-url", url]
     with own_service(argv, port, log, "the test's own broker") as proc:
         yield f"127.0.0.1:{port}", proc
+
+
+def produce_undecodable(broker: str, topic: str, partition: int, codec: int, count: int = 3) -> None:
+    """A record batch that says it is compressed with ``codec`` (1 gzip, 2 snappy, 3 lz4, 4 zstd) and is not: what
+    a broken producer, or a disk's damage behind a valid CRC, leaves. The broker keeps it (tansu does not decode
+    batches); no consumer library can read it. Sent as a raw ProduceRequest through aiokafka's client."""
+    import asyncio
+    import struct
+
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.produce import ProduceRequest
+    from aiokafka.record._crc32c import crc as crc32c
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.structs import TopicPartition as AioTopicPartition
+
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0, producer_id=-1,
+                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    for n in range(count):
+        builder.append(n, timestamp=1_700_000_000_000 + n, key=None, value=b'{"undecodable": %d}' % n, headers=[])
+    batch = bytearray(builder.build())
+    attributes = struct.unpack_from(">h", batch, 21)[0]
+    struct.pack_into(">h", batch, 21, (attributes & ~7) | codec)
+    struct.pack_into(">I", batch, 17, crc32c(bytes(batch[21:])))  # a valid CRC over the lie
+
+    async def send() -> None:
+        client = AIOKafkaClient(bootstrap_servers=broker)
+        await client.bootstrap()
+        try:
+            await client.force_metadata_update()
+            leader = client.cluster.leader_for_partition(AioTopicPartition(topic, partition))
+            answer = await client.send(leader, ProduceRequest(None, -1, 30000, [(topic, [(partition, bytes(batch))])]))
+            errors = [p[1] for t in answer.topics for p in t[1]]
+            assert errors == [0], answer
+        finally:
+            await client.close()
+
+    asyncio.run(send())

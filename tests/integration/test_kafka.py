@@ -15,7 +15,7 @@ import pytest
 
 from dispatcher.config import parse
 from dispatcher.daemon import Daemon
-from tests.kafka import committed, consume_all, new_topic, own_broker, produce
+from tests.kafka import committed, consume_all, new_topic, own_broker, produce, produce_undecodable
 from tests.support import base_config, free_port, post, running_daemon, store_of, wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -81,6 +81,30 @@ async def test_records_in_every_codec_a_producer_may_use_all_run_once_in_one_top
     async with running_daemon(doc):
         await wait_for(lambda: f"{topic}/0/15" in seen_ids(doc), timeout=60, what="the record after the restart")
     assert sorted(seen_ids(doc)) == sorted([*everything, f"{topic}/0/15"])  # each once
+
+
+async def test_records_no_library_can_decode_pause_their_partition_loudly_and_the_others_go_on(
+        tmp_path, kafka_broker, caplog):
+    """Partition 0: three good records, a batch that says lz4 and is not, three good records after it; partition 1:
+    ten good records. Partition 1 and what comes before the bad batch all run; partition 0 stops at the bad batch,
+    its offset committed up to it and no further; the error names topic, partition and offset, in one line."""
+    topic = new_topic(kafka_broker, 2)
+    produce(kafka_broker, topic, [(None, b'{"before": %d}' % n) for n in range(3)], partition=0)
+    await anyio.to_thread.run_sync(lambda: produce_undecodable(kafka_broker, topic, 0, codec=3))
+    produce(kafka_broker, topic, [(None, b'{"after": %d}' % n) for n in range(3)], partition=0)
+    produce(kafka_broker, topic, [(None, b'{"other": %d}' % n) for n in range(10)], partition=1)
+    doc = config(tmp_path, kafka_broker, topic, PRINT_IDS)
+    expected = {f"{topic}/0/{n}" for n in range(3)} | {f"{topic}/1/{n}" for n in range(10)}
+    async with running_daemon(doc, ready=False) as daemon:  # (not ready: that is the point)
+        await wait_for(lambda: set(seen_ids(doc)) == expected, timeout=60, what="partition 1 and partition 0's start")
+        await wait_for(lambda: committed(kafka_broker, f"g-{topic}", topic, 2) == {0: 3, 1: 10}, timeout=30,
+                       what="the commits: partition 0 up to the bad batch")
+        error = daemon.triggers["t"].status()["last_error"]
+        assert f"the records of {topic}/0 from offset 3 cannot be decoded" in error and "lz4" in error, error
+        assert not (await daemon._ready())["sources"]["t"]
+    assert set(seen_ids(doc)) == expected  # nothing after the bad batch, nothing skipped
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert sum("cannot be decoded" in r.getMessage() for r in caplog.records if r.levelname == "ERROR") == 1
 
 
 async def test_header_values_travel_losslessly_bytes_nulls_and_repeated_names(tmp_path, kafka_broker):

@@ -1,9 +1,11 @@
 """Kafka records as CloudEvents: the byte-template encoder makes exactly the events ``to_event`` makes."""
 
 import json
+import struct
 
 import pytest
 from aiokafka.consumer.fetcher import FetchResult, PartitionRecords
+from aiokafka.record._crc32c import crc as crc32c
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -87,12 +89,24 @@ def test_the_fetcher_hands_out_the_payloads_its_consumer_records_would_give():
 
     consumer_records = list(partition_records())
     assert [record.offset for record in consumer_records] == [1, 2, 3, 4, 5, 6, 7]
-    buffer = _PayloadBuffer()
+    told: list[tuple[object, int, BaseException]] = []
+    buffer = _PayloadBuffer(lambda *bad: told.append(bad))
     buffer[tp] = FetchResult(tp, assignment=None, partition_records=partition_records(), backoff=0)
     payloads = list(buffer[tp]._partition_records)
     assert payloads == payloads_of(consumer_records)
     assert payloads[2] == (3, 1_700_000_000_003, b"k3", b'{"n": 3}', (("h", b"v"),))
     assert payloads_of(payloads) == payloads
+    assert not told
+
+    # The second batch says it is lz4 and is not: the records before it come out, and the buffer says where it stopped.
+    at = len(fetched) // 2  # (where the second batch begins: both have the same size)
+    attributes = struct.unpack_from(">h", fetched, at + 21)[0]
+    struct.pack_into(">h", fetched, at + 21, (attributes & ~7) | 3)
+    struct.pack_into(">I", fetched, at + 17, crc32c(bytes(fetched[at + 21:])))
+    records = partition_records()
+    buffer[tp] = FetchResult(tp, assignment=None, partition_records=records, backoff=0)
+    assert [payload[0] for payload in buffer[tp]._partition_records] == [1, 2, 3]
+    assert [(bad[0], bad[1]) for bad in told] == [(tp, 4)] and records.next_fetch_offset == 4
 
 
 def test_a_record_time_in_milliseconds_is_exact():
