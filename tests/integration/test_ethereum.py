@@ -231,6 +231,37 @@ async def test_an_empty_answer_from_a_node_behind_the_others_skips_no_log(tmp_pa
     assert any("a node behind the others answered" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_range_the_provider_suggests_in_its_refusal_is_the_one_asked_next(tmp_path, eth_node, token_contract):
+    """Alchemy's refusal names a range that should work; the source asks for that many blocks next (not half)."""
+    asked: list[int] = []
+
+    async def suggest(call: dict[str, Any]) -> dict[str, Any] | None:
+        if call["method"] == "eth_getLogs" and "fromBlock" in call["params"][0]:
+            query = call["params"][0]
+            first, last = int(query["fromBlock"], 16), int(query["toBlock"], 16)
+            asked.append(last - first + 1)
+            if last - first + 1 > 37:
+                return {"jsonrpc": "2.0", "id": call["id"], "error": {"code": -32602, "message": (
+                    "Log response size exceeded. You can make eth_getLogs requests with up to a 2K block range and "
+                    "no limit on the response size, or you can request any block range with a cap of 10K logs in "
+                    f"the response. Based on your parameters, this block range should work: [{hex(first)}, "
+                    f"{hex(first + 36)}]")}}
+        return None
+
+    with own_anvil(tmp_path / "anvil.log") as (node, _):
+        token = Token(node, token_contract)
+        for n in range(20):
+            token.emit_many(1, 3000 + n)
+        token.mine(200)
+        async with Proxy(node, suggest) as proxy:
+            doc = config(tmp_path, proxy.url, token, confirmations=0, max_block_range=1000)
+            async with running_daemon(doc):
+                await wait_for(lambda: len(reports(doc)) >= 20, timeout=60, interval=0.2, what="all 20 logs")
+    assert sorted(int(r["args"]["value"]) for r in reports(doc)) == list(range(3000, 3020))
+    refused = asked.index(next(span for span in asked if span > 37))
+    assert asked[refused + 1] == 37, asked[:10]  # the suggested range, not half of the refused one
+
+
 async def test_an_unreachable_node_or_another_chain_is_the_triggers_error_and_the_daemon_stays_up(
         tmp_path, eth_node, token_contract):
     with own_anvil(tmp_path / "anvil.log") as (node, _):
