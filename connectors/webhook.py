@@ -322,6 +322,8 @@ class WebhookSource(Source[WebhookSourceConfig]):
 
     async def _run_now(self, event: Event) -> HttpResponse:
         outcome = await self._ctx.invoke(event)
+        if outcome.status == "dropped":  # the trigger's filter kept it out: nothing ran, nothing to answer with
+            return HttpResponse(204, b"", {"X-Eventswarm-Filtered": "true"})
         if outcome.status != "succeeded":
             return HttpResponse.json(502, {"error": f"function failed (exit code {outcome.exit_code})",
                                            "invocation_id": outcome.invocation_id})

@@ -212,7 +212,8 @@ class SourceContext(Protocol):
         ...
 
     async def invoke(self, event: Event) -> Outcome:
-        """Run ``event`` now as a batch of one, once, and return how it ended (``mode = "sync"``)."""
+        """Run ``event`` now as a batch of one, once, and return how it ended (``mode = "sync"``). An event the trigger's
+        ``filter`` keeps out does not run: its outcome is ``dropped``."""
         ...
 
     def add_route(self, method: str, path: str, handler: HttpHandler, *, max_body: int) -> None:

@@ -180,6 +180,10 @@ class Trigger:
 
     async def invoke(self, event: Event) -> Outcome:
         self.metrics.received(self.trigger)
+        predicate = self.pipeline.filter
+        if predicate is not None and not predicate(event):  # (as the pipeline filters what is emitted)
+            self.metrics.events_dropped.labels(self.trigger, "filtered").inc()
+            return Outcome("dropped", error="filtered out by the trigger's filter")
         async with self._sync:
             return await self.dispatcher.invoke_once(event)
 

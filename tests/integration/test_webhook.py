@@ -272,3 +272,14 @@ async def test_named_headers_and_the_query_reach_the_function_losslessly(tmp_pat
         event = json.loads(await anyio.to_thread.run_sync(send))["events"][0]
     assert json.loads(event["httpheaders"]) == {"x-event": "push", "x-repeated": ["one", {"base64": "//4="}]}
     assert json.loads(event["httpquery"]) == {"a": ["1", "2"], "b": "caf\u00e9", "c": ""}
+
+
+async def test_a_sync_webhooks_filter_keeps_out_what_it_does_not_match_without_running_it(tmp_path):
+    doc = config(tmp_path, mode="sync")
+    doc["triggers"]["t"]["filter"] = "data.amount > 100"
+    async with running_daemon(doc) as daemon:
+        kept = await call(daemon, b'{"amount": 150}')
+        filtered = await call(daemon, b'{"amount": 5}')
+    assert kept[0] == 200 and json.loads(kept[2])["events"][0]["data"] == {"amount": 150}
+    assert (filtered[0], filtered[2], filtered[1].get("X-Eventswarm-Filtered")) == (204, b"", "true")
+    assert len(store_of(doc).invocations()) == 1  # the filtered request ran nothing
