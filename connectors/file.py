@@ -16,45 +16,43 @@ again; that memory lives in the state store and is forgotten after ``remember_do
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import json
 import logging
 import os
 import shutil
-import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from connectors.folder import (
+    CLAIM_CHUNK,
+    KEPT_LIMIT,
+    PROCESSING,
+    FileSourceConfig,
+    Folder,
     Refused,
     display,
     keep_owner,
-    kind_of,
     make_folders,
     name_extensions,
     open_regular,
     owner_of,
     raw,
     reason,
-    resolve_link,
     short_name,
     state_key,
     write_like,
 )
+from connectors.tail import Lines
 from dispatcher.api import (
-    Duration,
     Event,
     Outcome,
     Run,
-    Size,
     Source,
-    SourceConfig,
     SourceContext,
     SourceError,
     parse_json,
@@ -63,98 +61,7 @@ from dispatcher.api import (
 
 log = logging.getLogger("eventswarm.file")
 
-PROCESSING = ".processing"
-SCAN_LIMIT = 50_000
-"""Files one scan keeps track of (the rest are counted for the lag, and seen by a later scan)."""
-CLAIM_CHUNK = 100
-"""Files claimed, read and handed over together (one run)."""
-KEPT_LIMIT = 100_000
-"""Files left in place (``keep``) remembered in memory, so that a rescan does not claim them again."""
-ALWAYS_IGNORED = ("*.error.json",)
-"""The reason files the source writes itself."""
-COMPRESSED = ("*.gz", "*.bz2", "*.xz", "*.zst", "*.lz4", "*.Z")
-"""Lines mode never tails these: they are compressed rotations (logrotate's ``compress``), not text that grows."""
-
-
-FILE_KEYS = {"stable_for", "on_success", "on_failure", "max_inline", "remember_done", "max_file_size"}
-LINES_KEYS = {"max_line", "start_at", "max_uncommitted", "commit_interval"}
-
-
-class FileSourceConfig(SourceConfig):
-    kind: Literal["file"]
-    path: str
-    """The folder to watch (made absolute)."""
-    patterns: list[str] = Field(["*"], min_length=1)
-    """Globs of file names (or of paths relative to ``path`` when they hold a ``/``)."""
-    ignore: list[str] = [".*", "*.tmp", "*.part"]
-    """Globs of names never picked up: hidden files and files still being written, by default."""
-    recursive: bool = False
-    mode: Literal["file", "lines"] = "file"
-    """``file``: each complete file is one event; ``lines``: each new complete line of the files is one."""
-    stable_for: Duration = 1.0
-    """A file is complete once its size and change time have not changed for this long."""
-    on_success: str = "move:done/"
-    """``move:<folder>`` (relative to ``path``, or absolute), ``delete`` or ``keep``."""
-    on_failure: str = "move:failed/"
-    """``move:<folder>`` or ``keep``; a ``<name>.error.json`` beside the file says why."""
-    max_inline: Size = 1024 * 1024
-    """Content up to this size travels in the event; a larger file travels as its path."""
-    max_file_size: Size = 1024 ** 3
-    """A larger file is not read (nor hashed): it is moved per ``on_failure``, with its reason."""
-    follow_symlinks: bool = False
-    """Read what symbolic links in the folder point to (regular files inside the folder only, unless
-    ``allow_outside``); else a link is never opened, and is moved per ``on_failure`` with its reason."""
-    allow_outside: bool = False
-    """With ``follow_symlinks``: links may also point outside the folder (anyone who can write in the folder can
-    then have the function read any file the daemon can read)."""
-    remember_done: Duration = 7 * 86400.0
-    """How long a file done is remembered (by path and sha256), so that the same file dropped again is not run again."""
-    rescan_interval: Duration = 10.0
-    max_line: Size = 1024 * 1024
-    """lines: a longer line is cut to this many bytes (the extension ``linelength`` gives its length)."""
-    start_at: Literal["beginning", "end"] = "beginning"
-    """lines: where files found at the first start begin (files that appear later are read from their start)."""
-    max_uncommitted: int = Field(100_000, ge=1)
-    """lines: lines of one file in flight behind its first unsettled line before reading that file pauses."""
-    commit_interval: Duration = 1.0
-    """lines: how often settled offsets are saved (also when the source stops)."""
-    force_polling: bool = False
-    """Poll instead of kernel notifications (network file systems)."""
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, path: str) -> str:
-        if not path:
-            raise ValueError("name the folder to watch")
-        return os.path.abspath(os.path.expanduser(path))
-
-    @field_validator("on_success", "on_failure")
-    @classmethod
-    def _action(cls, value: str, info: ValidationInfo) -> str:
-        allowed = ("delete", "keep") if info.field_name == "on_success" else ("keep",)
-        if value not in allowed and not (value.startswith("move:") and value[5:].strip()):
-            choices = " | ".join(f'"{a}"' for a in ("move:<folder>", *allowed))
-            raise ValueError(f"{value!r} is not one of {choices}")
-        return value
-
-    @model_validator(mode="after")
-    def _keys_of_the_mode(self) -> FileSourceConfig:
-        other = LINES_KEYS if self.mode == "file" else FILE_KEYS
-        for key in sorted(other & self.model_fields_set):
-            raise ValueError(f'{key}: only for mode = "{"lines" if self.mode == "file" else "file"}"')
-        if self.allow_outside and not self.follow_symlinks:
-            raise ValueError("allow_outside: only with follow_symlinks = true")
-        return self
-
-    def folders(self) -> list[str]:
-        return [self.path] if self.mode == "file" else []  # lines never travel as a path
-
-    def target(self, key: str) -> Path | None:
-        """The folder ``on_success``/``on_failure`` moves files to (None: delete or keep)."""
-        value = getattr(self, key)
-        if not value.startswith("move:"):
-            return None
-        return Path(self.path, value[5:].strip()).resolve()
+__all__ = ["FileSource", "FileSourceConfig"]
 
 
 class FileSource(Source[FileSourceConfig]):
@@ -164,125 +71,51 @@ class FileSource(Source[FileSourceConfig]):
 
     def __init__(self, config: FileSourceConfig) -> None:
         super().__init__(config)
-        self.root = Path(config.path)
-        self.done_dir = config.target("on_success")
-        self.failed_dir = config.target("on_failure")
+        self.folder = Folder(config)
+        self.root = self.folder.root
+        self.done_dir = self.folder.done_dir
+        self.failed_dir = self.folder.failed_dir
         self._pending: dict[str, tuple[int, int, float]] = {}
         """Files seen and not yet claimed: relative path -> (size, change time in ns, when first seen so)."""
         self._kept: dict[str, tuple[int, int]] = {}
         """Files done and left in place (``keep``): relative path -> (size, change time) when left."""
-        self._warned: set[str] = set()
-        self._dirty = anyio.Event()
-        self.watching = True
-        """False while watching the folder failed (until it is watched again): it is scanned every second then."""
-        self.real_root = os.path.realpath(self.root)
-        """The folder with its links resolved: what a followed link must point within."""
-        self.scans = 0
+
+    @property
+    def scans(self) -> int:
         """Scans of the folder so far (for status and tests)."""
+        return self.folder.scans
 
     # -- running --------------------------------------------------------------------------------
 
     async def run(self, ctx: SourceContext) -> None:
         if self.config.mode == "lines":
-            from connectors.tail import Lines
-
-            self.lines = Lines(self, ctx)
+            self.lines = Lines(self.folder, ctx)
             await self.lines.run()
             return
         self.claims = self.root / PROCESSING / ctx.trigger
-        await anyio.to_thread.run_sync(self._prepare)
+        await anyio.to_thread.run_sync(self.folder.prepare, self.claims)
         await ctx.checkpoints.forget("done/", time.time() - self.config.remember_done)
         ctx.set_ready(True)
         left = await anyio.to_thread.run_sync(self._claimed)
         for at in range(0, len(left), CLAIM_CHUNK):
             await self._dispatch(ctx, left[at:at + CLAIM_CHUNK])  # left by a crash: taken up again
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch)
+            tg.start_soon(self.folder.watch)
             first = True
             while True:
                 wait = await self._scan_and_claim(ctx, first)
                 first = False
-                with anyio.move_on_after(min(wait, self.rescan_every)):
-                    await self._dirty.wait()
-                self._dirty = anyio.Event()
-
-    def _prepare(self) -> None:
-        root = self.root
-        if not root.is_dir():
-            raise SourceError(f"folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
-        if self.config.mode == "lines":
-            return  # reading needs no write access
-        try:
-            make_folders(self.claims, root)
-            probe = self.claims / f".probe-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            raise SourceError(f"cannot write in {root} ({exc.strerror or exc}): claiming files renames them into "
-                              f"{self.claims.parent}") from None
-
-    @property
-    def rescan_every(self) -> float:
-        """Seconds between two scans without a change notification."""
-        return self.config.rescan_interval if self.watching else min(self.config.rescan_interval, 1.0)
-
-    async def _watch(self) -> None:
-        """Set ``_dirty`` on every batch of changes; without notifications, the periodic rescan alone finds files."""
-        try:
-            from watchfiles import awatch
-        except ImportError:  # pragma: no cover - watchfiles is a dependency
-            log.warning("watchfiles is not installed: the folder is rescanned every %gs", self.config.rescan_interval)
-            return
-        processing = str(self.root / PROCESSING)
-
-        def interesting(_change: Any, path: str) -> bool:
-            return not path.startswith(processing)
-
-        stop = anyio.Event()
-
-        async def stopper() -> None:
-            # watchfiles' thread waits for its own timeout unless told to stop: tell it when this is cancelled.
-            try:
-                await anyio.sleep_forever()
-            finally:
-                stop.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stopper)
-            pause = 1.0
-            while True:
-                started = time.monotonic()
-                try:
-                    async for _ in awatch(self.root, recursive=self.config.recursive, stop_event=stop,
-                                          force_polling=self.config.force_polling, watch_filter=interesting,
-                                          debounce=100, step=20):
-                        self.watching = True
-                        self._dirty.set()
-                    break
-                except (OSError, RuntimeError, ExceptionGroup) as caught:  # (awatch's own task group wraps them)
-                    # (a name watchfiles cannot decode, a folder gone: the scans, which read names as bytes, go on)
-                    exc = _only(caught)
-                    if not isinstance(exc, (OSError, RuntimeError)):
-                        raise
-                    if time.monotonic() - started > 60:
-                        pause = 1.0
-                    message = str(exc).encode("utf-8", "backslashreplace").decode()
-                    self._warn_once(f"watch\0{type(exc).__name__}",
-                                    f"watching {display(self.root)} failed ({message}): watching again in {pause:g}s, "
-                                    f"and the folder is scanned meanwhile")
-                    self.watching = False
-                    self._dirty.set()
-                    await anyio.sleep(pause)
-                    pause = min(pause * 2, self.config.rescan_interval)
-            tg.cancel_scope.cancel()
+                with anyio.move_on_after(min(wait, self.folder.rescan_every)):
+                    await self.folder.dirty.wait()
+                self.folder.dirty = anyio.Event()
 
     # -- scanning and claiming ------------------------------------------------------------------
 
     async def _scan_and_claim(self, ctx: SourceContext, first: bool) -> float:
         """Claim and hand over every complete file; return how long until a file seen may be complete."""
-        self.scans += 1
+        self.folder.scans += 1
         try:
-            files, others, refused = await anyio.to_thread.run_sync(self._scan)
+            files, others, refused = await anyio.to_thread.run_sync(self.folder.scan)
         except OSError as exc:
             raise SourceError(f"cannot read folder {self.root}: {exc.strerror or exc}") from None
         if refused:
@@ -318,65 +151,6 @@ class FileSource(Source[FileSourceConfig]):
             await self._dispatch(ctx, claimed)  # waits while the trigger's buffer is full: claiming stops
         return soonest + 0.01
 
-    def _scan(self) -> tuple[list[tuple[str, int, int, str]], int, list[tuple[str, str]]]:
-        """The matching files (relative path, size, change time in ns, ``device:inode``; a followed link's are its
-        target's), how many other files there are, and the matching entries that are not read (relative path, why):
-        links not followed, special files, files over ``max_file_size``. Nothing is opened."""
-        config = self.config
-        skip = {self.root / PROCESSING, self.done_dir, self.failed_dir}
-        files: list[tuple[str, int, int, str]] = []
-        refused: list[tuple[str, str]] = []
-        others = 0
-        stack = [""]
-        while stack:
-            rel_dir = stack.pop()
-            folder = self.root / rel_dir
-            try:
-                entries = os.scandir(folder)
-            except OSError:
-                if not rel_dir:
-                    raise
-                continue  # a subfolder that vanished or cannot be read
-            with entries:
-                for entry in entries:
-                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            if config.recursive and Path(entry.path) not in skip and not self._ignored(entry.name):
-                                stack.append(rel)
-                            continue
-                        if not self._wanted(rel, entry.name):
-                            others += 1
-                            continue
-                        if len(files) >= SCAN_LIMIT:
-                            others += 1
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                        if stat.S_ISLNK(st.st_mode):
-                            st = resolve_link(entry.path, follow=config.follow_symlinks,
-                                              allow_outside=config.allow_outside, root=self.real_root)
-                        elif not stat.S_ISREG(st.st_mode):
-                            raise Refused(f"a {kind_of(st.st_mode)}: only regular files are read")
-                        if config.mode == "file" and st.st_size > config.max_file_size:
-                            raise Refused(f"{st.st_size} bytes, over max_file_size ({config.max_file_size} bytes)")
-                    except Refused as why:
-                        if len(refused) < CLAIM_CHUNK:
-                            refused.append((rel, str(why)))
-                        continue
-                    except OSError:
-                        continue  # vanished meanwhile
-                    files.append((rel, st.st_size, max(st.st_mtime_ns, st.st_ctime_ns), f"{st.st_dev}:{st.st_ino}"))
-        return files, others, refused
-
-    def _ignored(self, name: str) -> bool:
-        extra = COMPRESSED if self.config.mode == "lines" else ()
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in (*self.config.ignore, *ALWAYS_IGNORED, *extra))
-
-    def _wanted(self, rel: str, name: str) -> bool:
-        if self._ignored(name):
-            return False
-        return any(fnmatch.fnmatchcase(rel if "/" in pattern else name, pattern) for pattern in self.config.patterns)
-
     def _claim_all(self, rels: list[str]) -> list[str]:
         return [rel for rel in rels if self._claim(rel)]
 
@@ -392,7 +166,7 @@ class FileSource(Source[FileSourceConfig]):
         except FileNotFoundError:
             return False
         except OSError as exc:
-            self._warn_once(rel, f"cannot claim {display(self.root / rel)}: {exc.strerror or exc}; it stays where it is")
+            self.folder.warn_once(rel, f"cannot claim {display(self.root / rel)}: {exc.strerror or exc}; it stays where it is")
             return False
         return True
 
@@ -415,7 +189,7 @@ class FileSource(Source[FileSourceConfig]):
         left where they are (one warning)."""
         for rel, why in refused:
             if self.failed_dir is None:
-                self._warn_once(rel, f"{display(self.root / rel)} is not read: {why}; it stays where it is "
+                self.folder.warn_once(rel, f"{display(self.root / rel)} is not read: {why}; it stays where it is "
                                      "(on_failure = \"keep\")")
                 continue
             log.warning("%s is not read: %s; it is moved to %s", display(self.root / rel), why,
@@ -423,14 +197,6 @@ class FileSource(Source[FileSourceConfig]):
             with contextlib.suppress(FileNotFoundError):
                 self._finish(rel, "failed", reason(file=rel, status="refused", error=why, trigger=trigger,
                                                    at=rfc3339(time.time())), source=self.root / rel)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        """``message`` as a warning, once per ``key`` (bounded)."""
-        if key not in self._warned:
-            if len(self._warned) >= KEPT_LIMIT:
-                self._warned.clear()
-            self._warned.add(key)
-            log.warning("%s", message)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -509,7 +275,7 @@ class FileSource(Source[FileSourceConfig]):
         limit = config.max_inline
         digest = hashlib.sha256()
         fd = open_regular(path, follow=config.follow_symlinks, allow_outside=config.allow_outside,
-                          root=self.real_root, base=(self.root / rel).parent)
+                          root=self.folder.real_root, base=(self.root / rel).parent)
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(fd)
             if st.st_size > config.max_file_size:
@@ -590,13 +356,6 @@ class FileSource(Source[FileSourceConfig]):
                 self._kept.clear()
             self._kept[str(target.relative_to(self.root))] = (st.st_size, max(st.st_mtime_ns, st.st_ctime_ns))
         _prune_empty(source.parent, self.claims)
-
-
-def _only(exc: BaseException) -> BaseException:
-    """The one exception inside nested exception groups (``exc`` itself when it holds several, or is no group)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 class Changed(Exception):

@@ -26,15 +26,12 @@ import zlib
 from collections.abc import Mapping
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
-from connectors.folder import Refused, display, name_extensions, open_regular
+from connectors.folder import Folder, Refused, display, name_extensions, open_regular
 from dispatcher.api import Committer, Event, Outcome, Progress, Run, SourceContext, SourceError, Span, rfc3339
-
-if TYPE_CHECKING:
-    from connectors.file import FileSource
 
 log = logging.getLogger("eventswarm.file")
 
@@ -95,9 +92,9 @@ def fingerprint_of(fd: int, size: int) -> tuple[str, int]:
 
 
 class Lines:
-    def __init__(self, source: FileSource, ctx: SourceContext) -> None:
-        self.source = source
-        self.config = source.config
+    def __init__(self, folder: Folder, ctx: SourceContext) -> None:
+        self.folder = folder
+        self.config = folder.config
         self.ctx = ctx
         self.tails: dict[str, Tail] = {}
         self.committer = Committer(self._save, self.config.commit_interval)
@@ -105,26 +102,26 @@ class Lines:
     # -- running --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        source = self.source
-        await anyio.to_thread.run_sync(source._prepare)
+        folder = self.folder
+        await anyio.to_thread.run_sync(folder.prepare, None)
         self.ctx.set_ready(True)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(source._watch)
+                tg.start_soon(folder.watch)
                 tg.start_soon(self.committer.run)
                 await self._scan(first=True)
                 await self._recover()
-                next_scan = time.monotonic() + source.rescan_every
+                next_scan = time.monotonic() + folder.rescan_every
                 while True:
                     busy = await self._read_round()
-                    if time.monotonic() >= next_scan or source._dirty.is_set():
-                        source._dirty = anyio.Event()
+                    if time.monotonic() >= next_scan or folder.dirty.is_set():
+                        folder.dirty = anyio.Event()
                         await self._scan(first=False)
-                        next_scan = time.monotonic() + source.rescan_every
+                        next_scan = time.monotonic() + folder.rescan_every
                         continue
                     if not busy:
                         with anyio.move_on_after(POLL):
-                            await source._dirty.wait()
+                            await folder.dirty.wait()
         finally:
             for tail in self.tails.values():
                 os.close(tail.fd)
@@ -144,13 +141,13 @@ class Lines:
 
     async def _scan(self, *, first: bool) -> None:
         try:
-            files, others, refused = await anyio.to_thread.run_sync(self.source._scan)
+            files, others, refused = await anyio.to_thread.run_sync(self.folder.scan)
         except OSError as exc:
-            raise SourceError(f"cannot read folder {self.source.root}: {exc.strerror or exc}") from None
+            raise SourceError(f"cannot read folder {self.folder.root}: {exc.strerror or exc}") from None
         for rel, why in refused:  # (lines mode moves nothing: it says so once, and leaves them)
-            self.source._warn_once(rel, f"{display(self.source.root / rel)} is not read: {why}")
+            self.folder.warn_once(rel, f"{display(self.folder.root / rel)} is not read: {why}")
         if first and not files and others:
-            log.warning("no file in %s matches patterns %s (%d other files there)", self.source.root,
+            log.warning("no file in %s matches patterns %s (%d other files there)", self.folder.root,
                         self.config.patterns, others)
         for tail in self.tails.values():
             tail.present = False
@@ -165,17 +162,17 @@ class Lines:
         """Start reading the file at ``rel`` (if it still is ``ident``): from its checkpoint, from where its
         original was read up to (a copytruncate copy), or from its start (its end, at a first start with
         ``start_at = "end"``)."""
-        path = self.source.root / rel
+        path = self.folder.root / rel
         config = self.config
         try:
             fd = open_regular(path, follow=config.follow_symlinks, allow_outside=config.allow_outside,
-                              root=self.source.real_root)
+                              root=self.folder.real_root)
         except Refused as why:
-            self.source._warn_once(rel, f"{display(path)} is not read: {why}")
+            self.folder.warn_once(rel, f"{display(path)} is not read: {why}")
             return None
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
-                self.source._warn_once(rel, f"cannot read {display(path)}: {exc.strerror or exc}")
+                self.folder.warn_once(rel, f"cannot read {display(path)}: {exc.strerror or exc}")
             return None
         st = os.fstat(fd)
         if f"{st.st_dev}:{st.st_ino}" != ident:
@@ -244,12 +241,12 @@ class Lines:
 
     def _find_inode(self, ident: str, rel: str) -> str | None:
         inode = int(ident.split(":")[1])
-        folder = (self.source.root / rel).parent
+        folder = (self.folder.root / rel).parent
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
                     if entry.inode() == inode and entry.is_file(follow_symlinks=False):
-                        return str(Path(entry.path).relative_to(self.source.root))
+                        return str(Path(entry.path).relative_to(self.folder.root))
         except OSError:
             return None
         return None
@@ -338,7 +335,7 @@ class Lines:
 
         return b"".join((
             b'{"specversion":"1.0","id":', literal(tail.ident + "/")[:-1], b'%d-%08x","source":',
-            literal(f"file://{self.source.root}"), b',"type":"eventswarm.file.line","time":"%s",',
+            literal(f"file://{self.folder.root}"), b',"type":"eventswarm.file.line","time":"%s",',
             b'"datacontenttype":"text/plain","subject":', literal(display(tail.rel)), *names,
             b',"fileoffset":%d%s,"data":%s}'))
 
@@ -347,7 +344,7 @@ class Lines:
         extensions: dict[str, Any] = {**name_extensions(filename=tail.rel), "fileoffset": start}
         if length != len(text):
             extensions["linelength"] = length
-        common: dict[str, Any] = {"id": _id(tail, line), "source": f"file://{self.source.root}",
+        common: dict[str, Any] = {"id": _id(tail, line), "source": f"file://{self.folder.root}",
                                   "type": "eventswarm.file.line", "subject": display(tail.rel), "time": rfc3339(received),
                                   "extensions": extensions, "partition": tail.ident, "received": received}
         try:
@@ -383,7 +380,7 @@ class Lines:
         as what was read of it."""
         if tail.fingerprint[1] < FINGERPRINT:
             return None
-        folder = (self.source.root / tail.rel).parent
+        folder = (self.folder.root / tail.rel).parent
         try:
             with os.scandir(folder) as entries:
                 candidates = [e for e in entries if e.is_file(follow_symlinks=False)]
@@ -395,7 +392,7 @@ class Lines:
                     fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
                     try:
                         if fingerprint_of(fd, FINGERPRINT) == tail.fingerprint:
-                            return str(Path(entry.path).relative_to(self.source.root)), ident
+                            return str(Path(entry.path).relative_to(self.folder.root)), ident
                     finally:
                         os.close(fd)
         except OSError:

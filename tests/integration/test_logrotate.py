@@ -7,6 +7,7 @@ matches them)."""
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 import time
 from pathlib import Path
@@ -39,8 +40,17 @@ class Writer(threading.Thread):
             while not self.done.is_set():
                 line = f"L{self.written:06d}\n"
                 if handle is None:
-                    with self.path.open("a") as f:
-                        f.write(line)
+                    # (without O_CREAT: between logrotate's rename and its create there is no file, and making one
+                    # there would make logrotate's create fail; the line waits a moment instead)
+                    try:
+                        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                    except FileNotFoundError:
+                        time.sleep(0.001)
+                        continue
+                    try:
+                        os.write(fd, line.encode())
+                    finally:
+                        os.close(fd)
                 else:
                     handle.write(line)
                     handle.flush()
