@@ -50,7 +50,7 @@ class AutoExecutor:
         return self.chosen.kind
 
     async def start(self) -> None:
-        from dispatcher.executors.docker import connect
+        from dispatcher.executors.engine import connect
         from dispatcher.executors.swarm import SwarmExecutor
 
         client = await connect(self.config)

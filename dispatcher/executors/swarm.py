@@ -29,7 +29,7 @@ from dispatcher.executors.base import (
     Result,
     environment,
 )
-from dispatcher.executors.docker import EngineExecutor, connect, engine_error, labels, remove_containers
+from dispatcher.executors.engine import EngineExecutor, connect, engine_error, labels, remove_containers
 
 CONFIG_LIMIT = 500 * 1024
 """The largest Swarm config the engine accepts: a batch's input document must fit in it."""

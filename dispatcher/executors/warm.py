@@ -45,9 +45,9 @@ from dispatcher.executors.base import (
     hardened_host_config,
     tar_file,
 )
+from dispatcher.executors.engine import Sweeper, engine_error
 
 if TYPE_CHECKING:
-    from dispatcher.executors.docker import Sweeper
     from dispatcher.executors.sight import Sight
 
 log = logging.getLogger("eventswarm.warm")
@@ -328,7 +328,6 @@ class Pool:
             attrs = self.engine.api.inspect_image(self.function.image)
         except _Errors as exc:
             if self.image is None:
-                from dispatcher.executors.docker import engine_error
                 raise engine_error(exc, f"cannot start a warm container for {self.function.image!r}") from exc
             return  # (the image went away meanwhile: the containers that run keep running)
         config = attrs.get("Config") or {}
@@ -548,7 +547,6 @@ class WarmPools:
         try:
             copy_runner = not persistent and not self._engine_sees_runner(image.id, pool.owner)
         except _Errors as exc:
-            from dispatcher.executors.docker import engine_error
             raise engine_error(exc, f"cannot start a warm container for {function.image!r}") from exc
         binds = [f"{RUNNER}:{RUNNER_DIR}/eventswarm-runner:ro"] if not persistent and not copy_runner else []
         tmp_size = function.warm.tmp_size if function.warm is not None else 64 << 20
@@ -576,7 +574,6 @@ class WarmPools:
         except _Errors as exc:
             if container_id is not None:
                 self.sweeper.remove(container_id)
-            from dispatcher.executors.docker import engine_error
             raise engine_error(exc, f"cannot start a warm container for {function.image!r}") from exc
         sock: socket.socket = getattr(attached, "_sock", attached)
         link = Link(sock, attached)

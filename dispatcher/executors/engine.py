@@ -1,0 +1,145 @@
+"""What every executor on a Docker engine shares (docker, its warm pools, swarm): the client, the labels of what
+eventswarm made and their removal, the sweeper that removes containers off a batch's path, engine errors as
+``ExecutorError``, and the worker-thread runner of invocations (the SDK is blocking)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import docker
+import docker.errors
+import requests.exceptions
+
+from dispatcher.config import ExecutorConfig
+from dispatcher.errors import ExecutorError
+from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER, Invocation, Result
+
+T = TypeVar("T")
+
+
+async def connect(config: ExecutorConfig) -> docker.DockerClient:
+    """A client for ``executor.docker_host`` (default: ``DOCKER_HOST``, then the local socket), checked with a ping."""
+    def make() -> docker.DockerClient:
+        kwargs: dict[str, Any] = {"timeout": 60, "max_pool_size": config.max_in_flight + 4}
+        if config.docker_host:
+            return docker.DockerClient(base_url=config.docker_host, **kwargs)
+        return docker.DockerClient.from_env(**kwargs)
+
+    try:
+        client = await anyio.to_thread.run_sync(make)
+        await anyio.to_thread.run_sync(client.api.ping)
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+    return client
+
+
+def labels(owner: str | None) -> dict[str, list[str]]:
+    """The label filter for what eventswarm made: ``owner``'s only, or every daemon's."""
+    return {"label": [f"{LABEL_MANAGED}=true"] + ([f"{LABEL_OWNER}={owner}"] if owner else [])}
+
+
+def remove_containers(api: Any, filters: dict[str, list[str]]) -> int:
+    removed = 0
+    for container in api.containers(all=True, filters=filters):
+        try:
+            api.remove_container(container["Id"], force=True, v=True)  # (a warm container's copied runner is a volume)
+            removed += 1
+        except docker.errors.NotFound:
+            pass
+    return removed
+
+
+class Sweeper:
+    """Removes containers off the invocation's path: a removal costs the engine ~10 ms that the batch's result need
+    not wait for. Bounded: past ``limit`` waiting, the caller removes its own; ``close`` removes what is left (and
+    what a crash leaves, ``gc`` at the next start does)."""
+
+    def __init__(self, api: Any, limit: int = 256) -> None:
+        self.api = api
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=limit)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def remove(self, container_id: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._sweep, name="container-sweeper", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(container_id)
+        except queue.Full:
+            self.remove_now(container_id)
+
+    def remove_now(self, container_id: str) -> None:
+        try:
+            self.api.remove_container(container_id, force=True, v=True)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            pass  # gc at the next start sweeps it
+
+    def _sweep(self) -> None:
+        while (container_id := self._queue.get()) is not None:
+            self.remove_now(container_id)
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout=120)
+
+
+def engine_error(exc: Exception, what: str) -> ExecutorError:
+    """An SDK error as an ``ExecutorError``: client errors (bad image, bad spec) are permanent."""
+    if isinstance(exc, docker.errors.ImageNotFound):
+        return ExecutorError(f"{what}: image not found ({exc.explanation})", temporary=False)
+    if isinstance(exc, docker.errors.APIError) and exc.status_code is not None and 400 <= exc.status_code < 500 \
+            and exc.status_code not in (404, 409, 429):
+        return ExecutorError(f"{what}: {exc.explanation or exc}", temporary=False)
+    return ExecutorError(f"{what}: {exc}", temporary=True)
+
+
+class EngineExecutor:
+    """What the docker and swarm executors share: the engine client, and invocations run in worker threads."""
+
+    kind = "engine"
+
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+        self._limiter = anyio.CapacityLimiter(config.max_in_flight + 2)
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise ExecutorError(f"the {self.kind} executor is not started")
+        return self._client
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await anyio.to_thread.run_sync(self.client.api.ping))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    async def run(self, invocation: Invocation) -> Result:
+        return await self._in_thread(self._run, invocation)
+
+    async def _in_thread(self, work: Callable[[Invocation, threading.Event], T], invocation: Invocation) -> T:
+        """``work`` in a worker thread; cancelled, the thread is told (it stops what runs and cleans up on its own)."""
+        cancelled = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(work, invocation, cancelled, limiter=self._limiter,
+                                                  abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
+        raise NotImplementedError
