@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import anyio
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from watchfiles import awatch
 
 from dispatcher.api import Duration, Size, SourceConfig, SourceError
 
@@ -356,12 +357,7 @@ class Folder:
         return self.config.rescan_interval if self.watching else min(self.config.rescan_interval, 1.0)
 
     async def watch(self) -> None:
-        """Set ``_dirty`` on every batch of changes; without notifications, the periodic rescan alone finds files."""
-        try:
-            from watchfiles import awatch
-        except ImportError:  # pragma: no cover - watchfiles is a dependency
-            log.warning("watchfiles is not installed: the folder is rescanned every %gs", self.config.rescan_interval)
-            return
+        """Set ``dirty`` on every batch of changes; without notifications, the periodic rescan alone finds files."""
         processing = str(self.root / PROCESSING)
 
         def interesting(_change: Any, path: str) -> bool:

@@ -26,6 +26,10 @@ from typing import Any, Literal, NamedTuple
 
 import anyio
 import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.consumer.fetcher import PartitionRecords
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
 from pydantic import Field, model_validator
 
 from dispatcher.api import (
@@ -46,14 +50,6 @@ from dispatcher.api import (
     rfc3339_ms,
     traceparent,
 )
-
-try:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-    from aiokafka.consumer.fetcher import PartitionRecords
-    from aiokafka.errors import KafkaError
-    from aiokafka.structs import OffsetAndMetadata
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the kafka source needs aiokafka: pip install 'eventswarm[kafka]'") from exc
 
 log = logging.getLogger("eventswarm.kafka")
 

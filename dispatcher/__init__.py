@@ -2,10 +2,10 @@
 
 from dispatcher.api import Outcome, Source, SourceConfig, SourceContext
 from dispatcher.config import Config, load
-from dispatcher.errors import ConfigError, ExecutorError, FunctionFailed, FunctionTimedOut, SourceError
+from dispatcher.errors import ConfigError, ExecutorError, SourceError
 from dispatcher.events import Event
 
 __all__ = [
-    "Config", "ConfigError", "Event", "ExecutorError", "FunctionFailed", "FunctionTimedOut", "Outcome", "Source",
-    "SourceConfig", "SourceContext", "SourceError", "load",
+    "Config", "ConfigError", "Event", "ExecutorError", "Outcome", "Source", "SourceConfig", "SourceContext",
+    "SourceError", "load",
 ]

@@ -17,7 +17,7 @@ import anyio
 import click
 
 from dispatcher import config as configuration
-from dispatcher.errors import ConfigError, EventswarmError, StoreError
+from dispatcher.errors import ConfigError, EventswarmError, StoreError, first_leaf
 from dispatcher.lock import StoreLocked, store_lock
 from dispatcher.progress import duration_text
 from dispatcher.store import Store
@@ -45,13 +45,6 @@ config_option = click.option(
 def _fail(message: str, code: int = EXIT_RUNTIME) -> NoReturn:
     click.echo(f"eventswarm: {message}", err=True)
     sys.exit(code)
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 def _load(config_path: str | None) -> configuration.ConfigBase:
@@ -183,11 +176,11 @@ def run(config_path: str | None) -> None:
         if daemon.failure:
             sys.exit(1)  # (said in the log: taken over by another replica)
     except* StoreLocked as group:
-        _fail(str(_first(group)), EXIT_USAGE)
+        _fail(str(first_leaf(group)), EXIT_USAGE)
     except* OSError as group:
-        _fail(f"cannot start: {_first(group)}")
+        _fail(f"cannot start: {first_leaf(group)}")
     except* EventswarmError as group:
-        _fail(str(_first(group)))
+        _fail(str(first_leaf(group)))
 
 
 @main.command()

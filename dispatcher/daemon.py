@@ -19,7 +19,7 @@ from dispatcher import config as configuration
 from dispatcher.api import Ack, Checkpoints, Event, HttpHandler, Inbox, Outcome, Run, Source, rfc3339
 from dispatcher.config import ConfigBase, TriggerBase
 from dispatcher.dispatch import Dispatcher, TriggerStopped, outcome_of
-from dispatcher.errors import ConfigError, ExecutorError, SourceError, StoreError
+from dispatcher.errors import ConfigError, ExecutorError, SourceError, StoreError, first_leaf
 from dispatcher.executors import Executor, Invocation, Result, create
 from dispatcher.http import HttpServer
 from dispatcher.lock import store_lock
@@ -59,14 +59,6 @@ def owner_id(state_path: str, replica: str = "") -> str:
 
         return hashlib.sha256(f"{redacted(state_path)}#{replica}".encode()).hexdigest()[:16]
     return hashlib.sha256(str(Path(state_path).resolve()).encode()).hexdigest()[:16]
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first leaf exception of a (nested) exception group."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 class TriggerCheckpoints:
@@ -238,10 +230,10 @@ class Trigger:
                     await self.pipeline.run()
                     tg.cancel_scope.cancel()
             except* TriggerStopped as group:
-                self.stopped = str(_first(group))
+                self.stopped = str(first_leaf(group))
                 log.error("%s", self.stopped)
             except* SourceError as group:
-                self.stopped = f"trigger {self.trigger!r} stopped: {_first(group)}"
+                self.stopped = f"trigger {self.trigger!r} stopped: {first_leaf(group)}"
                 log.error("%s", self.stopped)
         finally:
             self.ready = False
@@ -276,7 +268,7 @@ class Trigger:
                             await self._lease()
                         await self.source.run(self)
                 except BaseExceptionGroup as group:  # raised in a source's own task group: what went wrong
-                    leaf = _first(group)
+                    leaf = first_leaf(group)
                     raise leaf if isinstance(leaf, Exception) else group from None
                 if self._failure is None:
                     return

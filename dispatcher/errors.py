@@ -54,14 +54,9 @@ class ExecutorError(EventswarmError):
         super().__init__(message)
 
 
-class FunctionFailed(EventswarmError):
-    """The function ran and failed: non-zero exit code or killed for memory."""
-
-    def __init__(self, exit_code: int | None, stderr_tail: str) -> None:
-        self.exit_code = exit_code
-        self.stderr_tail = stderr_tail
-        super().__init__(f"function exited with {exit_code}")
-
-
-class FunctionTimedOut(FunctionFailed):
-    """The function ran past its timeout and was stopped."""
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf exception of a (nested) exception group."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
