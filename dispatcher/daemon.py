@@ -527,13 +527,10 @@ class Daemon:
 
     async def _prepare(self) -> None:
         """Warm functions' pools begin to fill (an executor without warm containers has nothing to do)."""
-        prepare = getattr(self.executor, "prepare", None)
-        if prepare is not None:
-            await prepare(self.config.functions, self.owner)
+        await self.executor.prepare(self.config.functions, self.owner)
 
     def pools(self) -> list[dict[str, Any]]:
-        pools = getattr(self.executor, "pools", None)
-        return pools() if pools is not None else []
+        return self.executor.pools()
 
     async def _status(self) -> dict[str, Any]:
         try:
@@ -749,14 +746,13 @@ class Daemon:
         """The job of an invocation that a replica now gone was running: if it is still there, followed to its end
         (or its result taken), its record finished, and its webhook events settled when it succeeded; else (or when
         it failed) its events run again here or at another replica."""
-        adopt = getattr(self.executor, "adopt", None)
         function = self.config.functions.get(unfinished.function)
         result: Result | None = None
-        if adopt is not None and function is not None and function.warm is None:
+        if function is not None and function.warm is None:
             invocation = Invocation(id=unfinished.id, trigger=unfinished.trigger, function_name=unfinished.function,
                                     function=function, input=b"", env={}, args=(), owner="")
             try:
-                result = await adopt(invocation)
+                result = await self.executor.adopt(invocation)
             except ExecutorError:
                 result = None
         try:

@@ -2,39 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from dispatcher.config import ConfigBase, ExecutorConfig, FunctionConfig
-from dispatcher.executors.base import Capture, Executor, Invocation, Result
+from dispatcher.executors.base import Capture, Executor, ExecutorDefaults, Invocation, Result
 
 __all__ = ["Capture", "Executor", "Invocation", "Result", "create"]
 
 
-def create(config: ConfigBase, owner: str = "") -> Executor:
-    """The executor that ``executor.kind`` names; ``auto`` decides when it starts. ``owner`` names the daemon."""
-    kind = config.executor.kind
-    beside = Path.cwd() if config.daemon.postgres else Path(config.daemon.state_path).resolve().parent
-    scratch = config.executor.scratch_dir or str(beside / "eventswarm-inputs")
-    if kind == "process":
-        from dispatcher.executors.process import ProcessExecutor
+def _process(config: ExecutorConfig, owner: str, scratch: str) -> Executor:
+    from dispatcher.executors.process import ProcessExecutor
 
-        return ProcessExecutor(config.executor, owner)
-    if kind == "swarm":
-        from dispatcher.executors.swarm import SwarmExecutor
+    return ProcessExecutor(config, owner)
 
-        return SwarmExecutor(config.executor)
+
+def _swarm(config: ExecutorConfig, owner: str, scratch: str) -> Executor:
+    from dispatcher.executors.swarm import SwarmExecutor
+
+    return SwarmExecutor(config)
+
+
+def _docker(config: ExecutorConfig, owner: str, scratch: str) -> Executor:
     from dispatcher.executors.docker import DockerExecutor
 
-    if kind == "docker":
-        return DockerExecutor(config.executor, scratch)
-    return AutoExecutor(config.executor, scratch)
+    return DockerExecutor(config, scratch)
 
 
-class AutoExecutor:
+def _auto(config: ExecutorConfig, owner: str, scratch: str) -> Executor:
+    return AutoExecutor(config, scratch)
+
+
+KINDS: dict[str, Callable[[ExecutorConfig, str, str], Executor]] = {
+    "process": _process, "swarm": _swarm, "docker": _docker, "auto": _auto}
+"""Each ``executor.kind`` and what makes its executor (from its config, the daemon's owner mark and the scratch
+folder of input files); the modules behind them are imported only when chosen (the Docker SDK is heavy)."""
+
+
+def create(config: ConfigBase, owner: str = "") -> Executor:
+    """The executor that ``executor.kind`` names; ``auto`` decides when it starts. ``owner`` names the daemon."""
+    beside = Path.cwd() if config.daemon.postgres else Path(config.daemon.state_path).resolve().parent
+    scratch = config.executor.scratch_dir or str(beside / "eventswarm-inputs")
+    return KINDS[config.executor.kind](config.executor, owner, scratch)
+
+
+class AutoExecutor(ExecutorDefaults):
     """``kind = "auto"``: the swarm executor if the engine is an active Swarm manager, else docker. Warm functions
     run on the engine's own pool either way (a warm container is one engine's)."""
 
@@ -82,8 +97,7 @@ class AutoExecutor:
 
     async def adopt(self, invocation: Invocation) -> Result | None:
         """A gone replica's job, on a Swarm (``SwarmExecutor.adopt``); None on a single engine (it runs again)."""
-        adopt = getattr(self.chosen, "adopt", None)
-        return await adopt(invocation) if adopt is not None else None
+        return await self.chosen.adopt(invocation)
 
     async def close(self) -> None:
         if self.chosen is not self.docker:

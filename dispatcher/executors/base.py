@@ -84,7 +84,34 @@ class Executor(Protocol):
         """Remove what invocations left behind (of ``owner``'s, or every daemon's); returns how many."""
         ...
 
+    async def prepare(self, functions: Mapping[str, FunctionConfig], owner: str) -> None:
+        """The functions now (at start and after a reload): warm pools begin to fill, those of functions gone
+        retire."""
+        ...
+
+    def pools(self) -> list[dict[str, Any]]:
+        """Each warm pool's size, idle containers, starts and replacements (for status and metrics)."""
+        ...
+
+    async def adopt(self, invocation: Invocation) -> Result | None:
+        """The job of ``invocation`` that a replica now gone started: followed to its end if it is still there (its
+        result), else None (its events run again)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+class ExecutorDefaults:
+    """What an executor kind without warm pools, or without jobs that outlive a daemon, does: nothing."""
+
+    async def prepare(self, functions: Mapping[str, FunctionConfig], owner: str) -> None:
+        return None
+
+    def pools(self) -> list[dict[str, Any]]:
+        return []
+
+    async def adopt(self, invocation: Invocation) -> Result | None:
+        return None
 
 
 class Capture:

@@ -16,7 +16,7 @@ import requests.exceptions
 
 from dispatcher.config import ExecutorConfig
 from dispatcher.errors import ExecutorError
-from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER, Invocation, Result
+from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER, ExecutorDefaults, Invocation, Result
 
 T = TypeVar("T")
 
@@ -102,7 +102,7 @@ def engine_error(exc: Exception, what: str) -> ExecutorError:
     return ExecutorError(f"{what}: {exc}", temporary=True)
 
 
-class EngineExecutor:
+class EngineExecutor(ExecutorDefaults):
     """What the docker and swarm executors share: the engine client, and invocations run in worker threads."""
 
     kind = "engine"

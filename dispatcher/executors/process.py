@@ -27,7 +27,7 @@ from dispatcher.config import ExecutorConfig, FunctionConfig, Identity
 from dispatcher.errors import ExecutorError
 from dispatcher.events import new_id
 from dispatcher.executors import reaper
-from dispatcher.executors.base import LIVE, STOP_GRACE, Capture, Invocation, Result, environment
+from dispatcher.executors.base import LIVE, STOP_GRACE, Capture, ExecutorDefaults, Invocation, Result, environment
 
 log = logging.getLogger("eventswarm.executor")
 
@@ -45,7 +45,7 @@ PR_SET_CHILD_SUBREAPER = 36
 HAS_PROC = os.path.isdir("/proc")
 
 
-class ProcessExecutor:
+class ProcessExecutor(ExecutorDefaults):
     """Runs ``function.command + args`` as a subprocess in its own session; ``image`` is ignored.
 
     Nothing a function starts outlives it, nor the daemon:
