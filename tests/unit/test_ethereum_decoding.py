@@ -8,7 +8,9 @@ from eth_utils.address import to_checksum_address
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connectors.ethereum import Decoder, EthereumSourceConfig, _redacted, parse_signature
+from connectors.ethereum import EthereumSourceConfig
+from connectors.ethereum_abi import Decoder, parse_signature
+from connectors.ethereum_rpc import redacted
 from dispatcher.config import parse
 from dispatcher.errors import ConfigError
 
@@ -124,12 +126,12 @@ def test_an_rpc_url_with_a_key_comes_from_the_environment_and_never_shows(monkey
     monkeypatch.setenv("ES_TEST_RPC", "https://user:secret@node.example/v3/KEY123")
     config = EthereumSourceConfig(kind="ethereum", rpc_url_env="ES_TEST_RPC", events=[TRANSFER])
     assert config.endpoints() == ["https://user:secret@node.example/v3/KEY123"]
-    shown = _redacted(config.endpoints()[0])
+    shown = redacted(config.endpoints()[0])
     assert "KEY123" not in shown and "secret" not in shown and "node.example" in shown
 
 
 def test_answers_of_the_wrong_shape_are_malformed_naming_what_is_wrong():
-    from connectors.ethereum import Malformed, block_of, logs_of
+    from connectors.ethereum_rpc import Malformed, block_of, logs_of
 
     good = {"blockHash": "0x" + "a" * 64, "transactionHash": "0x" + "b" * 64, "address": "0x" + "c" * 40,
             "data": "0x", "blockNumber": "0x10", "logIndex": "0x0", "topics": ["0x" + "d" * 64]}
@@ -148,7 +150,7 @@ def test_answers_of_the_wrong_shape_are_malformed_naming_what_is_wrong():
 
 
 def test_a_providers_suggested_range_is_found_in_its_refusal():
-    from connectors.ethereum import SUGGESTED_RANGE
+    from connectors.ethereum_rpc import SUGGESTED_RANGE
 
     alchemy = ("Log response size exceeded. You can make eth_getLogs requests with up to a 2K block range and no limit "
                "on the response size, or you can request any block range with a cap of 10K logs in the response. "
@@ -161,7 +163,7 @@ def test_a_providers_suggested_range_is_found_in_its_refusal():
 def test_a_blooms_bits_say_which_address_and_topic_a_block_may_hold():
     from eth_utils.crypto import keccak
 
-    from connectors.ethereum import bloom_may_hold
+    from connectors.ethereum_rpc import bloom_may_hold
 
     address, topic = "0x" + "11" * 20, "0x" + "22" * 32
     bits = 0
