@@ -180,17 +180,18 @@ EVERY_STDOUT = ("for fd in /proc/1/fd/1 /proc/[0-9]*/fd/1; do {payload} > $fd 2>
 
 
 def batch(script: str, mode: str) -> Invocation:
-    """A batch of one event ``{"mode": mode}``: every batch of one test runs the same function (one warm pool)."""
+    """A batch of one event ``{"mode": mode}``: every batch of one test runs the same function (one warm pool). (The
+    script looks for ``"mode":"failing"``, whole: a bare word such as "bad" is hex, and ids are hex.)"""
     return invocation(script, [Event(source="test", type="t", data={"mode": mode})])
 
 
 async def assert_own_results_then_normal(kind: str, tmp_path: Path, script: str, marker: str) -> None:
     """A failing batch that runs ``script`` is recorded as failed with its own output; the next batches of the same
     function (in the same warm container) run normally and get nothing of the first."""
-    branch = (f'cat >/dev/null; if grep -q bad "$EVENTSWARM_INPUT"; then {script}; echo {marker}; sleep 1; exit 1; '
-              'fi; echo normal')
-    first, second, third = await run_in_turn(kind, tmp_path, batch(branch, "bad"), batch(branch, "good"),
-                                             batch(branch, "good"))
+    branch = (f'cat >/dev/null; if grep -q \'"mode":"failing"\' "$EVENTSWARM_INPUT"; then {script}; echo {marker}; '
+              'sleep 1; exit 1; fi; echo normal')
+    first, second, third = await run_in_turn(kind, tmp_path, batch(branch, "failing"),
+                                             batch(branch, "normal"), batch(branch, "normal"))
     assert first.exit_code == 1 and not first.ok, (first.exit_code, first.stderr)
     assert marker.encode() in first.stdout, first.stdout[-300:]
     for result in (second, third):
@@ -212,9 +213,9 @@ async def test_garbage_written_to_pid1_and_every_stdout_does_not_end_the_batch(c
 async def test_writing_to_pid1s_stdout_and_stderr_is_logging(container_kind, tmp_path):
     """``exec >/proc/1/fd/1 2>/proc/1/fd/2``: the bytes are the batch's stdout and stderr, its exit code its own."""
     script = ('exec >/proc/1/fd/1 2>/proc/1/fd/2; cat >/dev/null; echo logged-out; echo logged-err >&2; '
-              'grep -q bad "$EVENTSWARM_INPUT" && exit 3; exit 0')
-    results = await run_in_turn(container_kind, tmp_path, batch(script, "good"), batch(script, "bad"),
-                                batch(script, "good"))
+              'grep -q \'"mode":"failing"\' "$EVENTSWARM_INPUT" && exit 3; exit 0')
+    results = await run_in_turn(container_kind, tmp_path, batch(script, "normal"), batch(script, "failing"),
+                                batch(script, "normal"))
     assert [r.exit_code for r in results] == [0, 3, 0], [r.stderr for r in results]
     for result in results:
         assert result.stdout == b"logged-out\n", result.stdout
