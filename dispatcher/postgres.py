@@ -98,6 +98,8 @@ class Connection:
         self.url = url
         self.in_transaction = False
         self._loop = asyncio.new_event_loop()
+        # (a thread with a loop of its own: the store's callers are synchronous, in the writer's and readers' threads;
+        # ``close`` stops the loop and joins it)
         self._thread = threading.Thread(target=self._loop.run_forever, name="postgres", daemon=True)
         self._thread.start()
         self._sql: dict[str, str] = {}

@@ -50,6 +50,8 @@ class DockerExecutor(EngineExecutor):
         self.scratch = Path(scratch_dir)
         self._input_mode = config.input
         self._warm: WarmPools | None = None
+        self._stoppers: set[threading.Thread] = set()
+        """Threads stopping a container (a timeout, a shutdown): ``close`` waits for them."""
         self._live: set[str] = set()
         """Cold containers made and not yet handed to the sweeper (or kept): ``close`` removes those still here, so a
         batch cancelled at shutdown, whose worker thread is abandoned, leaves no container when the process exits
@@ -81,7 +83,17 @@ class DockerExecutor(EngineExecutor):
         """Each warm pool's size, idle containers, starts and replacements (for status and metrics)."""
         return self._warm.stats() if self._warm is not None else []
 
+    def _stop(self, api: Any, container_id: str, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds. A thread of its own (the SDK's ``stop`` blocks for up to
+        ``grace``, while the batch's thread goes on reading the container's output to its end); ``close`` joins it."""
+        thread = threading.Thread(target=_stop_container, args=(api, container_id, grace, self._stoppers),
+                                  daemon=True, name=f"stop-{container_id[:12]}")
+        self._stoppers.add(thread)
+        thread.start()
+
     async def close(self) -> None:
+        for thread in list(self._stoppers):  # (each ends within its grace and the engine's answer)
+            await anyio.to_thread.run_sync(thread.join, STOP_GRACE + 30)
         if self._warm is not None:
             await anyio.to_thread.run_sync(self._warm.close)
             await anyio.to_thread.run_sync(self.sweeper.close)
@@ -187,10 +199,10 @@ class DockerExecutor(EngineExecutor):
             while True:
                 if cancelled.is_set() and not interrupted:
                     interrupted = True
-                    _stop(api, container_id, 0)
+                    self._stop(api, container_id, 0)
                 if time.monotonic() >= deadline and not timed_out:
                     timed_out = True
-                    _stop(api, container_id, STOP_GRACE)
+                    self._stop(api, container_id, STOP_GRACE)
                 for _key, events in selector.select(_TICK):
                     if events & selectors.EVENT_WRITE and writing:
                         try:
@@ -219,14 +231,13 @@ class DockerExecutor(EngineExecutor):
                         frames.feed(chunk)
 
 
-def _stop(api: Any, container_id: str, grace: float) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds (run in its own thread so reading goes on)."""
-    def stop() -> None:
-        try:
-            api.stop(container_id, timeout=int(grace))
-        except (docker.errors.DockerException, requests.exceptions.RequestException):
-            pass
-    threading.Thread(target=stop, daemon=True, name=f"stop-{container_id[:12]}").start()
+def _stop_container(api: Any, container_id: str, grace: float, stoppers: set[threading.Thread]) -> None:
+    try:
+        api.stop(container_id, timeout=int(grace))
+    except (docker.errors.DockerException, requests.exceptions.RequestException):
+        pass
+    finally:
+        stoppers.discard(threading.current_thread())
 
 
 class _Frames:

@@ -67,6 +67,7 @@ class Sweeper:
     def remove(self, container_id: str) -> None:
         with self._lock:
             if self._thread is None:
+                # (a thread: the SDK blocks; ``close`` ends and joins it)
                 self._thread = threading.Thread(target=self._sweep, name="container-sweeper", daemon=True)
                 self._thread.start()
         try:

@@ -605,6 +605,7 @@ class WarmPools:
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
+            # (a thread: the SDK blocks, and the upkeep waits on the pools' conditions; ``close`` ends and joins it)
             self._thread = threading.Thread(target=self._upkeep, name="warm-upkeep", daemon=True)
             self._thread.start()
 
