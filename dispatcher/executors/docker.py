@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import selectors
 import socket
-import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -34,7 +33,15 @@ from dispatcher.executors.base import (
     hardened_host_config,
     tar_file,
 )
-from dispatcher.executors.engine import EngineExecutor, Sweeper, connect, engine_error, labels, remove_containers
+from dispatcher.executors.engine import (
+    AttachStream,
+    EngineExecutor,
+    Sweeper,
+    connect,
+    engine_error,
+    labels,
+    remove_containers,
+)
 from dispatcher.executors.sight import Sight
 from dispatcher.executors.warm import WarmPools
 
@@ -187,7 +194,8 @@ class DockerExecutor(EngineExecutor):
 
     def _exchange(self, api: Any, container_id: str, sock: socket.socket, data: bytes, deadline: float,
                   cancelled: threading.Event, out: Capture, err: Capture) -> tuple[Capture, Capture, bool, bool]:
-        frames = _Frames(out, err)
+        captures = {1: out, 2: err}
+        frames = AttachStream(lambda stream, payload: captures.get(stream, err).write(payload))
         sock.setblocking(False)
         view = memoryview(data)
         timed_out = interrupted = False
@@ -238,23 +246,3 @@ def _stop_container(api: Any, container_id: str, grace: float, stoppers: set[thr
         pass
     finally:
         stoppers.discard(threading.current_thread())
-
-
-class _Frames:
-    """Demultiplexes Docker's attach stream: 8-byte headers (stream, 0, 0, 0, size) then payloads."""
-
-    __slots__ = ("_buffer", "_captures")
-
-    def __init__(self, out: Capture, err: Capture) -> None:
-        self._buffer = bytearray()
-        self._captures = {1: out, 2: err}
-
-    def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        while len(self._buffer) >= 8:
-            stream, size = self._buffer[0], struct.unpack(">I", self._buffer[4:8])[0]
-            if len(self._buffer) < 8 + size:
-                return
-            payload = bytes(self._buffer[8:8 + size])
-            del self._buffer[:8 + size]
-            self._captures.get(stream, self._captures[2]).write(payload)

@@ -5,6 +5,7 @@ eventswarm made and their removal, the sweeper that removes containers off a bat
 from __future__ import annotations
 
 import queue
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -144,3 +145,26 @@ class EngineExecutor(ExecutorDefaults):
 
     def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
         raise NotImplementedError
+
+
+class AttachStream:
+    """Demultiplexes Docker's attach stream (a container without a TTY): 8-byte headers (stream, 0, 0, 0, a 4-byte
+    big-endian size), then the payload; each whole frame goes to ``sink(stream, payload)`` (1 stdout, 2 stderr)."""
+
+    __slots__ = ("_buffer", "_sink")
+
+    def __init__(self, sink: Callable[[int, bytes], None]) -> None:
+        self._buffer = bytearray()
+        self._sink = sink
+
+    def feed(self, chunk: bytes) -> None:
+        buffer = self._buffer
+        buffer += chunk
+        start = 0
+        while len(buffer) - start >= 8:
+            size = struct.unpack_from(">I", buffer, start + 4)[0]
+            if len(buffer) - start < 8 + size:
+                break
+            self._sink(buffer[start], bytes(buffer[start + 8:start + 8 + size]))
+            start += 8 + size
+        del buffer[:start]

@@ -45,7 +45,7 @@ from dispatcher.executors.base import (
     hardened_host_config,
     tar_file,
 )
-from dispatcher.executors.engine import Sweeper, engine_error
+from dispatcher.executors.engine import AttachStream, Sweeper, engine_error
 
 if TYPE_CHECKING:
     from dispatcher.executors.sight import Sight
@@ -93,7 +93,7 @@ class Link:
     def __init__(self, sock: socket.socket, closer: Any) -> None:
         self.sock = sock
         self._closer = closer
-        self._raw = bytearray()
+        self._stream = AttachStream(self._from)
         self._frames = bytearray()
         self.complaints = bytearray()
         sock.setblocking(False)
@@ -137,7 +137,7 @@ class Link:
                 raise RunnerGone(f"the attach socket broke: {exc}") from None
             if not chunk:
                 raise RunnerGone("the runner ended")
-            self._demux(chunk)
+            self._stream.feed(chunk)
 
     def idle_fault(self) -> str | None:
         """(An idle container's link.) Why it cannot take a batch: its runner's socket ended (``runner_ended``), or it
@@ -147,29 +147,19 @@ class Link:
                 chunk = self.sock.recv(1 << 16)
                 if not chunk:
                     return "runner_ended"
-                self._demux(chunk)
+                self._stream.feed(chunk)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
             return "runner_ended"
         return "protocol" if self._frames else None
 
-    def _demux(self, chunk: bytes) -> None:
-        raw = self._raw
-        raw += chunk
-        start = 0
-        while len(raw) - start >= 8:
-            size = struct.unpack_from(">I", raw, start + 4)[0]
-            if len(raw) - start < 8 + size:
-                break
-            payload = raw[start + 8:start + 8 + size]
-            if raw[start] == 1:
-                self._frames += payload
-            else:
-                self.complaints += payload
-                del self.complaints[:-4096]
-            start += 8 + size
-        del raw[:start]
+    def _from(self, stream: int, payload: bytes) -> None:
+        if stream == 1:
+            self._frames += payload
+        else:
+            self.complaints += payload
+            del self.complaints[:-4096]
 
     def _frame(self) -> tuple[bytes, bytes] | None:
         frames = self._frames
