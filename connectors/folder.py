@@ -218,9 +218,8 @@ def short_name(name: str, suffix: str) -> str:
 
 def reason(**fields: Any) -> dict[str, Any]:
     """A reason file's content: ``file`` in its readable form, with ``filebase64`` when it is not UTF-8."""
-    name = fields.pop("file")
-    return {**{("file" if k == "filename" else "filebase64"): v for k, v in name_extensions(filename=name).items()},
-            **fields}
+    named = name_extensions(file=fields.pop("file"))
+    return {**named, **fields}
 
 
 PROCESSING = ".processing"

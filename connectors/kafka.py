@@ -263,7 +263,7 @@ def to_event(record: Any, value_format: str, received: float | None = None) -> E
     topic, partition, offset = record.topic, record.partition, record.offset
     extensions: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
     if record.headers:
-        extensions["kafkaheaders"] = _headers_json(record.headers)
+        extensions["kafkaheaders"] = pairs_json(record.headers)
         trace = _trace(record.headers)
         if trace:
             extensions["traceparent"] = trace
@@ -319,17 +319,13 @@ def _key(key: bytes | None) -> tuple[str | None, bytes]:
 
 def _headers(headers: Any) -> bytes:
     trace = _trace(headers)
-    return (b',"kafkaheaders":' + encode_basestring(_headers_json(headers)).encode()
+    return (b',"kafkaheaders":' + encode_basestring(pairs_json(headers)).encode()
             + (b',"traceparent":"' + trace.encode() + b'"' if trace else b""))
 
 
 def _trace(headers: Any) -> str | None:
     """A record's W3C ``traceparent`` header, when it has a well-formed one."""
     return next((trace for key, value in headers if key == "traceparent" and (trace := traceparent(value))), None)
-
-
-_headers_json = pairs_json
-"""The ``kafkaheaders`` extension: the headers as a JSON object, losslessly (``dispatcher.api.pairs_json``)."""
 
 
 def _json_data(values: Sequence[bytes | None]) -> Sequence[bytes | None]:

@@ -119,11 +119,12 @@ class DockerExecutor(EngineExecutor):
         api = self.client.api
         function = invocation.function
         mode = self._input_mode
-        if mode == "auto":
+        if mode == "auto":  # (decided once, by the engine: a failed probe decides nothing)
             try:
                 mode = "bind" if self.sight.sees_folder(self.scratch, function.image, invocation.owner) else "copy"
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise engine_error(exc, f"cannot start a container for {function.image!r}") from exc
+            self._input_mode = mode
         if mode == "copy" and function.read_only:
             mode = "stdin"  # a read-only root file system refuses the copy: stdin alone carries the input
         input_file: Path | None = None

@@ -160,5 +160,11 @@ source = {{ kind = "webhook", path = "/hooks/cold", mode = "sync" }}
         assert (status, body) == (200, b"cold 1\n"), (status, body, docker("logs", name, check=False).stderr[-2000:])
         logs = docker("logs", name).stderr
         assert "does not see this process's files" in logs and "Traceback" not in logs, logs[-2000:]
+        docker("stop", "-t", "60", name)  # SIGTERM, as a stack's update or removal sends it
+        assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+        left = docker("ps", "-aq", "--filter", "label=io.eventswarm.function=warm").stdout.split()
+        assert not left, f"the daemon left its warm containers behind: {left}"
     finally:
         docker("rm", "-f", name, check=False)
+        for container in docker("ps", "-aq", "--filter", "label=io.eventswarm.function=warm", check=False).stdout.split():
+            docker("rm", "-f", "-v", container, check=False)  # (a failed test's leftovers, and their runner volume)
