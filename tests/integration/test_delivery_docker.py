@@ -41,13 +41,17 @@ def config(tmp_path, script: str, kind: str = "docker", **trigger: Any) -> dict[
 
 
 def leftovers(doc) -> list[Any]:
-    """Containers, services and configs of this test's daemon still on the engine."""
+    """Containers, services and configs of this test's daemon still on the engine.
+
+    The containers are listed sparse: a full listing inspects each one after the list, and one the daemon
+    removes in between raised NotFound.
+    """
     client = docker.from_env()
     try:
         owner = owner_id(doc["daemon"]["state"].removeprefix("sqlite:///"))
         labels = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_OWNER}={owner}"]}
         return (client.services.list(filters=labels) + client.configs.list(filters=labels)
-                + client.containers.list(all=True, filters=labels))
+                + client.containers.list(all=True, sparse=True, filters=labels))
     finally:
         client.close()
 

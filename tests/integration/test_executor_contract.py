@@ -286,7 +286,7 @@ async def test_swarm_jobs_and_their_configs_are_labelled_and_removed(docker_engi
     finally:
         client.services.get(result.ref).remove()
         client.configs.get(f"eventswarm-{inv.id}").remove()
-        for container in client.containers.list(all=True, filters={"label": f"{LABEL_INVOCATION}={inv.id}"}):
+        for container in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_INVOCATION}={inv.id}"}):
             container.remove(force=True)
     result = await run("swarm", tmp_path, invocation("true"))
     assert result.ok

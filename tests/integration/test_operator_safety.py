@@ -28,7 +28,7 @@ def test_a_second_daemon_on_the_same_state_store_exits_2_at_once_and_the_first_o
     assert status == 202
     client = docker.from_env()
     owner = {"label": f"{LABEL_OWNER}={owner_id(str(tmp_path / 'state.db'))}"}
-    container = wait_until(lambda: client.containers.list(filters=owner), timeout=60,
+    container = wait_until(lambda: client.containers.list(sparse=True, filters=owner), timeout=60,
                            what="the first daemon's container")[0]
     running = store_of(doc).invocations(status="running")[0]
     second_doc = json.loads(json.dumps(doc))

@@ -32,7 +32,7 @@ def test_the_example_config_echoes_a_webhook_through_a_container(tmp_path, docke
         ref = Store(str(state)).invocation(echoed["batch_id"]).executor_ref
         client = docker.from_env()
         try:
-            assert ref and not client.containers.list(all=True, filters={"id": ref})
+            assert ref and not client.containers.list(all=True, sparse=True, filters={"id": ref})
         finally:
             client.close()
     finally:

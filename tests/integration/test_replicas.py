@@ -183,7 +183,7 @@ async def test_on_sqlite_taking_over_a_former_name_leaves_the_daemons_own_contai
             await wait_for_async(_only_now(daemon.membership), timeout=10, what="'before' to be taken over")
             assert client.containers.get(running.id).id == running.id  # (NotFound: removed as 'before's)
     finally:
-        for container in client.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={owner_id(state)}"}):
+        for container in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_OWNER}={owner_id(state)}"}):
             container.remove(force=True)
         client.close()
 

@@ -69,7 +69,7 @@ def containers(**labels: str) -> list[Any]:
     client = docker.from_env()
     try:
         filters = [f"{LABEL_WARM}=true"] + [f"{k}={v}" for k, v in labels.items()]
-        return client.containers.list(all=True, filters={"label": filters})
+        return client.containers.list(all=True, sparse=True, filters={"label": filters})
     finally:
         client.close()
 
@@ -151,6 +151,7 @@ async def test_warm_containers_are_hardened_and_log_nowhere(executor):
     assert b"CapEff:\t0000000000000000" in result.stdout and b"NoNewPrivs:\t1" in result.stdout
     assert result.stdout.endswith(b"read-only\ninput\n")
     (container,) = containers(**{LABEL_OWNER: "warm-hardened"})
+    container.reload()  # (listed sparse)
     host = container.attrs["HostConfig"]
     assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"]
     assert host["SecurityOpt"] == ["no-new-privileges"] and host["LogConfig"]["Type"] == "none"

@@ -178,7 +178,7 @@ def test_accepted_webhooks_survive_kill_9_and_run_after_restart(tmp_path, docker
     client = docker.from_env()
     try:
         owner = owner_id(doc["daemon"]["state"].removeprefix("sqlite:///"))
-        assert client.containers.list(all=True, filters={"label": f"io.eventswarm.owner={owner}"}) == []
+        assert client.containers.list(all=True, sparse=True, filters={"label": f"io.eventswarm.owner={owner}"}) == []
     finally:
         client.close()
 
