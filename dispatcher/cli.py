@@ -20,7 +20,7 @@ from dispatcher import config as configuration
 from dispatcher.errors import ConfigError, EventswarmError, StoreError, first_leaf
 from dispatcher.lock import StoreLocked, store_lock
 from dispatcher.progress import duration_text
-from dispatcher.store import Store
+from dispatcher.store import Database
 from dispatcher.units import parse_duration
 
 T = TypeVar("T")
@@ -56,12 +56,12 @@ def _load(config_path: str | None) -> configuration.ConfigBase:
         sys.exit(EXIT_USAGE)
 
 
-def _store(config_path: str | None) -> Store:
+def _store(config_path: str | None) -> Database:
     config = _load(config_path)
     path = config.daemon.state_path
     if not config.daemon.postgres and not Path(path).exists():
         _fail(f"no state store at {path} (has the daemon run with this config?)")
-    return Store(path, password=config.daemon.state_password)
+    return Database(path, password=config.daemon.state_password)
 
 
 def _daemon_url(config_path: str | None, url: str | None) -> str:
@@ -280,7 +280,7 @@ def output_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         show_default=True, help="table, wide (every column) or json (an array of objects).")(fn)
 
 
-def _resolve(store: Store, table: str, prefix: str, what: str) -> str:
+def _resolve(store: Database, table: str, prefix: str, what: str) -> str:
     """The whole id that ``prefix`` names (a unique prefix is enough, as docker takes them); else exit 1."""
     found = store.resolve(table, prefix)
     if not found:
@@ -479,7 +479,7 @@ def dlq_replay(config_path: str | None, ids: tuple[str, ...], trigger: str | Non
         _follow_replay(store, letters, patience)
 
 
-def _follow_replay(store: Store, letters: list[Any], patience: float) -> None:
+def _follow_replay(store: Database, letters: list[Any], patience: float) -> None:
     """Wait until each replayed letter is gone (its event ran, or failed again as a new dead letter)."""
     from tqdm import tqdm
 
@@ -582,9 +582,9 @@ def reload(config_path: str | None, url: str | None) -> None:
 async def _gone_replicas(config: Any, replica: str) -> list[tuple[str, str, str]]:
     """The replicas on the config's PostgreSQL state that are gone (id, incarnation, owner)."""
     from dispatcher.replicas import Membership
-    from dispatcher.store import StateStore
+    from dispatcher.state import StateStore
 
-    store = Store(config.daemon.state_path, password=config.daemon.state_password)
+    store = Database(config.daemon.state_path, password=config.daemon.state_password)
     try:
         return await Membership(StateStore(store), replica, "", "", config.daemon.replica_timeout).dead()
     finally:

@@ -22,11 +22,11 @@ from dispatcher.events import Event, Run, new_id
 from dispatcher.executors import Executor, Invocation, Result
 from dispatcher.logs import fields
 from dispatcher.metrics import Metrics
+from dispatcher.schema import Write
+from dispatcher.state import StateStore
 from dispatcher.store import (
     DeadLetter,
     InvocationRecord,
-    StateStore,
-    Write,
     finish_invocation,
     insert_dead_letter,
     insert_invocation,
@@ -152,7 +152,7 @@ class Dispatcher:
 
     def __init__(self, *, trigger: str, config: TriggerBase, function_name: str, function: FunctionConfig,
                  executor: Executor, state: StateStore, metrics: Metrics, limiter: anyio.CapacityLimiter,
-                 owner: str = "", replica: str = "") -> None:
+                 owner: str = "", replica: str = "", ack_failed: Callable[[str], None] = lambda reason: None) -> None:
         self.trigger = trigger
         self.config = config
         self.function_name = function_name
@@ -169,7 +169,7 @@ class Dispatcher:
         self.last_error_at: float | None = None
         self.last_error_invocation: str | None = None
         """When the last failed invocation ended, and which one it was (the status page links to its logs)."""
-        self.ack_failed: Callable[[str], None] = lambda reason: None
+        self.ack_failed = ack_failed
         """Called when a source's acknowledgement raised: the trigger fails its source, which restarts."""
 
     async def deliver(self, batch: list[Run]) -> None:

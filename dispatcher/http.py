@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from dispatcher.api import HttpHandler, HttpRequest, HttpResponse
 from dispatcher.executors.base import LIVE
 from dispatcher.metrics import Metrics
-from dispatcher.store import StateStore
+from dispatcher.state import StateStore
 
 log = logging.getLogger("eventswarm.http")
 

@@ -1,6 +1,6 @@
 """The state store on PostgreSQL (``state = "postgresql://…"``), through asyncpg.
 
-``Store`` is synchronous (the CLI reads with it; the daemon runs it in a worker thread), and its
+``Database`` is synchronous (the CLI reads with it; the daemon runs it in a worker thread), and its
 writes are closures over a connection with ``execute``/``executemany`` in SQLite's manner. Here
 one asyncpg connection runs on an event loop of its own, in a thread of its own, behind a small
 connection object of that manner: ``?`` placeholders become ``$1…``, a statement that returns

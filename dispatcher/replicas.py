@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.errors import SourceError
-from dispatcher.store import Conn, StateStore, Write
+from dispatcher.schema import Conn, Write
+from dispatcher.state import StateStore
 
 log = logging.getLogger("eventswarm")
 

@@ -21,7 +21,7 @@ import anyio
 
 from dispatcher.config import parse
 from dispatcher.daemon import Daemon
-from dispatcher.store import Store
+from dispatcher.store import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 BUSYBOX = "eventswarm/busybox:test"
@@ -125,8 +125,8 @@ async def running_daemon(doc: dict[str, Any], *, ready: bool = True) -> AsyncIte
             daemon.stop()
 
 
-def store_of(doc: dict[str, Any]) -> Store:
-    return Store(doc["daemon"]["state"].removeprefix("sqlite:///"))
+def store_of(doc: dict[str, Any]) -> Database:
+    return Database(doc["daemon"]["state"].removeprefix("sqlite:///"))
 
 
 class DaemonProcess:

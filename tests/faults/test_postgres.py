@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from dispatcher.errors import StoreError
-from dispatcher.store import _MIGRATIONS, InvocationRecord, StateStore, Store, insert_invocation
+from dispatcher.schema import MIGRATIONS
+from dispatcher.state import StateStore
+from dispatcher.store import Database, InvocationRecord, insert_invocation
 from tests.support import ROOT, free_port
 
 pytestmark = pytest.mark.anyio
@@ -59,7 +61,7 @@ def record(invocation_id: str) -> InvocationRecord:
 
 def test_a_server_out_of_reach_at_start_is_one_clear_permanent_error():
     with pytest.raises(StoreError) as caught:
-        Store(f"postgresql://postgres:secret-pw@127.0.0.1:{free_port()}/postgres")
+        Database(f"postgresql://postgres:secret-pw@127.0.0.1:{free_port()}/postgres")
     message = str(caught.value)
     assert "cannot open the state store postgresql://postgres:***@127.0.0.1:" in message
     assert "is the PostgreSQL server up" in message and "secret-pw" not in message
@@ -68,16 +70,16 @@ def test_a_server_out_of_reach_at_start_is_one_clear_permanent_error():
 
 def test_replicas_opening_a_new_database_together_migrate_it_once(server):
     with ThreadPoolExecutor(6) as pool:
-        stores = list(pool.map(lambda _: Store(server.url), range(6)))
+        stores = list(pool.map(lambda _: Database(server.url), range(6)))
     try:
-        assert stores[0].conn.execute("SELECT version FROM eventswarm_schema").fetchall() == [(len(_MIGRATIONS),)]
+        assert stores[0].conn.execute("SELECT version FROM eventswarm_schema").fetchall() == [(len(MIGRATIONS),)]
     finally:
         for store in stores:
             store.close()
 
 
 async def test_a_server_that_goes_away_fails_writes_in_one_line_and_the_store_recovers_when_it_is_back(server):
-    store = Store(server.url)
+    store = Database(server.url)
     state = StateStore(store)
     try:
         await state.write(insert_invocation(record("before")))

@@ -19,7 +19,7 @@ from typing import Any
 
 from dispatcher.daemon import owner_id
 from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.ethereum import TRANSFER, Token
 from tests.kafka import new_topic, produce
 from tests.support import BUSYBOX, base_config, free_port, post, wait_until
@@ -32,7 +32,7 @@ def replica_config(tmp_path: Path, database: str, name: str, **daemon: Any) -> d
 
 
 def rows(database: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    store = Store(database)
+    store = Database(database)
     try:
         return [tuple(row) for row in store.conn.execute(sql, params).fetchall()]
     finally:

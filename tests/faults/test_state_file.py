@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.faults.conftest import recording_daemon, tmpfs
 from tests.support import base_config, post, toml
 
@@ -84,7 +84,7 @@ def test_a_state_file_on_a_read_only_file_system_is_one_line(tmp_path):
         doc["daemon"]["state"] = f"sqlite:///{mount / 'state.db'}"
         config = tmp_path / "eventswarm.toml"
         config.write_text(toml(doc))
-        Store(str(mount / "state.db")).close()
+        Database(str(mount / "state.db")).close()
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         assert_one_line(eventswarm("run", "-c", str(config)), "state store")
         done = eventswarm("invocations", "-c", str(config))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.support import DaemonProcess, base_config, free_port, post, store_of, toml, wait_until
 
 
@@ -267,7 +267,7 @@ def test_init_writes_a_starter_that_validates_and_runs_and_refuses_to_overwrite(
                             env={"EVENTSWARM_DAEMON__LISTEN": f"127.0.0.1:{port}"}).start()
     try:
         assert post(f"http://127.0.0.1:{port}/hooks/hello", b'{"n": 1}')[0] == 202
-        store = Store(str(folder / "eventswarm.db"))
+        store = Database(str(folder / "eventswarm.db"))
         record = wait_until(lambda: store.invocations(status="succeeded"), timeout=30, what="the starter function")[0]
         out, err = store.logs(record.id)
         assert json.loads(out.decode().splitlines()[0])["data"] == {"n": 1} and b"1 events in batch" in err

@@ -8,7 +8,7 @@ import sys
 
 import docker
 
-from dispatcher.store import Store
+from dispatcher.store import Database
 from tests.support import ROOT, DaemonProcess, free_port, post
 
 
@@ -29,7 +29,7 @@ def test_the_example_config_echoes_a_webhook_through_a_container(tmp_path, docke
                                 env={"EVENTSWARM_DAEMON__STATE": f"sqlite:///{state}", "PATH": "/usr/bin:/bin"})
         assert listed.returncode == 0, listed.stderr
         assert echoed["batch_id"] in listed.stdout and "succeeded" in listed.stdout
-        ref = Store(str(state)).invocation(echoed["batch_id"]).executor_ref
+        ref = Database(str(state)).invocation(echoed["batch_id"]).executor_ref
         client = docker.from_env()
         try:
             assert ref and not client.containers.list(all=True, sparse=True, filters={"id": ref})

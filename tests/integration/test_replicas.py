@@ -11,10 +11,10 @@ import pytest
 from dispatcher.events import Event
 from dispatcher.lock import PostgresLock
 from dispatcher.replicas import Membership
+from dispatcher.state import StateStore
 from dispatcher.store import (
+    Database,
     InvocationRecord,
-    StateStore,
-    Store,
     abandon_unfinished,
     insert_invocation,
     is_postgres,
@@ -39,13 +39,13 @@ def location(request, tmp_path: Path) -> str:
 def replicas(location: str):
     """``make(name)``: a replica of its own (its own connection, and on PostgreSQL the lock of its id, as a daemon
     holds it) on the one store."""
-    opened: list[Store] = []
+    opened: list[Database] = []
     locks: list[PostgresLock] = []
 
     def make(name: str) -> Membership:
         if is_postgres(location):
             locks.append(PostgresLock(location, None, name).acquire())
-        store = Store(location)
+        store = Database(location)
         opened.append(store)
         return Membership(StateStore(store), name, owner=f"owner-{name}", address="127.0.0.1:0", timeout=TIMEOUT)
 
@@ -172,7 +172,7 @@ async def test_on_sqlite_taking_over_a_former_name_leaves_the_daemons_own_contai
 
     doc = base_config(tmp_path, replica="now", replica_timeout="1s")
     state = str(tmp_path / "state.db")
-    before = Membership(StateStore(Store(state)), "before", owner_id(state), "127.0.0.1:0", 1.0)
+    before = Membership(StateStore(Database(state)), "before", owner_id(state), "127.0.0.1:0", 1.0)
     await before.join()
     before.state.store.close()
     client = docker.from_env()

@@ -11,11 +11,11 @@ import pytest
 
 from dispatcher.errors import StoreError
 from dispatcher.events import Event
+from dispatcher.state import StateStore
 from dispatcher.store import (
+    Database,
     DeadLetter,
     InvocationRecord,
-    StateStore,
-    Store,
     abandon_unfinished,
     delete_checkpoints,
     finish_invocation,
@@ -32,12 +32,12 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path) -> Iterator[Store]:
+def store(request, tmp_path) -> Iterator[Database]:
     if request.param == "sqlite":
         location = str(tmp_path / "state.db")
     else:
         location = request.getfixturevalue("postgres_database")
-    opened = Store(location, check=True)
+    opened = Database(location, check=True)
     yield opened
     opened.close()
 

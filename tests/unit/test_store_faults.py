@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 from dispatcher.errors import StoreError
-from dispatcher.store import StateStore, Store
+from dispatcher.state import StateStore
+from dispatcher.store import Database
 
 pytestmark = pytest.mark.anyio
 
@@ -23,12 +24,12 @@ def _disk_full(conn: sqlite3.Connection) -> None:
     raise sqlite3.OperationalError("database or disk is full")
 
 
-def _stored(store: Store) -> set[str]:
+def _stored(store: Database) -> set[str]:
     return {row[0] for row in store.conn.execute("SELECT key FROM checkpoints")}
 
 
 async def test_every_writer_of_a_failed_group_commit_sees_the_error(tmp_path):
-    store = Store(str(tmp_path / "state.db"))
+    store = Database(str(tmp_path / "state.db"))
     state = StateStore(store)
     outcomes: dict[str, str] = {}
 
@@ -56,7 +57,7 @@ async def test_every_writer_of_a_failed_group_commit_sees_the_error(tmp_path):
 
 
 async def test_a_real_sqlite_full_error_is_reported_not_masked_by_the_rollback(tmp_path):
-    store = Store(str(tmp_path / "state.db"))
+    store = Database(str(tmp_path / "state.db"))
     pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
     store.conn.execute(f"PRAGMA max_page_count={pages + 2}")  # SQLite answers SQLITE_FULL past this, as on a full disk
     state = StateStore(store)
@@ -74,7 +75,7 @@ async def test_a_real_sqlite_full_error_is_reported_not_masked_by_the_rollback(t
 
 def test_a_damaged_file_is_refused_with_one_line_saying_what_to_do(tmp_path):
     path = tmp_path / "state.db"
-    store = Store(str(path))
+    store = Database(str(path))
     store.conn.executemany("INSERT INTO checkpoints (trigger, key, value, updated_at) VALUES ('t', ?, ?, 0)",
                            [(str(i), "v" * 500) for i in range(400)])
     store.close()
@@ -83,7 +84,7 @@ def test_a_damaged_file_is_refused_with_one_line_saying_what_to_do(tmp_path):
     data[middle:middle + 3072] = bytes((i * 7 + 13) % 256 for i in range(3072))
     path.write_bytes(bytes(data))
     with pytest.raises(StoreError) as caught:
-        Store(str(path), check=True)
+        Database(str(path), check=True)
     message = str(caught.value)
     assert "\n" not in message and "damaged" in message and str(path) in message
     assert not caught.value.temporary

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dispatcher.store import Store
+from dispatcher.store import Database
 
 
 def test_a_whole_id_a_unique_prefix_an_ambiguous_one_and_none(tmp_path):
-    store = Store(str(tmp_path / "state.db"))
+    store = Database(str(tmp_path / "state.db"))
     with store.conn:
         for letter_id in ("abc123", "abd456", "ab", "f%_x"):
             store.conn.execute("INSERT INTO dead_letters (id, trigger, event_id, event, attempts, created_at) "
