@@ -11,44 +11,36 @@ partitions' records, commits what finished and lets go.
 from __future__ import annotations
 
 import asyncio
-import base64
-import inspect
-import json
 import logging
-import re
-import ssl
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from json.encoder import encode_basestring
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from collections.abc import Mapping
 
 import anyio
-import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.consumer.fetcher import PartitionRecords
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
-from pydantic import Field, model_validator
 
+from connectors.kafka_config import KafkaSourceConfig, tls_problem
+from connectors.kafka_records import (
+    Payload,
+    Record,
+    encode_records,
+    fetch_payloads,
+    next_offset,
+    offset_of,
+    payloads_of,
+    to_event,
+)
 from dispatcher.api import (
     Committer,
-    Duration,
     Event,
     Outcome,
     Progress,
     Run,
-    Secret,
     Source,
-    SourceConfig,
     SourceContext,
     SourceError,
     Span,
-    pairs_json,
-    rfc3339,
-    rfc3339_ms,
-    traceparent,
 )
 
 log = logging.getLogger("eventswarm.kafka")
@@ -62,362 +54,6 @@ REBALANCE_TIMEOUT = REVOKE_WAIT + 20.0
 BACKLOG = 10_000
 """Records behind from which catching up is followed as a backfill (in the logs and status)."""
 LAG_EVERY = 5.0
-
-
-class KafkaSourceConfig(SourceConfig):
-    kind: Literal["kafka"]
-    bootstrap_servers: list[str]
-    topics: list[str] = []
-    topic_pattern: str = ""
-    """A regular expression of topic names, instead of ``topics``."""
-    group_id: str
-    start: Literal["earliest", "latest"] = "earliest"
-    """Where a group without committed offsets begins."""
-    value_format: Literal["json", "text", "bytes"] = "json"
-    """A value that is not valid in this format is delivered as ``data_base64`` with ``dataerror`` saying why."""
-    security: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    username_env: str = ""
-    password_env: str = ""
-    username_file: str = ""
-    password_file: str = ""
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    dead_letter_topic: str = ""
-    """Dead letters are also produced here (the original key, value and headers)."""
-    dead_letter_timeout: Duration = 60.0
-    """How long producing a batch's dead letters may take, retries included. Past it the source fails and
-    restarts: the records were not committed, so they come again (and are dead-lettered again)."""
-    commit_interval: Duration = 1.0
-    max_uncommitted: int = Field(100_000, ge=1)
-    """Records of one partition in flight behind its first unsettled record before the partition pauses:
-    one stuck record then stops that partition's reading instead of filling memory."""
-    fetch_max_bytes: int = 8 * 1024 * 1024
-    """Bytes one fetch may bring (bounds what the client holds beyond the trigger's buffer)."""
-    isolation: Literal["read_committed", "read_uncommitted"] = "read_committed"
-    """``read_committed``: records of transactions still open wait, and those of aborted transactions are skipped
-    (what users of exactly-once producers expect; it needs a broker that keeps transaction markers)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> KafkaSourceConfig:
-        if bool(self.topics) == bool(self.topic_pattern):
-            raise ValueError(f"{'topic_pattern' if self.topics else 'topics'}: give exactly one of topics or topic_pattern")
-        if self.topic_pattern:
-            try:
-                re.compile(self.topic_pattern)
-            except re.error as exc:
-                raise ValueError(f"topic_pattern: not a regular expression: {exc}") from None
-        if not self.bootstrap_servers:
-            raise ValueError("bootstrap_servers: name at least one broker (host:port)")
-        if self.security.startswith("SASL"):
-            for key in ("username", "password"):
-                secret = self.secret(key)
-                if not secret.given:
-                    raise ValueError(f"{key}_env or {key}_file is required with security = {self.security!r}")
-                problem = secret.problem(key)
-                if problem:
-                    raise ValueError(problem)
-        for key in ("ca_file", "cert_file", "key_file"):
-            value = getattr(self, key)
-            if value and not Path(value).is_file():
-                raise ValueError(f"{key}: {value} is not a readable file")
-        return self
-
-    def secret(self, key: str) -> Secret:
-        return Secret.of(getattr(self, f"{key}_env"), getattr(self, f"{key}_file"))
-
-    def client_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers, "security_protocol": self.security}
-        if self.security in ("SSL", "SASL_SSL"):
-            context = ssl.create_default_context(cafile=self.ca_file or None)
-            if self.cert_file:
-                context.load_cert_chain(self.cert_file, self.key_file or None)
-            options["ssl_context"] = context
-        if self.security.startswith("SASL"):
-            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.secret("username").value(),
-                           sasl_plain_password=self.secret("password").value())
-        return options
-
-
-Payload = tuple[int, int, bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]
-"""What a run keeps of a record: offset, timestamp, key, value, headers. A tuple of these holds no
-object the garbage collector must track, so a full buffer costs the collector nothing."""
-
-
-def _payload(_tp: Any, record: Any) -> Payload:
-    """What a run keeps of a record, from aiokafka's ``ConsumerRecord`` or from a record of a fetched batch."""
-    headers = record.headers
-    return record.offset, record.timestamp, record.key, record.value, tuple(headers) if headers else ()
-
-
-def payloads_of(records: Iterable[Any]) -> list[Payload]:
-    """Records as payloads: a record the fetcher already made a payload stays as it is."""
-    return [record if type(record) is tuple else _payload(None, record) for record in records]
-
-
-Undecodable = Callable[[Any, int, BaseException], None]
-"""Told of a partition whose records from an offset on cannot be decoded: (its TopicPartition, the offset, why)."""
-
-
-class _PayloadBuffer(OrderedDict):  # type: ignore[type-arg]
-    """aiokafka's buffer of fetched partitions, whose records come out as payloads; a batch that cannot be decoded
-    ends its partition's records there (those before it come out) and is told to ``undecodable``."""
-
-    def __init__(self, undecodable: Undecodable) -> None:
-        super().__init__()
-        self.undecodable = undecodable
-
-    def __setitem__(self, tp: Any, result: Any) -> None:
-        records = getattr(result, "_partition_records", None)
-        if isinstance(records, PartitionRecords):
-            records._consumer_record = _payload
-            records._records_iterator = _guarded(records, records._records_iterator, self.undecodable)
-        super().__setitem__(tp, result)
-
-
-def _guarded(records: Any, iterator: Any, undecodable: Undecodable) -> Any:
-    """``iterator``'s records until one cannot be decoded (a batch whose codec's data is corrupt, a codec no library
-    reads): then it ends, so that aiokafka hands out the records before it and keeps the partition's position at it.
-    (Raised, the error would lose the records that the same fetch drained from other partitions.)"""
-    try:
-        yield from iterator
-    except Exception as exc:
-        undecodable(records._tp, records.next_fetch_offset, exc)
-
-
-def fetch_payloads(consumer: AIOKafkaConsumer, undecodable: Undecodable) -> bool:
-    """Have a started consumer's ``getmany`` return payloads instead of ``ConsumerRecord`` objects.
-
-    aiokafka builds a dataclass of eleven fields per record, about half of its cost per record;
-    the source keeps a tuple of five. This reaches into aiokafka's fetcher (its ``_records``
-    buffer, and the ``_consumer_record`` method of ``PartitionRecords``, which still does the
-    batching, transaction and position work), so it checks that both are as expected and
-    otherwise leaves the consumer alone and returns False: the source then converts each record.
-    """
-    fetcher = getattr(consumer, "_fetcher", None)
-    buffered = getattr(fetcher, "_records", None)
-    if type(buffered) is not OrderedDict or not _consumer_record_as_expected():
-        return False
-    replacement = _PayloadBuffer(undecodable)
-    for tp, result in buffered.items():
-        replacement[tp] = result
-    fetcher._records = replacement  # type: ignore[union-attr]
-    return True
-
-
-def _consumer_record_as_expected() -> bool:
-    """aiokafka's ``PartitionRecords._consumer_record(self, tp, record)``, the method the fast path replaces."""
-    method = getattr(PartitionRecords, "_consumer_record", None)
-    try:
-        if not callable(method) or "_records_iterator" not in inspect.getsource(PartitionRecords.__init__):
-            return False
-    except (OSError, TypeError):
-        return False
-    try:
-        return list(inspect.signature(method).parameters) == ["self", "tp", "record"]
-    except (TypeError, ValueError):
-        return False
-
-
-class Record(NamedTuple):
-    """A record as ``to_event`` reads it (aiokafka's ``ConsumerRecord`` has the same fields)."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
-
-
-def _next(offset: int) -> int:
-    """Where a partition resumes after the record at ``offset``."""
-    return offset + 1
-
-
-def _offset(payload: Payload) -> int:
-    return payload[0]
-
-
-_RAW_JSON = msgspec.json.Decoder(msgspec.Raw)
-
-
-def json_error(value: bytes) -> str | None:
-    """Why ``value`` is not RFC 8259 JSON in UTF-8, or None when it is."""
-    try:
-        _RAW_JSON.decode(value)  # the grammar, without building objects
-        value.decode("utf-8")
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return str(exc)
-    return None
-
-
-def to_event(record: Any, value_format: str, received: float | None = None) -> Event:
-    """A consumer record as a CloudEvent; a value that does not fit ``value_format`` travels as ``data_base64``.
-
-    A JSON value must be RFC 8259 JSON in UTF-8 (no NaN, no lone surrogates, no byte order
-    mark): what every consumer of the function's input can parse.
-    """
-    topic, partition, offset = record.topic, record.partition, record.offset
-    extensions: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
-    if record.headers:
-        extensions["kafkaheaders"] = pairs_json(record.headers)
-        trace = _trace(record.headers)
-        if trace:
-            extensions["traceparent"] = trace
-    key = record.key
-    subject = None
-    if key is not None:
-        try:
-            subject = key.decode("utf-8")
-        except UnicodeDecodeError:
-            subject = base64.b64encode(key).decode("ascii")
-            extensions["keyencoding"] = "base64"
-    common: dict[str, Any] = {
-        "id": f"{topic}/{partition}/{offset}", "source": f"kafka://{topic}/{partition}",
-        "type": "eventswarm.kafka.record", "subject": subject, "partition": f"{topic}/{partition}",
-        "time": rfc3339_ms(record.timestamp) if record.timestamp and record.timestamp > 0 else None,
-        "extensions": extensions, "received": received,
-    }
-    value: bytes | None = record.value
-    if value is None:
-        return Event(data=None, **common)
-    if value_format == "json":
-        error = json_error(value)
-        if error is None:
-            try:
-                return Event(data=json.loads(value), **common)
-            except ValueError as exc:  # valid JSON Python cannot hold (an integer of 5000 digits)
-                error = str(exc)
-        extensions["dataerror"] = f"not valid JSON: {error}"[:200]
-    elif value_format == "text":
-        try:
-            return Event(data=value.decode("utf-8"), datacontenttype="text/plain", **common)
-        except UnicodeDecodeError as exc:
-            extensions["dataerror"] = f"not valid UTF-8: {exc}"[:200]
-    return Event(data_base64=value, **common)
-
-
-_KEYS: dict[bytes | None, tuple[str | None, bytes]] = {}
-"""Record keys seen lately: the event's subject, and its JSON members (with the extension saying how it is encoded)."""
-
-
-def _key(key: bytes | None) -> tuple[str | None, bytes]:
-    if key is None:
-        return None, b""
-    try:
-        subject, extra = key.decode("utf-8"), b""
-    except UnicodeDecodeError:
-        subject, extra = base64.b64encode(key).decode("ascii"), b',"keyencoding":"base64"'
-    if len(_KEYS) >= 4096:
-        _KEYS.clear()
-    known = _KEYS[key] = (subject, b',"subject":' + encode_basestring(subject).encode() + extra)
-    return known
-
-
-def _headers(headers: Any) -> bytes:
-    trace = _trace(headers)
-    return (b',"kafkaheaders":' + encode_basestring(pairs_json(headers)).encode()
-            + (b',"traceparent":"' + trace.encode() + b'"' if trace else b""))
-
-
-def _trace(headers: Any) -> str | None:
-    """A record's W3C ``traceparent`` header, when it has a well-formed one."""
-    return next((trace for key, value in headers if key == "traceparent" and (trace := traceparent(value))), None)
-
-
-def _json_data(values: Sequence[bytes | None]) -> Sequence[bytes | None]:
-    """Each value as the event's data if it is JSON (else None: ``to_event`` says why)."""
-    try:
-        list(map(_RAW_JSON.decode, values))  # type: ignore[arg-type]
-        # Each value begins and ends with ASCII, so the whole is UTF-8 only if each value is.
-        b"".join(values).decode("utf-8")  # type: ignore[arg-type]
-        return values
-    except (msgspec.DecodeError, UnicodeDecodeError, TypeError):
-        return [value if value is not None and json_error(value) is None else None for value in values]
-
-
-def _text_data(values: Sequence[bytes | None]) -> list[bytes | None]:
-    data: list[bytes | None] = []
-    for value in values:
-        try:
-            data.append(encode_basestring(value.decode("utf-8")).encode() if value is not None else None)
-        except UnicodeDecodeError:
-            data.append(None)
-    return data
-
-
-def _bytes_data(values: Sequence[bytes | None]) -> list[bytes | None]:
-    return [b'"%s"' % base64.b64encode(value) if value is not None else None for value in values]
-
-
-_CONTENT = {"json": (b"application/json", b"data", _json_data), "text": (b"text/plain", b"data", _text_data),
-            "bytes": (b"application/octet-stream", b"data_base64", _bytes_data)}
-
-
-def encode_records(topic: str, partition: int, payloads: list[Payload], value_format: str,
-                   received: float) -> tuple[list[bytes], list[str], list[str | None], Sequence[int], str | None]:
-    """The CloudEvents JSON, ids, subjects and offsets of consecutive records of one partition, and the first
-    well-formed ``traceparent`` among their headers.
-
-    The same events as ``to_event`` would make (a test holds them equal), but built from a byte
-    template over whole lists, with a JSON value embedded as it came: this is the cost per record
-    of the whole source. A record without a value, or whose value does not fit ``value_format``,
-    goes through ``to_event``.
-    """
-    content, field, to_data = _CONTENT[value_format]
-
-    def literal(text: str) -> bytes:
-        return encode_basestring(text).encode().replace(b"%", b"%%")
-
-    prefix = f"{topic}/{partition}/"
-    template = b"".join((
-        b'{"specversion":"1.0","id":', literal(prefix)[:-1], b'%d","source":', literal(f"kafka://{topic}/{partition}"),
-        b',"type":"eventswarm.kafka.record","time":"%s","datacontenttype":"', content, b'"%s,"topic":', literal(topic),
-        b',"partition":', str(partition).encode(), b',"offset":%d,"', field, b'":%s}'))
-    offsets, stamps, record_keys, values, headers = zip(*payloads, strict=True)
-    ids = [prefix + str(offset) for offset in offsets]
-    data = to_data(values)
-    times = {stamp: (rfc3339_ms(stamp) if stamp and stamp > 0 else rfc3339(received)).encode() for stamp in set(stamps)}
-    keys = [_KEYS.get(key) or _key(key) for key in record_keys]
-    members = [key[1] for key in keys]  # the subject, and the extensions a record may add (their order is free)
-    trace = None
-    if any(headers):
-        members = [member + _headers(pairs) if pairs else member for member, pairs in zip(members, headers, strict=True)]
-        trace = next((found for pairs in headers if pairs and (found := _trace(pairs))), None)
-    encoded = [template % (offset, times[stamp], member, offset, value) if value is not None
-               else to_event(Record(topic, partition, *payload), value_format, received).encode()
-               for offset, stamp, member, value, payload in zip(offsets, stamps, members, data, payloads, strict=True)]
-    return encoded, ids, [key[0] for key in keys], offsets, trace
-
-
-async def tls_problem(config: KafkaSourceConfig) -> str | None:
-    """Why a TLS connection to the first broker fails, in one line (aiokafka says only that it could not bootstrap);
-    None when the handshake works, or the broker is not there at all."""
-    host, _, port = config.bootstrap_servers[0].rpartition(":")
-    context = config.client_options()["ssl_context"]
-    try:
-        with anyio.fail_after(10):
-            reader, writer = await asyncio.open_connection(host, int(port), ssl=context, server_hostname=host)
-            try:
-                with anyio.move_on_after(1):  # (TLS 1.3: a server that wants a client certificate says so now)
-                    if not await reader.read(1):
-                        return (f"the TLS connection to {host}:{port} was closed at once by the other end (does it "
-                                "require a client certificate: cert_file and key_file?)")
-            finally:
-                writer.close()
-    except ssl.SSLCertVerificationError as exc:
-        return f"TLS: the certificate of {host}:{port} is not trusted ({exc.verify_message}; ca_file: {config.ca_file or 'the system CAs'})"
-    except ssl.SSLError as exc:
-        reason = str(exc.reason or exc)
-        if "CERTIFICATE_REQUIRED" in reason or ("HANDSHAKE_FAILURE" in reason and not config.cert_file):
-            return f"TLS: {host}:{port} requires a client certificate ({reason}): set cert_file and key_file"
-        return f"TLS with {host}:{port} failed: {reason}"
-    except (OSError, TimeoutError, ValueError):
-        return None
-    return None
 
 
 class KafkaSource(Source[KafkaSourceConfig]):
@@ -435,12 +71,12 @@ class KafkaSource(Source[KafkaSourceConfig]):
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.fetches_payloads = False
+        """Whether a fetch came back as payloads (``fetch_payloads``): the fast path is in effect."""
         self.undecodable: dict[TopicPartition, str] = {}
         """Partitions paused at records that cannot be decoded, and why (until the source restarts)."""
         self._told: list[tuple[TopicPartition, str]] = []
         self._backlog: int | None = None
         """The most records behind since a backfill began (None: none under way)."""
-        """Whether a fetch came back as payloads (``fetch_payloads``): the fast path is in effect."""
 
     async def run(self, ctx: SourceContext) -> None:
         config = self.config
@@ -599,7 +235,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
         if outcome.status == "dead-lettered" and self.config.dead_letter_topic and span.progress in self.marks.values():
             # (A run of a partition no longer owned is read again by its owner, and dead-lettered there.)
             await self._dead_letter(run)
-        span.settle(run.payloads, key=_offset)  # a span of a revoked partition changes nothing committed
+        span.settle(run.payloads, key=offset_of)  # a span of a revoked partition changes nothing committed
 
     async def _dead_letter(self, run: Run) -> None:
         """Produce the run's records to the dead-letter topic, all acknowledged, retrying up to ``dead_letter_timeout``;
@@ -665,7 +301,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
             if tp not in self.marks:
                 committed = await consumer.committed(tp) if consumer is not None else None
                 position = committed if committed is not None else await consumer.position(tp) if consumer else 0
-                self.marks[tp] = Progress(position, after=_next, limit=self.config.max_uncommitted)
+                self.marks[tp] = Progress(position, after=next_offset, limit=self.config.max_uncommitted)
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         owned = [tp for tp in partitions if tp in self.marks]

@@ -21,6 +21,9 @@ from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER, ExecutorDefaul
 
 T = TypeVar("T")
 
+ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+"""What a call to the engine raises when the engine refuses or cannot be reached."""
+
 
 async def connect(config: ExecutorConfig) -> docker.DockerClient:
     """A client for ``executor.docker_host`` (default: ``DOCKER_HOST``, then the local socket), checked with a ping."""
@@ -33,7 +36,7 @@ async def connect(config: ExecutorConfig) -> docker.DockerClient:
     try:
         client = await anyio.to_thread.run_sync(make)
         await anyio.to_thread.run_sync(client.api.ping)
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+    except ENGINE_ERRORS as exc:
         raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
     return client
 

@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 import docker
 import docker.errors
-import requests.exceptions
 from docker.types import ServiceMode
 
 from dispatcher.config import ExecutorConfig
@@ -29,7 +28,7 @@ from dispatcher.executors.base import (
     Result,
     environment,
 )
-from dispatcher.executors.engine import EngineExecutor, connect, engine_error, labels, remove_containers
+from dispatcher.executors.engine import ENGINE_ERRORS, EngineExecutor, connect, engine_error, labels, remove_containers
 
 CONFIG_LIMIT = 500 * 1024
 """The largest Swarm config the engine accepts: a batch's input document must fit in it."""
@@ -38,7 +37,6 @@ CONFIG_REMOVE_TRIES = 15
 _POLL = 0.05
 _DONE = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
 _STARTED = {"running", "complete", "failed", "shutdown"}
-_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 
 class SwarmExecutor(EngineExecutor):
@@ -88,11 +86,11 @@ class SwarmExecutor(EngineExecutor):
         name = f"eventswarm-{invocation.id}"
         try:
             service_id = str(api.inspect_service(name)["ID"])
-        except _ENGINE_ERRORS:
+        except ENGINE_ERRORS:
             return None
         try:
             config_id: str | None = str(api.inspect_config(name)["ID"])
-        except _ENGINE_ERRORS:
+        except ENGINE_ERRORS:
             config_id = None
         return self._follow(api, invocation, service_id, config_id, time.monotonic(), cancelled)
 
@@ -105,7 +103,7 @@ class SwarmExecutor(EngineExecutor):
         try:
             config_id = _create_config(api, name, invocation)
             service_id = _create_service(api, name, self._task_template(invocation, name, config_id), invocation)
-        except _ENGINE_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             if config_id:
                 _quietly(api.remove_config, config_id)
             raise engine_error(exc, f"cannot create a Swarm job for {function.image!r}") from exc
@@ -207,7 +205,7 @@ class SwarmExecutor(EngineExecutor):
                 return task, False, "stopped: the daemon shut down"
             try:
                 tasks = api.tasks(filters={"service": service_id})
-            except _ENGINE_ERRORS:
+            except ENGINE_ERRORS:
                 tasks = []
             if not tasks and _gone(api.inspect_service, service_id):
                 return task, False, "the job was removed before it ended"
@@ -236,7 +234,7 @@ class SwarmExecutor(EngineExecutor):
             try:
                 for chunk in api.service_logs(service_id, stdout=stdout, stderr=stderr, follow=False):
                     capture.write(chunk)
-            except _ENGINE_ERRORS:
+            except ENGINE_ERRORS:
                 pass
             captures.append(capture.getvalue())
         return captures[0], captures[1]
@@ -269,7 +267,7 @@ def _gone(inspect: Any, ident: str) -> bool:
         return False
     except docker.errors.NotFound:
         return True
-    except _ENGINE_ERRORS:
+    except ENGINE_ERRORS:
         return False
 
 
@@ -277,5 +275,5 @@ def _quietly(remove: Any, ident: str) -> int:
     try:
         remove(ident)
         return 1
-    except _ENGINE_ERRORS:
+    except ENGINE_ERRORS:
         return 0

@@ -7,30 +7,25 @@ what the batch left running and empties ``/tmp``. A container is replaced after 
 out-of-memory kill, an unexpected end of its runner, ``max_batches`` batches or ``idle_ttl`` idle.
 
 Everything here runs in the docker executor's worker threads, and one upkeep thread per executor
-keeps ``min_idle`` containers started and retires the old ones.
+keeps ``min_idle`` containers started and retires the old ones. A pool's bookkeeping is ``pool.py``; the
+frames over the attach socket are ``link.py``; this module starts containers and runs batches in them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets as random
-import selectors
 import socket
-import struct
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import docker.errors
-import requests.exceptions
 from docker.types import LogConfig
 
-from dispatcher.config import ExecutorConfig, FunctionConfig, WarmConfig
+from dispatcher.config import ExecutorConfig, FunctionConfig
 from dispatcher.errors import ExecutorError
 from dispatcher.executors.base import (
     INPUT_PATH,
@@ -45,7 +40,9 @@ from dispatcher.executors.base import (
     hardened_host_config,
     tar_file,
 )
-from dispatcher.executors.engine import AttachStream, Sweeper, engine_error
+from dispatcher.executors.engine import ENGINE_ERRORS, Sweeper, engine_error
+from dispatcher.executors.link import READY_TIMEOUT, TICK, Link, ProtocolError, RunnerGone, exit_report
+from dispatcher.executors.pool import Container, Pool, pool_key
 
 if TYPE_CHECKING:
     from dispatcher.executors.sight import Sight
@@ -64,312 +61,9 @@ UPKEEP_EVERY = 1.0
 """Seconds between two rounds of the upkeep thread (it is also woken when a container is replaced)."""
 IMAGE_CHECK_EVERY = 5.0
 """Seconds between two looks at what a pool's image tag points to (a new image replaces the pool's containers)."""
-READY_TIMEOUT = 30.0
-"""Seconds a new container's runner has to say it is ready."""
 PREWARM_PAUSE = 10.0
 """Seconds a pool's upkeep waits after a start failed (a missing image, an engine error) before it tries again."""
-_TICK = 0.2
-
-_Errors = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
-
-
-class RunnerGone(Exception):
-    """The runner's socket ended or broke: the container is gone or going."""
-
-
-class ProtocolError(Exception):
-    """The container sent what the frame protocol does not allow (an unknown type, a length past its limit, a report
-    that is not the running batch's, anything while idle): the container is replaced, its batch fails."""
-
-
-FRAME_LIMITS = {b"R": 256, b"B": 256, b"O": 1 << 20, b"E": 1 << 20, b"X": 256}
-"""The frames a container may send, and the largest payload of each (the runner sends output in 64 KiB chunks)."""
-
-
-class Link:
-    """A warm container's attach socket: frames to the runner's stdin; Docker's multiplexed stdout (the runner's
-    frames) and stderr (the runner's own complaints, the last 4 KiB kept) back."""
-
-    def __init__(self, sock: socket.socket, closer: Any) -> None:
-        self.sock = sock
-        self._closer = closer
-        self._stream = AttachStream(self._from)
-        self._frames = bytearray()
-        self.complaints = bytearray()
-        sock.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(sock, selectors.EVENT_READ)
-
-    def send(self, frames: Iterable[tuple[bytes, bytes]]) -> None:
-        data = memoryview(b"".join(kind + struct.pack(">I", len(payload)) + payload for kind, payload in frames))
-        deadline = time.monotonic() + READY_TIMEOUT
-        while data:
-            try:
-                sent = self.sock.send(data[:1 << 20])
-            except (BlockingIOError, InterruptedError):
-                if time.monotonic() > deadline:
-                    raise RunnerGone("the runner stopped reading its input") from None
-                with selectors.DefaultSelector() as writable:
-                    writable.register(self.sock, selectors.EVENT_WRITE)
-                    writable.select(_TICK)
-                continue
-            except OSError as exc:
-                raise RunnerGone(f"the attach socket broke: {exc}") from None
-            data = data[sent:]
-
-    def receive(self, timeout: float) -> tuple[bytes, bytes] | None:
-        """The runner's next frame, or None when none came within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = self._frame()
-            if frame is not None:
-                return frame
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if not self._selector.select(left):
-                continue
-            try:
-                chunk = self.sock.recv(1 << 18)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                raise RunnerGone(f"the attach socket broke: {exc}") from None
-            if not chunk:
-                raise RunnerGone("the runner ended")
-            self._stream.feed(chunk)
-
-    def idle_fault(self) -> str | None:
-        """(An idle container's link.) Why it cannot take a batch: its runner's socket ended (``runner_ended``), or it
-        sent something while no batch ran (``protocol``); None when it is quiet. Reads what is there, without waiting."""
-        try:
-            while self._selector.select(0):
-                chunk = self.sock.recv(1 << 16)
-                if not chunk:
-                    return "runner_ended"
-                self._stream.feed(chunk)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            return "runner_ended"
-        return "protocol" if self._frames else None
-
-    def _from(self, stream: int, payload: bytes) -> None:
-        if stream == 1:
-            self._frames += payload
-        else:
-            self.complaints += payload
-            del self.complaints[:-4096]
-
-    def _frame(self) -> tuple[bytes, bytes] | None:
-        frames = self._frames
-        if len(frames) < 5:
-            return None
-        size = struct.unpack_from(">I", frames, 1)[0]
-        kind = bytes(frames[:1])
-        limit = FRAME_LIMITS.get(kind)
-        if limit is None:
-            raise ProtocolError(f"a frame of unknown type {kind!r}")
-        if size > limit:  # (said at once, not after waiting for a payload that never comes)
-            raise ProtocolError(f"a {kind.decode()!r} frame of {size} bytes (at most {limit})")
-        if len(frames) < 5 + size:
-            return None
-        payload = bytes(frames[5:5 + size])
-        del frames[:5 + size]
-        return kind, payload
-
-    def close(self) -> None:
-        self._selector.close()
-        if self._closer is not self.sock:
-            self._closer.close()
-        self.sock.close()
-
-
-@dataclass(eq=False)
-class Container:
-    """One warm container of a pool."""
-
-    id: str
-    link: Link
-    generation: int
-    image: Image
-    """What it runs (its argv comes from it when the function gives no command)."""
-    started: float = field(default_factory=time.monotonic)
-    idle_since: float = field(default_factory=time.monotonic)
-    batches: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Image:
-    """What a pool's containers run: the image's id and its own program (entrypoint and command)."""
-
-    id: str
-    entrypoint: tuple[str, ...]
-    cmd: tuple[str, ...]
-
-
-def pool_key(name: str, function: FunctionConfig) -> str:
-    """A pool per function and per version of its config: never shared across functions."""
-    return f"{name}:{hashlib.sha256(function.model_dump_json().encode()).hexdigest()[:16]}"
-
-
-class Pool:
-    """The warm containers of one function (one version of its config)."""
-
-    def __init__(self, engine: WarmPools, name: str, function: FunctionConfig, owner: str) -> None:
-        assert function.warm is not None
-        self.engine = engine
-        self.name = name
-        self.function = function
-        self.settings: WarmConfig = function.warm
-        self.owner = owner
-        self.idle: deque[Container] = deque()
-        self.busy: set[Container] = set()
-        self.starting = 0
-        self.generation = 0
-        self.image: Image | None = None
-        self.image_checked = 0.0
-        self.retired = False
-        self.starts = 0
-        self.replacements: Counter[str] = Counter()
-        self.cond = threading.Condition()
-
-    @property
-    def size(self) -> int:
-        return len(self.idle) + len(self.busy) + self.starting
-
-    def stats(self) -> dict[str, Any]:
-        with self.cond:
-            return {"function": self.name, "size": self.size, "idle": len(self.idle), "busy": len(self.busy),
-                    "starting": self.starting, "max": self.settings.max, "starts": self.starts,
-                    "replacements": dict(self.replacements), "mode": self.settings.mode}
-
-    # -- taking and giving back ------------------------------------------------------------
-
-    def acquire(self, cancelled: threading.Event) -> Container:
-        """An idle container, a new one if the pool has room, or the next one given back."""
-        with self.cond:
-            while True:
-                if cancelled.is_set():
-                    raise ExecutorError("the daemon shut down while the batch waited for a warm container")
-                while self.idle:
-                    container = self.idle.pop()  # the most recently used: the others age out
-                    if container.generation != self.generation:
-                        self._drop_later(container, "image")
-                    elif (fault := container.link.idle_fault()) is not None:
-                        self._drop_later(container, fault)
-                    else:
-                        self.busy.add(container)
-                        return container
-                if self.size < self.settings.max:
-                    self.starting += 1
-                    break
-                self.cond.wait(_TICK)
-        try:
-            container = self.start()
-        except BaseException:
-            with self.cond:
-                self.starting -= 1
-                self.cond.notify_all()
-            raise
-        with self.cond:
-            self.starting -= 1
-            self.busy.add(container)
-        return container
-
-    def release(self, container: Container, replace: str | None) -> None:
-        """Give ``container`` back after a batch; ``replace`` (why) removes it instead."""
-        if replace is None and container.batches >= self.settings.max_batches:
-            replace = "max_batches"
-        if replace is None and (self.retired or container.generation != self.generation):
-            replace = "image" if not self.retired else "retired"
-        if replace is not None:
-            self.engine.remove(container)
-            with self.cond:
-                self.replacements[replace] += 1
-                self.busy.discard(container)
-                self.cond.notify_all()
-            self.engine.wake()
-            return
-        with self.cond:
-            self.busy.discard(container)
-            container.idle_since = time.monotonic()
-            self.idle.append(container)
-            self.cond.notify_all()
-
-    def _drop_later(self, container: Container, why: str) -> None:
-        """(With the lock held.) ``container`` leaves the pool; the upkeep thread removes it."""
-        self.replacements[why] += 1
-        self.engine.doomed.append(container)
-        self.engine.wake()
-
-    # -- upkeep -------------------------------------------------------------------------------
-
-    def image_of(self) -> Image:
-        if self.image is None:
-            self.refresh_image()
-        assert self.image is not None
-        return self.image
-
-    def refresh_image(self) -> None:
-        """Look at what the function's image is now: a new image id replaces the pool's containers."""
-        self.image_checked = time.monotonic()
-        try:
-            attrs = self.engine.api.inspect_image(self.function.image)
-        except _Errors as exc:
-            if self.image is None:
-                raise engine_error(exc, f"cannot start a warm container for {self.function.image!r}") from exc
-            return  # (the image went away meanwhile: the containers that run keep running)
-        config = attrs.get("Config") or {}
-        image = Image(attrs["Id"], tuple(config.get("Entrypoint") or ()), tuple(config.get("Cmd") or ()))
-        with self.cond:
-            if self.image is not None and image.id != self.image.id:
-                log.info("warm pool %s: image %s is now %s; its containers are replaced", self.name,
-                         self.function.image, image.id[:19])
-                self.generation += 1
-                while self.idle:
-                    self._drop_later(self.idle.popleft(), "image")
-            self.image = image
-
-    def upkeep(self, now: float, may_start: bool) -> list[Container] | None:
-        """(The upkeep thread.) Retire idle containers past ``idle_ttl`` (returned, to be removed); None when the pool
-        wants one more container started (``may_start``), and counts it as starting."""
-        with self.cond:
-            old: list[Container] = []
-            ttl = self.settings.idle_ttl
-            while self.idle and (self.retired or now - self.idle[0].idle_since >= ttl):
-                old.append(self.idle.popleft())
-                self.replacements["retired" if self.retired else "idle_ttl"] += 1
-            # (killed from outside, the engine restarted; or it spoke while idle)
-            for container, fault in [(c, f) for c in self.idle if (f := c.link.idle_fault()) is not None]:
-                self.idle.remove(container)
-                old.append(container)
-                self.replacements[fault] += 1
-            if old or self.retired:
-                return old
-            if may_start and len(self.idle) + self.starting < self.settings.min_idle and self.size < self.settings.max:
-                self.starting += 1
-                return None
-            return []
-
-    def prewarm(self) -> None:
-        """(The upkeep thread, after ``upkeep`` said so.) Start one container and make it idle."""
-        try:
-            container = self.start()
-        except BaseException:
-            with self.cond:
-                self.starting -= 1
-            raise
-        with self.cond:
-            self.starting -= 1
-            self.idle.append(container)
-            self.cond.notify_all()
-
-    def start(self) -> Container:
-        container = self.engine.start_container(self)
-        with self.cond:
-            self.starts += 1
-        return container
+_Errors = (*ENGINE_ERRORS, OSError)
 
 
 class WarmPools:
@@ -470,7 +164,7 @@ class WarmPools:
                 if time.monotonic() > backstop:
                     self._kill(container)
                     return self._result(container, started, out, err, 137, timed_out=True), "timeout"
-                frame = container.link.receive(_TICK)
+                frame = container.link.receive(TICK)
                 if frame is None:
                     continue
                 kind, payload = frame
@@ -484,7 +178,7 @@ class WarmPools:
                 elif kind == b"E":
                     err.write(payload)
                 elif kind == b"X":
-                    code, timed_out, ooms = _exit_report(payload, token)
+                    code, timed_out, ooms = exit_report(payload, token)
                     # (as a cold container's OOMKilled says: the kernel killed a process of the batch for memory)
                     result = self._result(container, started, out, err, code, timed_out=bool(timed_out), oom=ooms > 0)
                     return result, ("timeout" if timed_out else "oom" if ooms else None)
@@ -658,20 +352,3 @@ class WarmPools:
                 self.remove(container)
         while self.doomed:
             self.remove(self.doomed.popleft())
-
-
-def _exit_report(payload: bytes, token: bytes) -> tuple[int, int, int]:
-    """An 'X' frame: ``<token> <status> [<timed_out> [<oom_kills>]]``, the token of the batch's 'G' first (a persistent
-    function may send the token and the status alone)."""
-    words = payload.split()
-    if not words or words[0] != token:
-        raise ProtocolError(f"an 'X' frame that is not this batch's (it does not begin with the token of its 'G'): "
-                            f"{payload[:80]!r}")
-    try:
-        parts = [int(part) for part in words[1:]]
-    except ValueError:
-        parts = []
-    if not 1 <= len(parts) <= 3:
-        raise ProtocolError(f"an 'X' frame that is not '<token> <status> [<timed_out> [<oom_kills>]]': {payload[:80]!r}")
-    parts += [0] * (3 - len(parts))
-    return parts[0], parts[1], parts[2]

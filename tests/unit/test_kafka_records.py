@@ -12,7 +12,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connectors.kafka import Record, _PayloadBuffer, encode_records, payloads_of, to_event
+from connectors.kafka_records import Record, _PayloadBuffer, encode_records, payloads_of, to_event
 from dispatcher.events import rfc3339, rfc3339_ms
 
 json_values = st.recursive(
