@@ -187,7 +187,7 @@ def test_a_backfill_reports_its_rate_and_the_time_left_and_logs_only_every_few_s
 
 
 def test_status_watch_draws_a_backfill_as_a_progress_bar(capsys):
-    from dispatcher.cli import _show_status
+    from dispatcher.cli.operate import _show_status
 
     backfill = Backfill("blocks", 0, 10_000, now=0.0)
     backfill.update(2_500, 10_000, now=5.0)
