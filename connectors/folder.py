@@ -10,6 +10,9 @@ A drop folder is often writable by people or systems that may not read the host'
 - what the source writes beside a dropped file (its reason file, the folders it makes) gets the owner and mode of
   the dropped file (of the watched folder, for folders): the daemon running as root never makes a dropped file's
   name or content readable by others.
+
+One concern, a little over our usual length: these rules are the folder's safety, and they are checked side by side
+with the watch and the scan that apply them (both modes, ``file.py`` and ``tail.py``, read the folder through it).
 """
 
 from __future__ import annotations

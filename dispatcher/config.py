@@ -2,13 +2,16 @@
 
 ``load(path)`` returns a validated ``Config`` or raises ``ConfigError`` listing every problem
 with its TOML path.
+
+One concern, though longer than our rooms usually are: it is the config's schema, one model per TOML section
+with the defaults and limits the docs list, and the loading that names each problem by its TOML path. The checks
+across sections (a trigger's function, what its executor can honour) need every model, and a key's model and the
+message that names the key belong side by side; each source's own keys live with its connector.
 """
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import re
 import tomllib
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from dispatcher.errors import ConfigError
 from dispatcher.filters import FilterSyntaxError, compile_filter
+from dispatcher.identity import Identity
 from dispatcher.plugins import connectors
 from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
@@ -363,35 +367,6 @@ class ConfigBase(BaseSettings):
             for key, problem in _unsupported(function, self.executor.kind):
                 raise _PathError(("functions", trigger.function, key), problem)
         return self
-
-
-class Identity:
-    """``user`` as a process takes it: ``uid[:gid]`` or ``name[:group]`` (as docker reads it)."""
-
-    def __init__(self, uid: int, gid: int) -> None:
-        self.uid = uid
-        self.gid = gid
-
-    @classmethod
-    def of(cls, user: str) -> Identity:
-        """Raises ``ValueError`` for a user or group this host does not know."""
-        name, _, group = user.partition(":")
-        try:
-            entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
-            uid, gid = entry.pw_uid, entry.pw_gid
-        except KeyError:
-            if not name.isdigit():
-                raise ValueError(f"no user {name!r} on this host") from None
-            uid, gid = int(name), int(name)  # a uid without a name, as containers often use
-        if group:
-            try:
-                gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise ValueError(f"no group {group!r} on this host") from None
-        return cls(uid, gid)
-
-    def popen(self) -> dict[str, Any]:
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 
 def _unsupported(function: FunctionConfig, executor: str) -> Iterator[tuple[str, str]]:

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import anyio
 
-from dispatcher.config import ExecutorConfig, FunctionConfig, Identity
+from dispatcher.config import ExecutorConfig, FunctionConfig
 from dispatcher.errors import ExecutorError
 from dispatcher.events import new_id
 from dispatcher.executors import reaper
 from dispatcher.executors.base import LIVE, STOP_GRACE, Capture, ExecutorDefaults, Invocation, Result, environment
+from dispatcher.identity import Identity
 
 log = logging.getLogger("eventswarm.executor")
 
