@@ -3,12 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: install services run test unit integration lint bench gc clean
+.PHONY: install install-runtime engine images services run test unit integration lint bench gc clean
 
-$(STAMP): pyproject.toml
+# `make run` installs the daemon alone; the tests and tools (`make install`) add the dev extra.
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -19,15 +25,22 @@ $(RUNNER): runner/eventswarm-runner.c scripts/runner.sh
 
 install: $(STAMP) $(RUNNER)
 
-# The Docker engine (a single-node Swarm manager, no default bridge), the test function images and
-# a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc,
+install-runtime: $(RUNTIME_STAMP) $(RUNNER)
+
+# What `make run` needs, and no more: the Docker engine (a single-node Swarm manager, no default bridge) and the
+# function images built from tests/images (the example's echo among them).
+engine: install-runtime
+	bash scripts/services.sh
+
+images: engine
+	bash scripts/images.sh
+
+# What the tests need besides: a Kafka-protocol broker (tansu) on 127.0.0.1:19092, an Ethereum node (anvil) on 127.0.0.1:18545 and solc,
 # Debian's chromium (the status page's tests drive it headless with playwright), and Debian's PostgreSQL on
 # 127.0.0.1:15432 (the state store's contract suite runs on it as on SQLite), and npm's @octokit/webhooks-methods
 # (GitHub's signing library: the webhook tests sign with each sender's own), and Debian's stunnel4 (a TLS front for
 # the Kafka TLS tests) and logrotate.
-services: install
-	bash scripts/services.sh
-	bash scripts/images.sh
+services: install images
 	PYTHON=$(BIN)/python bash scripts/kafka.sh
 	bash scripts/ethereum.sh
 	bash scripts/browser.sh
@@ -35,7 +48,7 @@ services: install
 	bash scripts/senders.sh
 	bash scripts/tools.sh
 
-run: install services
+run: images
 	$(BIN)/eventswarm run -c config.example.toml
 
 test: install services

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from connectors.ethereum_abi import load_decoders, parse_signature
 from connectors.ethereum_rpc import redacted
-from dispatcher.api import Duration, Secret, SourceConfig
+from dispatcher.api import ConfigPath, Duration, Secret, SourceConfig
 
 
 class EthereumSourceConfig(SourceConfig):
@@ -20,7 +20,7 @@ class EthereumSourceConfig(SourceConfig):
     in order; for a URL that holds an API key, use ``rpc_url_env``."""
     rpc_url_env: str | list[str] = ""
     """Environment variables holding endpoint URLs (kept out of the TOML, logs and status)."""
-    rpc_url_file: str = ""
+    rpc_url_file: ConfigPath = ""
     """A file with endpoint URLs, one per line."""
     chain_id: int | None = None
     """The chain expected; default: the one the node reports at the first start (then it must stay the same)."""
@@ -28,7 +28,7 @@ class EthereumSourceConfig(SourceConfig):
     """Contracts whose logs to read; none: every contract."""
     events: list[str] = []
     """Solidity event signatures, e.g. ``"Transfer(address indexed from, address indexed to, uint256 value)"``."""
-    abi_file: str = ""
+    abi_file: ConfigPath = ""
     """A JSON ABI (or a compiler artifact with ``"abi"``) whose events are read too."""
     from_block: int | Literal["latest"] = "latest"
     """Where the first start begins."""

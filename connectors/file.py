@@ -15,6 +15,7 @@ again; that memory lives in the state store and is forgotten after ``remember_do
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -79,6 +80,8 @@ class FileSource(Source[FileSourceConfig]):
         """Files seen and not yet claimed: relative path -> (size, change time in ns, when first seen so)."""
         self._kept: dict[str, tuple[int, int]] = {}
         """Files done and left in place (``keep``): relative path -> (size, change time) when left."""
+        self._ctx: SourceContext | None = None
+        """The context of the run under way (a replayed file's success is remembered through it)."""
 
     @property
     def scans(self) -> int:
@@ -93,6 +96,7 @@ class FileSource(Source[FileSourceConfig]):
             await self.lines.run()
             return
         self.claims = self.root / PROCESSING / ctx.trigger
+        self._ctx = ctx
         await anyio.to_thread.run_sync(self.folder.prepare, self.claims)
         await ctx.checkpoints.forget("done/", time.time() - self.config.remember_done)
         ctx.set_ready(True)
@@ -314,6 +318,40 @@ class FileSource(Source[FileSourceConfig]):
         return Event(data_base64=content, datacontenttype="application/octet-stream", **common), sha, size
 
     # -- after settlement -----------------------------------------------------------------------
+
+    async def replayed(self, event: Event) -> None:
+        """A dead-lettered file whose replay succeeded leaves the failed folder, as if it had succeeded the first time
+        (``on_success``), with its reason file; it is remembered as done."""
+        extensions = event.extensions or {}
+        if self.config.mode != "file" or self.failed_dir is None or "filename" not in extensions:
+            return
+        name = extensions.get("filenamebase64")
+        rel = os.fsdecode(base64.b64decode(name)) if name else str(extensions["filename"])
+        if self._ctx is not None:  # remembered first (as for any file done): the file is not run again
+            await self._ctx.checkpoints.put({state_key("done/", rel): json.dumps({"sha256": extensions.get("sha256"),
+                                                                                  "result": "done"})})
+        await anyio.to_thread.run_sync(self._out_of_failed, rel, str(extensions.get("sha256", "")))
+
+    def _out_of_failed(self, rel: str, sha256: str) -> bool:
+        """Move ``rel`` (the copy in the failed folder whose content is still ``sha256``) per ``on_success``."""
+        assert self.failed_dir is not None
+        for n in range(10):  # (a name taken in the failed folder got .1, .2…)
+            failed = self.failed_dir / rel if n == 0 else (self.failed_dir / rel).with_name(
+                short_name(Path(rel).name, f".{n}"))
+            try:
+                with os.fdopen(open_regular(failed, follow=False, allow_outside=False, root=str(self.failed_dir)),
+                               "rb") as handle:
+                    same = hashlib.file_digest(handle, "sha256").hexdigest() == sha256
+            except (OSError, Refused):
+                continue
+            if not same:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                failed.with_name(short_name(failed.name, ".error.json")).unlink()
+            self._finish(rel, "done", None, source=failed)
+            log.info("%s: its replay succeeded; it leaves the failed folder", display(rel))
+            return True
+        return False
 
     def _finish_all(self, files: list[tuple[str, str, dict[str, Any] | None]]) -> None:
         for rel, result, why in files:

@@ -32,7 +32,7 @@ import anyio
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from watchfiles import awatch
 
-from dispatcher.api import Duration, Size, SourceConfig, SourceError
+from dispatcher.api import ConfigPath, Duration, Size, SourceConfig, SourceError
 
 log = logging.getLogger("eventswarm.file")
 
@@ -244,8 +244,8 @@ LINES_KEYS = {"max_line", "start_at", "max_uncommitted", "commit_interval"}
 
 class FileSourceConfig(SourceConfig):
     kind: Literal["file"]
-    path: str
-    """The folder to watch (made absolute)."""
+    path: ConfigPath
+    """The folder to watch (relative to the config file's folder)."""
     patterns: list[str] = Field(["*"], min_length=1)
     """Globs of file names (or of paths relative to ``path`` when they hold a ``/``)."""
     ignore: list[str] = [".*", "*.tmp", "*.part"]
@@ -285,10 +285,10 @@ class FileSourceConfig(SourceConfig):
 
     @field_validator("path")
     @classmethod
-    def _absolute(cls, path: str) -> str:
+    def _given(cls, path: str) -> str:
         if not path:
             raise ValueError("name the folder to watch")
-        return os.path.abspath(os.path.expanduser(path))
+        return path
 
     @field_validator("on_success", "on_failure")
     @classmethod
@@ -310,6 +310,12 @@ class FileSourceConfig(SourceConfig):
 
     def folders(self) -> list[str]:
         return [self.path] if self.mode == "file" else []  # lines never travel as a path
+
+    def warnings(self) -> list[tuple[str, str]]:
+        if not os.path.isdir(self.path):
+            what = "does not exist" if not os.path.exists(self.path) else "is not a folder"
+            return [("path", f"{self.path} {what}: the source fails at start until it is there")]
+        return []
 
     def target(self, key: str) -> Path | None:
         """The folder ``on_success``/``on_failure`` moves files to (None: delete or keep)."""

@@ -13,6 +13,7 @@ import anyio
 from pydantic import Field, model_validator
 
 from dispatcher.api import (
+    ConfigPath,
     Duration,
     Secret,
     SourceConfig,
@@ -34,11 +35,11 @@ class KafkaSourceConfig(SourceConfig):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     username_env: str = ""
     password_env: str = ""
-    username_file: str = ""
-    password_file: str = ""
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
+    username_file: ConfigPath = ""
+    password_file: ConfigPath = ""
+    ca_file: ConfigPath = ""
+    cert_file: ConfigPath = ""
+    key_file: ConfigPath = ""
     dead_letter_topic: str = ""
     """Dead letters are also produced here (the original key, value and headers)."""
     dead_letter_timeout: Duration = 60.0

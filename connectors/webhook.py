@@ -21,6 +21,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from dispatcher.api import (
+    ConfigPath,
     Duration,
     Event,
     HttpRequest,
@@ -49,7 +50,7 @@ class SignatureConfig(BaseModel):
     scheme: Literal["github", "standard-webhooks", "stripe", "hmac-sha256"]
     secret_env: str | list[str] = ""
     """Environment variable holding the secret (spaces are part of it); during a rotation, a list of them."""
-    secret_file: str = ""
+    secret_file: ConfigPath = ""
     """File holding the secret(s), one per line, instead of ``secret_env``."""
     header: str = ""
     """hmac-sha256 only: the header carrying the signature (default ``X-Signature``)."""

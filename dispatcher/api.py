@@ -53,6 +53,7 @@ from dispatcher.events import (
     rfc3339_ms,
     traceparent,
 )
+from dispatcher.paths import ConfigPath
 from dispatcher.progress import Committer, Progress, Span
 from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
@@ -61,6 +62,7 @@ __all__ = [
     "Ack",
     "Checkpoints",
     "Committer",
+    "ConfigPath",
     "Duration",
     "Event",
     "HttpHandler",
@@ -100,6 +102,11 @@ class SourceConfig(BaseModel):
 
     def exclusive(self) -> list[str]:
         """What no two triggers may share, e.g. a webhook's ``"POST /hooks/x"``: ``validate`` refuses a second claim."""
+        return []
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """What ``validate`` points out without refusing the config, as ``(key, message)``: what this host shows
+        now will fail at run time (a folder that is not there)."""
         return []
 
 
@@ -252,3 +259,8 @@ class Source(Generic[ConfigT]):
     async def run(self, ctx: SourceContext) -> None:
         """Read events and ``ctx.emit`` them until cancelled."""
         raise NotImplementedError
+
+    async def replayed(self, event: Event) -> None:
+        """A dead letter of this source's event, sent again (``eventswarm dlq replay``), succeeded: tidy what the
+        source left of it when it was dead-lettered (the file source moves the file out of its failed folder).
+        Default: nothing."""

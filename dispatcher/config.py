@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from dispatcher.errors import ConfigError
 from dispatcher.filters import FilterSyntaxError, compile_filter
 from dispatcher.identity import Identity
+from dispatcher.paths import ConfigPath, config_folder, from_config
 from dispatcher.plugins import connectors
 from dispatcher.secrets import Secret
 from dispatcher.units import Duration, Size
@@ -52,8 +54,9 @@ class Section(BaseModel):
 
 
 class DaemonConfig(Section):
-    state: str = "sqlite:///./eventswarm.db"
-    """Where the state store lives: ``sqlite:///path`` (or a plain path)."""
+    state: str = "sqlite:///eventswarm.db"
+    """Where the state store lives: ``sqlite:///relative/path`` (relative to the config file's folder),
+    ``sqlite:////absolute/path`` (four slashes, as SQLAlchemy reads it), a plain path, or ``postgresql://…``."""
     listen: str = "127.0.0.1:8080"
     """host:port of the one HTTP server (webhooks, /metrics, /healthz, /readyz, /v1)."""
     log_format: Literal["text", "json"] = "text"
@@ -70,7 +73,7 @@ class DaemonConfig(Section):
     """Open HTTP connections at most; past it, a new connection is answered 503 and closed."""
     state_password_env: str = ""
     """With a ``postgresql://`` state: the environment variable holding the database password."""
-    state_password_file: str = ""
+    state_password_file: ConfigPath = ""
     """With a ``postgresql://`` state: a file holding the database password."""
     replica: str = Field("", max_length=200)
     """This daemon's name among the replicas sharing one PostgreSQL state (default: its host name and listen
@@ -81,13 +84,23 @@ class DaemonConfig(Section):
     api_token_env: str | list[str] = ""
     """Environment variable(s) holding the bearer token the ``/v1`` API (and ``/metrics``) requires; several
     during a rotation. The CLI sends it."""
-    api_token_file: str = ""
+    api_token_file: ConfigPath = ""
     """A file holding the token (one per line, several during a rotation)."""
     metrics_public: bool = False
     """Serve ``/metrics`` without the token (for a scraper that cannot send one)."""
     allow_unauthenticated: bool = False
     """Allow ``listen`` on an address beyond loopback without a token (on purpose: anyone who reaches it can read
     invocation logs and replay dead letters)."""
+
+    @field_validator("state")
+    @classmethod
+    def _state(cls, value: str) -> str:
+        if value.startswith("sqlite:///"):
+            path = value.removeprefix("sqlite:///")
+            return "sqlite:///" + (path if path == ":memory:" else from_config(path))
+        if "://" in value or value == ":memory:" or not value:
+            return value
+        return "sqlite:///" + from_config(value)  # (a plain path)
 
     @field_validator("replica_timeout")
     @classmethod
@@ -166,7 +179,7 @@ class ExecutorConfig(Section):
     ``read_only``), ``stdin`` gives no file; ``auto`` = bind for a local engine, else copy."""
     output_limit: Size = 1024 * 1024
     """Captured stdout and stderr per invocation, each; beyond it the middle is cut out."""
-    scratch_dir: str = ""
+    scratch_dir: ConfigPath = ""
     """Where input files for ``bind`` are written; default: beside the state store."""
     start_timeout: Duration = 300.0
     """swarm: a job whose task has not started by then (no node has room) fails the attempt."""
@@ -230,7 +243,10 @@ class FunctionConfig(Section):
     image: str = ""
     """The container image (docker/swarm executors)."""
     command: list[str] = []
-    """Entrypoint and arguments; default: the image's. For the process executor: the program to run."""
+    """Entrypoint and arguments; default: the image's. For the process executor: the program to run (a relative
+    program or argument is taken from ``workdir``)."""
+    workdir: ConfigPath = Field("", validate_default=True)
+    """process executor: the folder the program runs in; default: the config file's folder."""
     args: list[str] = []
     """Arguments after the command; may template event fields (``"{data.voter_id}"``) — then batches hold one event."""
     env: dict[str, str] = {}
@@ -252,6 +268,11 @@ class FunctionConfig(Section):
     warm: WarmConfig | None = None
     """docker: a pool of running containers (``true``, ``"persistent"`` or a table of settings); default: a new
     container per batch."""
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str) -> str:
+        return value or from_config(".")
 
     @field_validator("warm", mode="before")
     @classmethod
@@ -369,8 +390,27 @@ class ConfigBase(BaseSettings):
         return self
 
 
+def _command_problems(function: FunctionConfig) -> Iterator[tuple[str, str]]:
+    """A process function's program that cannot be found, and relative paths among its arguments that are not in
+    its ``workdir``."""
+    if not function.command:
+        return
+    program, *arguments = function.command
+    if "/" in program:
+        if not os.access(Path(function.workdir, program), os.X_OK):
+            yield "command", f"{program} is not an executable file in {function.workdir} (its workdir)"
+    elif shutil.which(program) is None:
+        yield "command", f"{program} is not found on PATH"
+    for argument in arguments:
+        if "/" in argument and not argument.startswith(("-", "/", "{")) and "=" not in argument \
+                and not Path(function.workdir, argument).exists():
+            yield "command", f"{argument} is not in {function.workdir} (its workdir: a relative path is taken from there)"
+
+
 def _unsupported(function: FunctionConfig, executor: str) -> Iterator[tuple[str, str]]:
     """The function's keys that ``executor`` cannot honour, with why: refused, never ignored."""
+    if "workdir" in function.model_fields_set and executor != "process":
+        yield "workdir", "workdir is for the process executor: a container runs in its image's WORKDIR"
     if function.warm is not None and executor in ("process", "swarm"):
         yield "warm", (f"warm containers run on one Docker engine: the {executor} executor starts a new "
                        + ("process" if executor == "process" else "job") + " per batch (use executor kind docker or auto)")
@@ -403,6 +443,16 @@ def _config_model() -> type[ConfigBase]:
     source_type: Any = Annotated[Union[models], Field(discriminator="kind")] if len(models) > 1 else models[0]  # noqa: UP007
     trigger = create_model("TriggerConfig", __base__=TriggerBase, source=(source_type, ...))
     return create_model("Config", __base__=ConfigBase, triggers=(dict[str, trigger], {}))
+
+
+class _DaemonOnly(ConfigBase):
+    """``[daemon]`` and ``[executor]`` validated, the functions and triggers taken as they are."""
+
+    functions: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check_references(self) -> _DaemonOnly:
+        return self
 
 
 Config = ConfigBase
@@ -446,12 +496,15 @@ def _message(error: Any) -> str:
     return str(msg).removeprefix("Value error, ")
 
 
-def parse(document: dict[str, Any], file: str | None = None) -> ConfigBase:
-    """Validate a config document (a parsed TOML table), the environment overriding it."""
-    model = _config_model()
+def parse(document: dict[str, Any], file: str | None = None, *, daemon_only: bool = False) -> ConfigBase:
+    """Validate a config document (a parsed TOML table), the environment overriding it. Relative paths are taken
+    from ``file``'s folder. ``daemon_only``: only ``[daemon]`` and ``[executor]`` are validated (what the commands
+    that read the state or call the daemon need: never a source's secrets)."""
+    model = _DaemonOnly if daemon_only else _config_model()
     kinds = set(connectors())
     try:
-        return model(**document)
+        with config_folder(Path(file).absolute().parent if file else Path.cwd()):
+            return model(**document)
     except SettingsError as exc:  # an environment override that is not JSON where JSON is expected
         found = re.search(r'field "([^"]+)"', str(exc))
         key = found.group(1) if found else ""
@@ -460,6 +513,7 @@ def parse(document: dict[str, Any], file: str | None = None) -> ConfigBase:
                           file) from None
     except ValidationError as exc:
         problems = []
+        origins: dict[int, str] = {}
         for error in exc.errors():
             loc = tuple(error["loc"])
             msg = _message(error)
@@ -473,10 +527,28 @@ def parse(document: dict[str, Any], file: str | None = None) -> ConfigBase:
                 key, _, msg = msg.partition(": ")  # a model's check about one of its keys (given or not): name it
                 loc = (*loc, key)
             problems.append((_toml_path(loc, kinds), msg))
-        raise ConfigError(problems, file) from None
+            overridden = _override(document, loc)
+            if overridden is not None:
+                origins[len(problems) - 1] = f"${overridden}"
+        raise ConfigError(problems, file, origins) from None
 
 
-def load(path: str | os.PathLike[str] | None = None) -> ConfigBase:
+def _override(document: dict[str, Any], loc: tuple[Any, ...]) -> str | None:
+    """The ``EVENTSWARM_*`` variable that set the key at ``loc`` (or a table above it), when the file did not."""
+    given: Any = document
+    for depth, part in enumerate(loc):
+        if not isinstance(given, dict) or part not in given:
+            variables = {name.upper(): name for name in os.environ}
+            for end in range(len(loc), depth, -1):
+                name = ENV_PREFIX + "__".join(str(p) for p in loc[:end]).upper()
+                if name in variables:
+                    return variables[name]
+            return None
+        given = given[part]
+    return None
+
+
+def load(path: str | os.PathLike[str] | None = None, *, daemon_only: bool = False) -> ConfigBase:
     """Read, parse and validate the TOML file at ``path`` (default: ``$EVENTSWARM_CONFIG``, ``./eventswarm.toml``)."""
     file = str(path) if path is not None else default_path()
     try:
@@ -489,12 +561,23 @@ def load(path: str | os.PathLike[str] | None = None) -> ConfigBase:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"invalid TOML: {exc}")], file) from None
-    return parse(document, file)
+    return parse(document, file, daemon_only=daemon_only)
 
 
 def warnings(config: ConfigBase) -> list[tuple[str, str]]:
     """What ``validate`` points out without refusing the config: ``(toml_path, message)`` pairs."""
     found: list[tuple[str, str]] = []
+    if not config.daemon.postgres:
+        folder = Path(config.daemon.state_path).parent
+        if not folder.is_dir():
+            found.append(("daemon.state", f"the state store is {config.daemon.state_path}, in a folder that does not "
+                                          f"exist yet ({folder}): `run` makes it"))
+    for name, trigger in config.triggers.items():
+        for key, message in trigger.source.warnings():
+            found.append((f"triggers.{name}.source.{key}", message))
+    if config.executor.kind == "process":
+        for name, function in config.functions.items():
+            found.extend((f"functions.{name}.{key}", message) for key, message in _command_problems(function))
     for name, trigger in config.triggers.items():
         folders = trigger.source.folders()
         if not folders or config.executor.kind == "process":

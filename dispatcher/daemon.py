@@ -222,15 +222,21 @@ class Daemon:
         async def feed() -> None:
             for letter in letters:
                 event = Event.from_dict(letter.event)
-                await self.triggers[letter.trigger].emit(event, ack=self._forget(letter.id))
+                trigger = self.triggers[letter.trigger]
+                await trigger.emit(event, ack=self._forget(letter.id, trigger, event))
 
         self._tg.start_soon(feed)
         return {"replayed": len(letters)}
 
-    def _forget(self, dead_letter_id: str) -> Ack:
+    def _forget(self, dead_letter_id: str, trigger: Trigger, event: Event) -> Ack:
         async def ack(outcome: Outcome) -> None:
             if outcome.settled:
                 await self.state.write(remove_dead_letter(dead_letter_id))
+            if outcome.status == "succeeded":
+                try:
+                    await trigger.source.replayed(event)
+                except Exception as exc:  # (the event ran: what is left to tidy is said, never a failure)
+                    log.warning("trigger %s: after the replay of %s: %s", trigger.trigger, event.id, exc)
         return ack
 
     def stop(self) -> None:

@@ -10,14 +10,21 @@ class EventswarmError(Exception):
 class ConfigError(EventswarmError):
     """The configuration is invalid; ``problems`` holds ``(toml_path, message)`` pairs."""
 
-    def __init__(self, problems: list[tuple[str, str]], file: str | None = None) -> None:
+    def __init__(self, problems: list[tuple[str, str]], file: str | None = None,
+                 origins: dict[int, str] | None = None) -> None:
         self.problems = problems
         self.file = file
+        self.origins = origins or {}
+        """Where a problem's value came from when not from the file (by its index): an environment variable."""
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
-        prefix = f"{self.file}: " if self.file else ""
-        return [f"{prefix}{path}: {message}" if path else f"{prefix}{message}" for path, message in self.problems]
+        lines = []
+        for i, (path, message) in enumerate(self.problems):
+            origin = self.origins.get(i) or self.file
+            prefix = f"{origin}: " if origin else ""
+            lines.append(f"{prefix}{path}: {message}" if path else f"{prefix}{message}")
+        return lines
 
 
 class StoreError(EventswarmError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
@@ -16,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from dispatcher.api import HttpHandler, HttpRequest, HttpResponse
+from dispatcher.errors import EventswarmError
 from dispatcher.executors.base import LIVE
 from dispatcher.metrics import Metrics
 from dispatcher.state import StateStore
@@ -188,8 +190,16 @@ class HttpServer:
             self.connections += 1
             return _Counted(server(), self._gone)
 
-        self._listener = await asyncio.get_running_loop().create_server(
-            connection, self.host, self.port, reuse_address=True, backlog=128)
+        try:
+            self._listener = await asyncio.get_running_loop().create_server(
+                connection, self.host, self.port, reuse_address=True, backlog=128)
+        except OSError as exc:
+            reasons = {errno.EADDRINUSE: "the address is in use (another daemon, or another program, listens there)",
+                       errno.EADDRNOTAVAIL: "no interface of this machine has that address",
+                       errno.EACCES: "a port below 1024 needs root (or CAP_NET_BIND_SERVICE)"}
+            why = reasons.get(exc.errno or 0, exc.strerror or str(exc))
+            raise EventswarmError(f"cannot listen on {self.host}:{self.port}: {why}; daemon.listen chooses "
+                                  "where") from None
         self.port = int(self._listener.sockets[0].getsockname()[1])
 
     def _gone(self) -> None:

@@ -32,6 +32,13 @@ class StoreLock:
     def acquire(self, what: str = "a daemon") -> StoreLock:
         """Take the lock, or raise ``StoreLocked`` naming its holder; ``what`` says who takes it, for that error."""
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # (as the store makes its folder)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise StoreError(f"cannot lock the state store {self.state_path}: {exc.filename} is not a folder",
+                             temporary=False) from None
+        except OSError:
+            pass  # (said below, by the open)
+        try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot lock the state store {self.state_path}: {self.path}: {exc.strerror}",

@@ -59,7 +59,7 @@ class PoolCollector(Collector):
                                  "starting.", labels=["function"])
         idle = GaugeMetricFamily("eventswarm_warm_pool_idle", "Warm containers waiting for a batch.", labels=["function"])
         starts = CounterMetricFamily("eventswarm_warm_starts", "Warm containers started.", labels=["function"])
-        replaced = CounterMetricFamily("eventswarm_warm_replacements", "Warm containers removed, by why: timeout, oom, "
+        replaced = CounterMetricFamily("eventswarm_warm_replacements", "Warm containers removed, by why: timeout, oom, protocol, "
                                        "runner_ended, max_batches, idle_ttl, image, failed, interrupted, retired.",
                                        labels=["function", "reason"])
         for pool in pools:

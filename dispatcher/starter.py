@@ -34,7 +34,7 @@ CONFIG = '''# eventswarm: event streams to container functions. Every key: docs/
 # or `eventswarm schema`. Check this file with `eventswarm validate -c {config}`.
 
 [daemon]
-state = {state}        # invocation records, logs, dead letters, checkpoints
+state = {state}        # invocation records, logs, dead letters, checkpoints (paths are relative to this file's folder)
 listen = "127.0.0.1:8080"          # webhooks, the status page (/), /metrics, /v1 (a token is needed beyond loopback:
                                    # api_token_env = "EVENTSWARM_TOKEN")
 
@@ -82,7 +82,8 @@ def write(folder: Path, executor: str, force: bool) -> list[Path]:
     if executor == "process":
         handler = folder / "functions" / "hello.py"
         files = {config: "", handler: HANDLER}
-        function = f'command = ["python3", {json.dumps(str(handler))}]   # a local process (no Docker): a program and its arguments'
+        function = ('command = ["python3", "functions/hello.py"]   # a local process (no Docker): a program and its '
+                    'arguments,\n                                                # run in this file\'s folder (workdir)')
         note = "                 # functions run as local processes (no Docker engine answered)"
     else:
         handler = folder / "functions" / "hello" / "handler.py"
@@ -90,7 +91,7 @@ def write(folder: Path, executor: str, force: bool) -> list[Path]:
         function = ('image = "hello-fn:latest"          # docker build -t hello-fn:latest functions/hello\n'
                     'memory = "256MiB"                  # each container: no network, capabilities dropped')
         note = "                  # one container per batch on this engine ('swarm' on a Swarm manager)"
-    files[config] = CONFIG.format(config=config, state=json.dumps(f"sqlite:///{folder / 'eventswarm.db'}"), executor=executor,
+    files[config] = CONFIG.format(config=config, state=json.dumps("sqlite:///eventswarm.db"), executor=executor,
                                   executor_note=note, function=function)
     if not force:
         existing = [path for path in files if path.exists()]

@@ -56,13 +56,17 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": _DURATION.pattern, "examples": ["500ms", "30s", "5m"]}),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": _DURATION.pattern}, {"type": "number", "minimum": 0}],
+                    "description": "a duration: a string with a unit (ms, s, m, h, d), or a number of seconds",
+                    "examples": ["500ms", "30s", "5m"]}),
 ]
-"""A duration in seconds, written in TOML as a string with a unit."""
+"""A duration in seconds, written in TOML as a string with a unit (or a number of seconds)."""
 
 Size = Annotated[
     int,
     BeforeValidator(parse_size),
-    WithJsonSchema({"type": "string", "pattern": _SIZE.pattern, "examples": ["512KiB", "1MiB"]}),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": _SIZE.pattern}, {"type": "integer", "minimum": 0}],
+                    "description": "a size: a string with a unit (B, KB, KiB, MB, MiB, GB, GiB), or a number of bytes",
+                    "examples": ["512KiB", "1MiB"]}),
 ]
-"""A size in bytes, written in TOML as a string with a unit."""
+"""A size in bytes, written in TOML as a string with a unit (or a number of bytes)."""

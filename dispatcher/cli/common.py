@@ -44,9 +44,11 @@ def fail(message: str, code: int = EXIT_RUNTIME) -> NoReturn:
     sys.exit(code)
 
 
-def load_config(config_path: str | None) -> configuration.ConfigBase:
+def load_config(config_path: str | None, *, daemon_only: bool = False) -> configuration.ConfigBase:
+    """The config, or its problems on stderr and exit 2. ``daemon_only``: what the commands that read the state or
+    call the daemon need (``[daemon]`` and ``[executor]``); a source's secret need not be there."""
     try:
-        return configuration.load(config_path)
+        return configuration.load(config_path, daemon_only=daemon_only)
     except ConfigError as exc:
         for line in exc.lines():
             click.echo(line, err=True)
@@ -54,7 +56,7 @@ def load_config(config_path: str | None) -> configuration.ConfigBase:
 
 
 def open_store(config_path: str | None) -> Database:
-    config = load_config(config_path)
+    config = load_config(config_path, daemon_only=True)
     path = config.daemon.state_path
     if not config.daemon.postgres and not Path(path).exists():
         fail(f"no state store at {path} (has the daemon run with this config?)")
@@ -63,8 +65,8 @@ def open_store(config_path: str | None) -> Database:
 
 def daemon_url(config_path: str | None, url: str | None) -> str:
     if url:
-        return url.rstrip("/")
-    host, port = load_config(config_path).daemon.host_port
+        return (url if "://" in url else f"http://{url}").rstrip("/")  # (as curl takes it: no scheme is http)
+    host, port = load_config(config_path, daemon_only=True).daemon.host_port
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
@@ -74,7 +76,7 @@ def api_token(config_path: str | None) -> str | None:
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV]
     try:
-        token = configuration.load(config_path).daemon.api_token
+        token = configuration.load(config_path, daemon_only=True).daemon.api_token
     except ConfigError:
         return None  # (the config is read only for the token: status --url works without one)
     return token.value() if token.given else None

@@ -19,6 +19,7 @@ from dispatcher.cli.common import (
     daemon_url,
     fail,
     load_config,
+    output_option,
     post_api,
     repeat,
     run_async,
@@ -57,9 +58,28 @@ def run(config_path: str | None) -> None:
 def validate(config_path: str | None) -> None:
     """Check the config; print every error with its TOML path (exit 0 or 2)."""
     config = load_config(config_path)
-    for path, message in configuration.warnings(config):
+    found = configuration.warnings(config)
+    if config.executor.kind != "process":
+        found += _image_warnings(config)
+    for path, message in found:
         click.echo(f"warning: {path}: {message}", err=True)
     click.echo(f"ok: {len(config.triggers)} triggers, {len(config.functions)} functions")
+
+
+def _image_warnings(config: configuration.ConfigBase) -> list[tuple[str, str]]:
+    """Functions whose image the engine does not have (or one warning when the engine cannot be asked)."""
+    from dispatcher.executors.engine import missing_images
+
+    images = {name: function.image for name, function in config.functions.items() if function.image}
+    if not images:
+        return []
+    try:
+        missing = set(missing_images(config.executor, sorted(set(images.values()))))
+    except EventswarmError as exc:
+        return [("executor", f"{exc}: the functions' images were not checked")]
+    return [(f"functions.{name}.image", f"{image} is not on the engine: build or pull it before `run` "
+             "(on Swarm, every node that may run it needs it)")
+            for name, image in images.items() if image in missing]
 
 
 @click.command()
@@ -144,16 +164,16 @@ def init(folder: str, executor: str, force: bool) -> None:
 
 @click.command()
 @config_option
-@click.option("--url", default=None, help="The daemon's address (default: from daemon.listen).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--url", default=None, help="The daemon's address (default: from daemon.listen; no scheme: http).")
 @click.option("--watch", is_flag=True, help="Show it again every 2 s (a backfill with a progress bar), until interrupted.")
-def status(config_path: str | None, url: str | None, as_json: bool, watch: bool) -> None:
+@output_option
+def status(config_path: str | None, url: str | None, watch: bool, output: str, as_json: bool) -> None:
     """Triggers, buffer depth, in-flight, lag and last error, from a running daemon."""
     address = f"{daemon_url(config_path, url)}/v1/status"
 
     def show() -> None:
         report = call_api(address, config_path=config_path)
-        if as_json:
+        if as_json or output == "json":
             click.echo(json.dumps(report, indent=2))
         else:
             _show_status(report, bars=watch)
@@ -234,7 +254,7 @@ def gc(config_path: str | None, everything: bool) -> None:
     from dispatcher.executors import create
     from dispatcher.replicas import default_id
 
-    config = load_config(config_path)
+    config = load_config(config_path, daemon_only=True)
     replica = config.daemon.replica or default_id(config.daemon.host_port[1])
     lock = store_lock(config.daemon.state_path, config.daemon.state_password, replica)
     if config.daemon.postgres or Path(config.daemon.state_path).parent.is_dir():  # (else no daemon has run here)

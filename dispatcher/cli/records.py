@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from dispatcher.cli.common import (
+    EXIT_RUNTIME,
     EXIT_USAGE,
     REPLAY_POLL,
     call_api,
@@ -164,26 +165,44 @@ def dlq_list(config_path: str | None, trigger: str | None, output: str, as_json:
 @dlq.command("show")
 @config_option
 @click.argument("dead_letter_id")
-def dlq_show(config_path: str | None, dead_letter_id: str) -> None:
-    """One dead letter as JSON: the event and every attempt."""
+@output_option
+def dlq_show(config_path: str | None, dead_letter_id: str, output: str, as_json: bool) -> None:
+    """One dead letter: its event and every attempt (``-o json``: the whole record)."""
     store = open_store(config_path)
     letter = store.dead_letter(resolve_id(store, "dead_letters", dead_letter_id, "dead letter"))
     if letter is None:
         fail(f"no dead letter {dead_letter_id}")
-    click.echo(json.dumps(letter.to_json(), indent=2))
+    doc = letter.to_json()
+    if as_json or output == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    event = doc["event"]
+    click.echo(f"dead letter {doc['id']}  trigger {doc['trigger']}  created {doc['created_at']}")
+    click.echo(f"event {event.get('id', '')}  type {event.get('type', '')}  source {event.get('source', '')}"
+               + (f"  subject {event['subject']}" if event.get("subject") else ""))
+    click.echo(f"{'ATTEMPT':>7}  {'INVOCATION':32}  {'EXIT':>4}  ERROR")
+    for number, attempt in enumerate(doc["attempts"], start=1):
+        exit_code = "" if attempt.get("exit_code") is None else str(attempt["exit_code"])
+        last_line = (attempt.get("stderr_tail") or "").strip().splitlines()[-1:]
+        why = "; ".join(part for part in (attempt.get("error"), f"stderr: {last_line[0]}" if last_line else "") if part)
+        click.echo(f"{attempt.get('attempt', number):>7}  {attempt.get('invocation_id') or '':32}  {exit_code:>4}  {why}")
+    if output == "wide":
+        click.echo("data: " + json.dumps(event.get("data", event.get("data_base64")), ensure_ascii=False)[:2000])
 
 
 @dlq.command("replay")
 @config_option
 @click.argument("ids", nargs=-1)
 @click.option("--trigger", default=None, help="Replay every dead letter of this trigger.")
-@click.option("--url", default=None, help="The daemon's address (default: from daemon.listen).")
+@click.option("--url", default=None, help="The daemon's address (default: from daemon.listen; no scheme: http).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
-              help="Follow the replay (a progress bar on a terminal) until every letter ran or failed again.")
+              help="Follow the replay (a progress bar on a terminal) until every letter ran or failed again; "
+                   "exit 1 when any failed again or is still waiting.")
 @click.option("--timeout", default="10m", show_default=True, help="With --wait: give up waiting after this long.")
 def dlq_replay(config_path: str | None, ids: tuple[str, ...], trigger: str | None, url: str | None, wait: bool,
                timeout: str) -> None:
-    """Send dead letters back through their trigger in the running daemon."""
+    """Send dead letters back through their trigger in the running daemon. Exit status with --wait: 0 when every
+    one ran, 1 when any failed again (a new dead letter) or was still waiting at --timeout."""
     if not ids and not trigger:
         fail("name dead letter ids or --trigger", EXIT_USAGE)
     try:
@@ -221,6 +240,8 @@ def _follow_replay(store: Database, letters: list[Any], patience: float) -> None
     settled = len(letters) - len(pending)
     click.echo(f"replayed {settled} of {len(letters)}: {settled - again} ran, {again} failed again"
                + (f", {len(pending)} still waiting (see `eventswarm dlq list`)" if pending else ""))
+    if again or pending:
+        sys.exit(EXIT_RUNTIME)
 
 
 @dlq.command("purge")

@@ -4,6 +4,7 @@ eventswarm made and their removal, the sweeper that removes containers off a bat
 
 from __future__ import annotations
 
+import os
 import queue
 import struct
 import threading
@@ -37,8 +38,31 @@ async def connect(config: ExecutorConfig) -> docker.DockerClient:
         client = await anyio.to_thread.run_sync(make)
         await anyio.to_thread.run_sync(client.api.ping)
     except ENGINE_ERRORS as exc:
-        raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+        where = config.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        raise ExecutorError(f"cannot reach the Docker engine at {where}: {exc} (is dockerd running, and may this "
+                            "user use it? executor.docker_host or DOCKER_HOST say where it is)") from exc
     return client
+
+
+def missing_images(config: ExecutorConfig, images: list[str]) -> list[str]:
+    """Of ``images``, those the engine does not have (``validate``); ``ExecutorError`` when it cannot be asked."""
+    try:
+        client = (docker.DockerClient(base_url=config.docker_host, timeout=10) if config.docker_host
+                  else docker.DockerClient.from_env(timeout=10))
+    except ENGINE_ERRORS as exc:
+        raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+    missing = []
+    try:
+        for image in images:
+            try:
+                client.api.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                missing.append(image)
+    except ENGINE_ERRORS as exc:
+        raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+    finally:
+        client.close()
+    return missing
 
 
 def labels(owner: str | None) -> dict[str, list[str]]:

@@ -123,15 +123,19 @@ class ProcessExecutor(ExecutorDefaults):
                 os.chown(scratch, identity.uid, identity.gid)
                 os.chown(input_path, identity.uid, identity.gid)
             argv = [*limits(function), *argv]
+            workdir = function.workdir or scratch
             started = time.monotonic()
             try:
                 with input_path.open("rb") as stdin:  # the document on stdin straight from its file: no pipe to feed
                     # vfork and exec, as asyncio's own subprocess support does from the loop
                     process = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: ASYNC220
-                                               env=env, cwd=scratch, start_new_session=True,
+                                               env=env, cwd=workdir, start_new_session=True,
                                                **(identity.popen() if identity else {}))
             except OSError as exc:
-                raise ExecutorError(f"cannot start {argv[0]!r}: {exc}", temporary=False) from exc
+                if exc.filename == workdir:  # (the child could not enter it)
+                    raise ExecutorError(f"function {invocation.function_name!r}: cannot run in its workdir {workdir}: "
+                                        f"{exc.strerror}", temporary=False) from exc
+                raise ExecutorError(f"cannot start {argv[0]!r} in {workdir}: {exc}", temporary=False) from exc
             self._running.add(process.pid)
             try:
                 return await _supervise(process, invocation.function.timeout, self.config.output_limit, started,

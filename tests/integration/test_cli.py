@@ -74,7 +74,7 @@ def test_dead_letters_can_be_listed_shown_replayed_and_purged(tmp_path, daemon_p
     # Every failed try is kept, bisect splits included; the last is the final attempt.
     assert all(d["attempts"][-1]["attempt"] == 2 and {a["exit_code"] for a in d["attempts"]} == {5} for d in letters)
     assert "failing" in letters[0]["attempts"][0]["stderr_tail"]
-    shown = json.loads(cli(tmp_path, "dlq", "show", letters[0]["id"]).stdout)
+    shown = json.loads(cli(tmp_path, "dlq", "show", letters[0]["id"], "-o", "json").stdout)
     assert shown["event"]["id"] == letters[0]["event"]["id"]
 
     status = json.loads(cli(tmp_path, "status", "--json").stdout)
@@ -202,7 +202,7 @@ def test_invocations_list_show_logs_and_watch_take_unique_prefixes_and_the_kubec
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/v1/invocations/{prefix}", timeout=10) as answer:
         assert json.loads(answer.read())["id"] == failed.id
     letter = store_of(doc).dead_letters()[0]
-    assert json.loads(cli(tmp_path, "dlq", "show", letter.id[:8]).stdout)["id"] == letter.id
+    assert json.loads(cli(tmp_path, "dlq", "show", letter.id[:8], "-o", "json").stdout)["id"] == letter.id
     assert "AGE" in cli(tmp_path, "dlq", "list").stdout.splitlines()[0]
     assert "CREATED" in cli(tmp_path, "dlq", "list", "-o", "wide").stdout.splitlines()[0]
     assert json.loads(cli(tmp_path, "dlq", "list", "-o", "json").stdout)[0]["id"] == letter.id
@@ -211,8 +211,9 @@ def test_invocations_list_show_logs_and_watch_take_unique_prefixes_and_the_kubec
     again = wait_until(lambda: [d for d in store_of(doc).dead_letters() if d.id != letter.id], timeout=30,
                        what="the replayed letter to fail again")[0]
     waited = cli(tmp_path, "dlq", "replay", "--timeout", "30s", "--url", f"http://127.0.0.1:{daemon.port}",
-                 again.id).stdout
-    assert "replayed 1 of 1: 0 ran, 1 failed again" in waited, waited
+                 again.id, check=False)
+    assert waited.returncode == 1, waited.stderr  # (documented: a replay whose events failed again exits 1)
+    assert "replayed 1 of 1: 0 ran, 1 failed again" in waited.stdout, waited.stdout
     assert cli(tmp_path, "dlq", "replay", "--timeout", "soon", again.id, check=False).returncode == 2
 
     watch = subprocess.Popen([sys.executable, "-m", "dispatcher", "invocations", "--watch", "-c",

@@ -96,7 +96,8 @@ def test_the_api_needs_the_token_set_through_the_config_and_the_cli_sends_it(tmp
 
     shown = cli("status", "--json", **tokens)
     assert shown.returncode == 0 and json.loads(shown.stdout)["triggers"][0]["trigger"] == "t", shown.stderr
-    assert cli("dlq", "replay", "--trigger", "t", **tokens).returncode == 0
+    replayed = cli("dlq", "replay", "--trigger", "t", **tokens)  # (through the API, with the token)
+    assert replayed.returncode == 1 and "1 failed again" in replayed.stdout, replayed.stderr  # (its function fails)
     unset = cli("status")  # the variable the config names is not set: the config says so
     assert unset.returncode == 2 and "daemon.api_token_env: environment variable ES_API_TOKEN is not set" in unset.stderr
     refused = cli("status", "--url", base)  # no token at all

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -37,3 +38,23 @@ def test_the_example_config_echoes_a_webhook_through_a_container(tmp_path, docke
             client.close()
     finally:
         assert daemon.stop() == 0
+
+
+def test_make_run_installs_and_starts_only_what_the_example_needs():
+    """The README's first command: the project (without the dev extra), the runner, the engine and the images;
+    none of the test suite's services (Kafka, the Ethereum node, chromium, PostgreSQL, npm, stunnel)."""
+    plan = subprocess.run(["make", "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    steps = plan.stdout
+    assert "scripts/services.sh" in steps and "scripts/images.sh" in steps and "scripts/runner.sh" in steps
+    assert steps.strip().endswith("eventswarm run -c config.example.toml")
+    assert "[dev]" not in steps
+    for service in ("kafka.sh", "ethereum.sh", "browser.sh", "postgres.sh", "senders.sh", "tools.sh"):
+        assert service not in steps, service
+    for script in ("services.sh", "images.sh", "runner.sh"):
+        text = (ROOT / "scripts" / script).read_text().lower()
+        assert not [word for word in ("kafka", "tansu", "anvil", "chromium", "postgres", "npm") if word in text], script
+    named = set(re.findall(r"`make ([a-z-]+)`", (ROOT / "config.example.toml").read_text()))
+    assert named, "the example names no make target"
+    for target in named:  # every target the example's comments name exists
+        assert subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, timeout=60).returncode == 0, target

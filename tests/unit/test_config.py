@@ -1,5 +1,6 @@
 """The config: the example loads, environment overrides win, and every bad config names its key."""
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -146,3 +147,36 @@ def test_warm_takes_true_persistent_or_a_table(given, expected):
 def test_warm_false_or_absent_is_a_container_per_batch():
     assert parse(tomllib.loads(GOOD)).functions["f"].warm is None
     assert parse(tomllib.loads(GOOD.replace('test"', 'test"\nwarm = false', 1))).functions["f"].warm is None
+
+
+def test_a_duration_or_size_as_a_number_means_seconds_or_bytes_in_the_code_and_the_schema(tmp_path):
+    doc = {"functions": {"f": {"command": ["true"], "timeout": 20, "memory": 1048576}},
+           "executor": {"kind": "process"}}
+    parsed = parse(doc)
+    assert parsed.functions["f"].timeout == 20.0 and parsed.functions["f"].memory == 1048576
+    function = schema()["$defs"]["FunctionConfig"]["properties"]
+    assert {"type": "number", "minimum": 0} in function["timeout"]["anyOf"]
+    sizes = json.dumps(function["memory"], sort_keys=True)  # (memory may be left out: null)
+    assert '{"minimum": 0, "type": "integer"}' in sizes and "a number of bytes" in sizes, sizes
+    grace = schema()["$defs"]["DaemonConfig"]["properties"]["shutdown_grace"]
+    assert {"type": "number", "minimum": 0} in grace["anyOf"]
+
+
+def test_paths_are_taken_from_the_config_files_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "srv" / "app"
+    folder.mkdir(parents=True)
+    (folder / "eventswarm.toml").write_text(
+        '[daemon]\nstate = "sqlite:///state/x.db"\napi_token_file = "token"\n'
+        '[executor]\nkind = "process"\nscratch_dir = "scratch"\n'
+        '[functions.f]\ncommand = ["sh", "fn/handle.sh"]\n'
+        '[triggers.t]\nfunction = "f"\nsource = { kind = "file", path = "drop" }\n')
+    (folder / "token").write_text("t0ken\n")
+    monkeypatch.chdir(tmp_path)
+    config = load("srv/app/eventswarm.toml")
+    assert config.daemon.state == f"sqlite:///{folder / 'state' / 'x.db'}"
+    assert config.daemon.api_token_file == str(folder / "token")
+    assert config.executor.scratch_dir == str(folder / "scratch")
+    assert config.functions["f"].workdir == str(folder)
+    assert config.triggers["t"].source.path == str(folder / "drop")
+    absolute = parse({"daemon": {"state": "sqlite:////var/lib/eventswarm/state.db"}}, str(folder / "x"))
+    assert absolute.daemon.state_path == "/var/lib/eventswarm/state.db"

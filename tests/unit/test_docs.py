@@ -32,3 +32,16 @@ def test_the_configuration_reference_names_every_key():
 def test_the_warm_reference_names_every_key():
     text = (ROOT / "docs" / "warm.md").read_text()
     assert [name for name in WarmConfig.model_fields if f"`{name}`" not in text] == []
+
+
+def test_the_metrics_reference_names_every_series_the_daemon_exports():
+    from dispatcher.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.pools.source = lambda: [{"function": "f", "size": 1, "idle": 1, "starts": 1, "replacements": {"oom": 1}}]
+    exported = set()
+    for family in metrics.registry.collect():
+        exported.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    assert len(exported) > 20
+    assert sorted(name for name in exported if f"`{name}`" not in text) == []
