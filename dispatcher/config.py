@@ -264,7 +264,7 @@ class FunctionConfig(Section):
     """swarm: placement constraints, e.g. ``["node.role == worker"]``."""
     mounts: list[str] = []
     """Folders in the container (docker, swarm): ``"SOURCE:TARGET"``, read-only, or ``"SOURCE:TARGET:rw"``.
-    SOURCE is an absolute host path (a bind mount) or the name of a Docker volume."""
+    SOURCE is a host path (a bind mount: absolute, or ``./…`` from the config file's folder) or a Docker volume."""
     warm: WarmConfig | None = None
     """docker: a pool of running containers (``true``, ``"persistent"`` or a table of settings); default: a new
     container per batch."""
@@ -273,6 +273,26 @@ class FunctionConfig(Section):
     @classmethod
     def _workdir(cls, value: str) -> str:
         return value or from_config(".")
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_paths(cls, value: list[str]) -> list[str]:
+        """A secret given as a path (with a ``/``, or ``~``) is a file, taken from the config file's folder; a bare
+        name is a Swarm secret's."""
+        return [from_config(entry) if "/" in entry or entry.startswith("~") else entry for entry in value]
+
+    @field_validator("mounts")
+    @classmethod
+    def _mount_paths(cls, value: list[str]) -> list[str]:
+        """A bind mount's source written ``./…``, ``../…`` or ``~/…`` is taken from the config file's folder (as
+        Compose reads it); a bare name is a Docker volume."""
+        resolved = []
+        for text in value:
+            source, colon, rest = text.partition(":")
+            if colon and (source.startswith(("./", "../", "~")) or source in (".", "..")):
+                text = f"{from_config(source)}:{rest}"
+            resolved.append(text)
+        return resolved
 
     @field_validator("warm", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §6), one registry per daemon."""
+"""Prometheus metrics, one registry per daemon: every series is listed, with what to alert on, in docs/metrics.md."""
 
 from __future__ import annotations
 

@@ -180,3 +180,16 @@ def test_paths_are_taken_from_the_config_files_folder(tmp_path, monkeypatch):
     assert config.triggers["t"].source.path == str(folder / "drop")
     absolute = parse({"daemon": {"state": "sqlite:////var/lib/eventswarm/state.db"}}, str(folder / "x"))
     assert absolute.daemon.state_path == "/var/lib/eventswarm/state.db"
+
+
+def test_mount_sources_and_secret_files_written_as_paths_are_taken_from_the_config_files_folder(tmp_path):
+    folder = tmp_path / "app"
+    doc = {"executor": {"kind": "docker"},
+           "functions": {"f": {"image": "x", "mounts": ["./data:/data:rw", "../shared:/shared", "cache:/cache",
+                                                         "/srv:/srv"],
+                               "secrets": ["./token", "keys/api.key", "swarm-secret-name"]}}}
+    function = parse(doc, str(folder / "eventswarm.toml")).functions["f"]
+    assert [(m.source, m.target, m.read_only) for m in function.volumes] == [
+        (str(folder / "data"), "/data", False), (str(tmp_path / "shared"), "/shared", True), ("cache", "/cache", True),
+        ("/srv", "/srv", True)]
+    assert function.secrets == [str(folder / "token"), str(folder / "keys" / "api.key"), "swarm-secret-name"]
