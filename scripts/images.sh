@@ -11,9 +11,14 @@ FROM scratch
 COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
 DOCKERFILE
-docker build -q -t eventswarm/busybox:test "$ctx" >/dev/null
+# (docker's notice that its legacy builder is deprecated is said only when a build fails: buildx is not needed)
+build() {
+  local out
+  out=$(docker build -q -t "$1" "$2" 2>&1 >/dev/null) || { echo "$out" >&2; echo "images: cannot build $1" >&2; exit 1; }
+}
+build eventswarm/busybox:test "$ctx"
 for dir in "$here"/tests/images/*/; do
   name=$(basename "$dir")
-  docker build -q -t "eventswarm/$name:test" "$dir" >/dev/null
+  build "eventswarm/$name:test" "$dir"
   echo "images: eventswarm/$name:test"
 done
