@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.webhook import free_port, save, wait_ready  # noqa: E402
+from bench.webhook import discarding, free_port, save, wait_ready  # noqa: E402
 from tests.kafka import new_topic  # noqa: E402
 
 BROKER = "127.0.0.1:19092"
@@ -40,19 +40,7 @@ HOOK_CONNECTIONS = 4
 def config(work: Path, port: int, topic: str) -> Path:
     (work / "drop").mkdir()
     path = work / "eventswarm.toml"
-    path.write_text(f"""
-[daemon]
-state = "sqlite:///state.db"
-listen = "127.0.0.1:{port}"
-log_level = "warning"
-
-[executor]
-kind = "process"
-max_in_flight = 8
-
-[functions.discard]
-command = ["sh", "-c", "cat > /dev/null"]
-
+    path.write_text(discarding("sqlite:///state.db", port, 8) + f"""
 [triggers.hooks]
 function = "discard"
 source = {{ kind = "webhook", path = "/hooks/in" }}

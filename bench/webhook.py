@@ -113,6 +113,25 @@ def sqlite_counts(state: Path) -> Callable[[], tuple[int, int]]:
     return count
 
 
+def discarding(state: str, port: int, max_in_flight: int, replica: str = "") -> str:
+    """A config's head for the benches: the state, the address, the process executor and a function, ``discard``,
+    that reads its input and throws it away."""
+    return f"""
+[daemon]
+state = "{state}"
+listen = "127.0.0.1:{port}"
+{f'replica = "{replica}"' if replica else ""}
+log_level = "warning"
+
+[executor]
+kind = "process"
+max_in_flight = {max_in_flight}
+
+[functions.discard]
+command = ["sh", "-c", "cat > /dev/null"]
+"""
+
+
 def daemon(script: Path, workdir: Path, state: str | None = None,
            counts: Callable[[], tuple[int, int]] | None = None, replicas: int = 1) -> tuple[float, int]:
     """One wrk run against `eventswarm run` on ``state`` (default: a new SQLite file); ``counts`` reads (events that
@@ -127,27 +146,14 @@ def daemon(script: Path, workdir: Path, state: str | None = None,
     try:
         for n, port in enumerate(ports):
             config = workdir / f"eventswarm-{n}.toml"
-            config.write_text(f"""
-[daemon]
-state = "{state}"
-listen = "127.0.0.1:{port}"
-replica = "bench-{n}"
-log_level = "warning"
-
-[executor]
-kind = "process"
-max_in_flight = 4
-
-[functions.discard]
-command = ["sh", "-c", "cat > /dev/null"]
-
+            config.write_text(discarding(state, port, 4, replica=f"bench-{n}") + """
 [triggers.hooks]
 function = "discard"
-source = {{ kind = "webhook", path = "/hooks/in" }}
+source = { kind = "webhook", path = "/hooks/in" }
 ordering = "none"
 max_in_flight = 4
 buffer = 20000
-batch = {{ max_events = 1000, max_wait = "50ms" }}
+batch = { max_events = 1000, max_wait = "50ms" }
 """)
             processes.append(subprocess.Popen([str(ROOT / ".venv" / "bin" / "eventswarm"), "run", "-c", str(config)]))
         for port, process in zip(ports, processes, strict=True):
