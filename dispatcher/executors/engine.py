@@ -71,6 +71,9 @@ def labels(owner: str | None) -> dict[str, list[str]]:
 
 
 def remove_containers(api: Any, filters: dict[str, list[str]]) -> int:
+    """Remove the containers ``filters`` select; how many went. One already gone is not an error, nor one whose
+    removal is under way (the engine answers 409: Swarm removes a job's task container as its service goes, and a
+    replica taking over removes what a gone one left while that one, restarted, sweeps its own)."""
     removed = 0
     for container in api.containers(all=True, filters=filters):
         try:
@@ -78,6 +81,10 @@ def remove_containers(api: Any, filters: dict[str, list[str]]) -> int:
             removed += 1
         except docker.errors.NotFound:
             pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            removed += 1  # (going already)
     return removed
 
 
