@@ -3,11 +3,12 @@
 The load (the defaults are those of the first soak, issue #27): webhooks at 300/s (async), Kafka records at
 1,000/s into a 4-partition topic, and 5 files/s dropped into a folder; the process executor runs a function that
 discards its input. Every 30 s it prints the daemon's RSS, open files and threads and the state store's size (the
-SQLite file and its WAL). At the end, once every accepted event has run, it prints the records' bytes per event for
-each source (the invocation rows' columns: `event_ids`, the logs, the rest) and writes everything to
-bench/results/soak.json.
+SQLite file and its WAL, and what the records are counted for against `max_records_size`). At the end, once every
+accepted event has run (the daemon's `eventswarm_events_acked_total`: the records may be pruned by then), it prints
+the records' bytes per event for each source (the invocation rows' columns: the event ids, the logs, the rest) and
+writes everything to bench/results/soak.json.
 
-Needs the broker (`make services`). Run: `.venv/bin/python bench/soak.py --minutes 10`.
+Needs the broker (`make services`). Run: `.venv/bin/python bench/soak.py --minutes 10 [--budget 64MiB]`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,10 +39,11 @@ HOOK_CONNECTIONS = 4
 """Webhook senders, each on a kept-alive connection of its own (one could not keep up with a durable commit each)."""
 
 
-def config(work: Path, port: int, topic: str) -> Path:
+def config(work: Path, port: int, topic: str, budget: str | None) -> Path:
     (work / "drop").mkdir()
     path = work / "eventswarm.toml"
-    path.write_text(discarding("sqlite:///state.db", port, 8) + f"""
+    head = discarding("sqlite:///state.db", port, 8, **({"max_records_size": budget} if budget else {}))
+    path.write_text(head + f"""
 [triggers.hooks]
 function = "discard"
 source = {{ kind = "webhook", path = "/hooks/in" }}
@@ -136,22 +139,31 @@ def sample(pid: int, work: Path) -> dict[str, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     field = {line.split(":")[0]: line.split(":")[1].split() for line in status.splitlines() if ":" in line}
     state = sum(f.stat().st_size for f in work.glob("state.db*") if f.is_file())
+    with sqlite3.connect(f"file:{work / 'state.db'}?mode=ro", uri=True, timeout=30) as conn:
+        counted = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM record_bytes").fetchone()[0]
+        oldest = conn.execute("SELECT MIN(queued_at) FROM invocations").fetchone()[0]
     return {"rss_mb": int(field["VmRSS"][0]) / 1024, "open_files": len(os.listdir(f"/proc/{pid}/fd")),
-            "threads": int(field["Threads"][0]), "state_mb": state / 1024 ** 2}
+            "threads": int(field["Threads"][0]), "state_mb": state / 1024 ** 2, "records_mb": counted / 1024 ** 2,
+            "records_span_s": round(time.time() - oldest) if oldest else 0}
 
 
-def ran(work: Path) -> dict[str, int]:
-    with sqlite3.connect(work / "state.db") as conn:
-        rows = conn.execute("SELECT trigger, COALESCE(SUM(batch_size), 0) FROM invocations "
-                            "WHERE status = 'succeeded' GROUP BY trigger").fetchall()
-    return {name: dict(rows).get(name, 0) for name in TRIGGERS}
+def ran(port: int) -> dict[str, int]:
+    """Events acknowledged per trigger (the function discards: every event acknowledged ran and succeeded)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    acked = {name: 0 for name in TRIGGERS}
+    for line in text.splitlines():
+        if line.startswith("eventswarm_events_acked_total{"):
+            labels, value = line.rsplit(" ", 1)
+            acked[labels.split('trigger="')[1].split('"')[0]] = int(float(value))
+    return acked
 
 
 def record_bytes(work: Path) -> dict[str, dict[str, float]]:
     """Per source: the invocation rows' bytes per event, for the event ids, the logs and the rest of the row."""
     with sqlite3.connect(work / "state.db") as conn:
         rows = conn.execute(
-            "SELECT trigger, SUM(batch_size), COUNT(*), SUM(LENGTH(event_ids)), "
+            "SELECT trigger, SUM(batch_size), COUNT(*), SUM(LENGTH(event_ids) + COALESCE(LENGTH(ids), 0)), "
             "SUM(COALESCE(LENGTH(stdout), 0) + COALESCE(LENGTH(stderr), 0)), "
             "SUM(LENGTH(id) + LENGTH(trigger) + LENGTH(function) + LENGTH(status) + COALESCE(LENGTH(error), 0) "
             "+ COALESCE(LENGTH(executor_ref), 0) + LENGTH(replica) + 48) FROM invocations GROUP BY trigger").fetchall()
@@ -167,11 +179,12 @@ def main() -> None:
     parser.add_argument("--webhooks", type=float, default=300.0, help="webhooks per second")
     parser.add_argument("--records", type=float, default=1000.0, help="Kafka records per second")
     parser.add_argument("--files", type=float, default=5.0, help="files per second")
+    parser.add_argument("--budget", help="max_records_size (default: the daemon's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="eventswarm-soak-") as tmp:
         work = Path(tmp)
         port, topic = free_port(), new_topic(BROKER, 4, prefix="soak")
-        path = config(work, port, topic)
+        path = config(work, port, topic, args.budget)
         daemon = subprocess.Popen([str(ROOT / ".venv" / "bin" / "eventswarm"), "run", "-c", str(path)])
         samples: list[dict[str, float]] = []
         try:
@@ -184,10 +197,11 @@ def main() -> None:
                 time.sleep(min(args.every, args.minutes * 60 - elapsed))
                 samples.append({"at_s": round(time.monotonic() - began), **sample(daemon.pid, work)})
                 print("{at_s:>5}s  RSS {rss_mb:6.1f} MB  open files {open_files:4.0f}  threads {threads:3.0f}  "
-                      "state {state_mb:7.2f} MB".format(**samples[-1]), flush=True)
+                      "state {state_mb:7.2f} MB  records {records_mb:7.2f} MB over {records_span_s:5.0f} s"
+                      .format(**samples[-1]), flush=True)
             load.finish()
             deadline = time.monotonic() + 300
-            while any((done := ran(work))[n] < load.accepted[n] for n in TRIGGERS):
+            while any((done := ran(port))[n] < load.accepted[n] for n in TRIGGERS):
                 if time.monotonic() > deadline:
                     raise SystemExit(f"accepted {load.accepted}, but only {done} ran")
                 time.sleep(1)
@@ -206,7 +220,7 @@ def main() -> None:
         print(f"  {name:6} {figures['events']:>9,} events in {figures['invocations']:>6,} invocations: "
               f"event ids {figures['event_ids_per_event']} B/event, logs {figures['logs_per_event']} B/event, "
               f"the rest {figures['rest_per_event']} B/event")
-    save("soak", {"minutes": args.minutes, "rates": {"webhooks": args.webhooks, "records": args.records,
+    save("soak", {"minutes": args.minutes, "budget": args.budget, "rates": {"webhooks": args.webhooks, "records": args.records,
                                                      "files": args.files},
                   "accepted": load.accepted, "exit": code, "samples": samples, "state_bytes": state,
                   "state_bytes_per_event": state / total, "records": sizes})

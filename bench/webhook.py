@@ -113,16 +113,17 @@ def sqlite_counts(state: Path) -> Callable[[], tuple[int, int]]:
     return count
 
 
-def discarding(state: str, port: int, max_in_flight: int, replica: str = "") -> str:
+def discarding(state: str, port: int, max_in_flight: int, replica: str = "", **daemon: str) -> str:
     """A config's head for the benches: the state, the address, the process executor and a function, ``discard``,
-    that reads its input and throws it away."""
+    that reads its input and throws it away; ``daemon``: more keys of ``[daemon]`` (strings)."""
+    more = "".join(f'{key} = "{value}"\n' for key, value in daemon.items())
     return f"""
 [daemon]
 state = "{state}"
 listen = "127.0.0.1:{port}"
 {f'replica = "{replica}"' if replica else ""}
 log_level = "warning"
-
+{more}
 [executor]
 kind = "process"
 max_in_flight = {max_in_flight}

@@ -61,6 +61,10 @@ class DaemonConfig(Section):
     """On SIGTERM/SIGINT: how long in-flight batches may take to finish before they are handed back."""
     keep_invocations: Duration = 7 * 86400.0
     """Invocation records (and their logs) older than this are deleted."""
+    max_records_size: Size = 1024**3
+    """The bytes invocation records and their logs may take in the state store (``docs/capacity.md``); past it the
+    oldest go first, even younger than ``keep_invocations`` (a warning says so). ``0``: no size bound. Dead letters are
+    not counted and never pruned."""
     client_timeout: Duration = 30.0
     """An HTTP client has this long to send a request's headers (from connecting, or from its last
     answer on a kept-alive connection), and again its body; then the connection is closed."""
@@ -96,6 +100,13 @@ class DaemonConfig(Section):
         if "://" in value or value == ":memory:" or not value:
             return value
         return "sqlite:///" + from_config(value)  # (a plain path)
+
+    @field_validator("max_records_size")
+    @classmethod
+    def _max_records_size(cls, value: int) -> int:
+        if 0 < value < 1024**2:
+            raise ValueError(f"{value} bytes is too small: 1MiB at least (or 0, for no size bound)")
+        return value
 
     @field_validator("replica_timeout")
     @classmethod

@@ -25,15 +25,13 @@ from dispatcher.lock import store_lock
 from dispatcher.metrics import Metrics
 from dispatcher.plugins import connectors
 from dispatcher.replicas import Membership, default_id
+from dispatcher.retention import Retention
 from dispatcher.state import StateStore
-from dispatcher.store import Database, abandon_unfinished, is_postgres, prune, remove_dead_letter
+from dispatcher.store import Database, abandon_unfinished, is_postgres, remove_dead_letter
 from dispatcher.takeover import Takeover
 from dispatcher.trigger import RATE_EVERY, Shared, Trigger
 
 log = logging.getLogger("eventswarm")
-
-HOUSEKEEPING_EVERY = 600.0
-DEDUPE_WINDOW = 7 * 86400.0
 
 
 def owner_id(state_path: str, replica: str = "") -> str:
@@ -270,7 +268,7 @@ class Daemon:
                     self._start(trigger)
                 if handle_signals:
                     tg.start_soon(self._watch_signals)
-                tg.start_soon(self._housekeeping)
+                tg.start_soon(Retention(self.state, self.metrics, lambda: self.config.daemon).run)
                 tg.start_soon(self._sampling)
                 tg.start_soon(self._heartbeat)
                 self.started.set()
@@ -331,16 +329,6 @@ class Daemon:
             for trigger in list(self.triggers.values()):
                 trigger.sample(now)
             await anyio.sleep(RATE_EVERY)
-
-    async def _housekeeping(self) -> None:
-        while True:
-            now = time.time()
-            try:
-                await self.state.write(prune(invocations_before=now - self.config.daemon.keep_invocations,
-                                             dedupe_before=now - DEDUPE_WINDOW))
-            except StoreError:
-                pass  # the store said why, once; the next round tries again
-            await anyio.sleep(HOUSEKEEPING_EVERY)
 
     async def _heartbeat(self) -> None:
         """Run the heartbeat and takeovers; stop the daemon when another replica took this one over."""

@@ -329,7 +329,8 @@ class Dispatcher:
             await self.durably(*pending, finish_invocation(
                 invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,
                 finished_at=time.time(), executor_ref=result.ref if result else None,
-                stdout=result.stdout if result else b"", stderr=result.stderr if result else (error or "").encode()))
+                stdout=result.stdout if result else b"", stderr=result.stderr if result else (error or "").encode(),
+                replica=self.replica))
         return result, error, fault, invocation_id
 
     async def durably(self, *writes: Write) -> None:

@@ -104,6 +104,15 @@ class Metrics:
                                        "(acknowledged or dead-lettered), one observation per run of events handed over "
                                        "together (a webhook request, a Kafka fetch's records of a partition, a block range's logs).",
                                        ["trigger"], registry=r, buckets=LATENCY_BUCKETS)
+        self.records_bytes = Gauge("eventswarm_records_bytes", "Bytes the invocation records and their logs are counted "
+                                   "for in the state store (what max_records_size bounds; docs/capacity.md).", registry=r)
+        self.records_budget = Gauge("eventswarm_records_budget_bytes", "max_records_size (0: no size bound).", registry=r)
+        self.records_oldest = Gauge("eventswarm_records_oldest_timestamp_seconds", "When the oldest invocation record "
+                                    "kept was queued (Unix time; 0 with none).", registry=r)
+        self.records_pruned = Counter("eventswarm_records_pruned", "Invocation records deleted, by reason: age "
+                                      "(keep_invocations) or size (max_records_size).", ["reason"], registry=r)
+        self.dead_letters_kept = Gauge("eventswarm_dead_letters_kept", "Dead letters in the state store now (never "
+                                       "pruned: replay or purge them).", registry=r)
         self.build_info = Gauge("eventswarm_build_info", "Always 1: the daemon's version and Python's.", ["version", "python"],
                                 registry=r)
         self.build_info.labels(_version(), platform.python_version()).set(1)

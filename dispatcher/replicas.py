@@ -27,7 +27,6 @@ Times are the database's clock (``now``), so that replicas on hosts whose clocks
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -39,6 +38,7 @@ from typing import Any
 from dispatcher.errors import SourceError
 from dispatcher.schema import Conn, Write
 from dispatcher.state import StateStore
+from dispatcher.store import event_ids_of
 
 log = logging.getLogger("eventswarm")
 
@@ -173,8 +173,8 @@ class Membership:
                                     (replica, incarnation)).fetchall())
             if not won:
                 return
-            unfinished.extend(Unfinished(i, t, f, json.loads(e), s) for i, t, f, e, s in conn.execute(
-                "SELECT id, trigger, function, event_ids, status FROM invocations WHERE replica = ? AND status IN "
+            unfinished.extend(Unfinished(i, t, f, event_ids_of(e, p), s) for i, t, f, e, p, s in conn.execute(
+                "SELECT id, trigger, function, event_ids, ids, status FROM invocations WHERE replica = ? AND status IN "
                 "('queued', 'running') ORDER BY queued_at", (replica,)).fetchall())
             abandon([replica])(conn)
             conn.execute("UPDATE leases SET expires_at = 0 WHERE holder = ? AND incarnation = ?",

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
+from dispatcher import idpack
 from dispatcher.errors import StoreError
-from dispatcher.schema import MIGRATIONS, Conn, Write, script, set_version
+from dispatcher.schema import MIGRATIONS, RECORD_OVERHEAD, RECORD_SIZE, Conn, Write, script, set_version
 
 log = logging.getLogger("eventswarm.store")
 
@@ -78,11 +77,15 @@ def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
-_INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, event_ids, exit_code, error, "
+_INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, event_ids, ids, exit_code, error, "
                        "queued_at, started_at, finished_at, executor_ref, replica")
 _REPLACE_INVOCATION = ", ".join(f"{c} = excluded.{c}" for c in _INVOCATION_COLUMNS.split(", ")[1:]) + \
     ", stdout = NULL, stderr = NULL"
 """(An invocation written again replaces the row, as a new one: its logs too.)"""
+
+_COUNT_BYTES = ("INSERT INTO record_bytes (replica, bytes) VALUES (?, {}) "
+                "ON CONFLICT (replica) DO UPDATE SET bytes = record_bytes.bytes + excluded.bytes")
+"""Add to the records' bytes (``record_bytes``: a row per replica, so that replicas never wait on one row)."""
 
 
 def describe(exc: BaseException, path: str) -> str:
@@ -98,9 +101,20 @@ def describe(exc: BaseException, path: str) -> str:
     return text
 
 
+def event_ids_of(text: str, packed: bytes | None) -> list[str]:
+    """A record's event ids: packed (``ids``), or as JSON in ``event_ids`` (records written before migration 3)."""
+    if packed is None:
+        return list(json.loads(text))
+    try:
+        return idpack.unpack(bytes(packed))
+    except ValueError as exc:
+        log.warning("a record's event ids cannot be read (%s): it shows none", exc)
+        return []
+
+
 def _invocation(row: tuple[Any, ...]) -> InvocationRecord:
     values = list(row)
-    values[6] = json.loads(values[6])
+    values[6] = event_ids_of(values[6], values.pop(7))
     return InvocationRecord(*values)
 
 
@@ -135,6 +149,11 @@ class Database:
             try:
                 if check:
                     self._check()
+                if self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+                    # A new file: pages freed by pruning can be given back (``incremental_vacuum``, by
+                    # ``Retention``; set before WAL, which writes the file's header). An older file keeps auto_vacuum
+                    # off (turning it on rewrites the file: VACUUM): its free pages are reused, not given back.
+                    self.conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=FULL")
                 self.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -309,18 +328,43 @@ class Database:
     def inbox_size(self, trigger: str) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM inbox WHERE trigger = ?", (trigger,)).fetchone()[0])
 
+    # -- what the records hold ---------------------------------------------------------------
+
+    def records_bytes(self) -> int:
+        """The bytes the invocation records are counted for (``schema.RECORD_SIZE``), on every replica."""
+        return int(self.conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM record_bytes").fetchone()[0])
+
+    def oldest_record(self) -> float | None:
+        """When the oldest record kept was queued."""
+        row = self.conn.execute("SELECT MIN(queued_at) FROM invocations").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def dead_letter_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+
+    def free_pages(self) -> tuple[int, int, int] | None:
+        """SQLite with incremental vacuum: (free pages, pages, page size); None otherwise."""
+        if self.postgres or self.conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            return None
+        return tuple(self.conn.execute(f"PRAGMA {name}").fetchone()[0]
+                     for name in ("freelist_count", "page_count", "page_size"))
+
 
 
 # -- writes, as closures the group commit runs in one transaction ----------------------------
 
 def insert_invocation(record: InvocationRecord) -> Write:
     def write(conn: Conn) -> None:
+        packed = idpack.pack(record.event_ids)
+        # Counted first, less what the row it may replace was counted for: the count stays exact.
+        conn.execute(_COUNT_BYTES.format(f"? - COALESCE((SELECT {RECORD_SIZE} FROM invocations WHERE id = ?), 0)"),
+                     (record.replica, RECORD_OVERHEAD + len(packed), record.id))
         conn.execute(
-            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             f"ON CONFLICT (id) DO UPDATE SET {_REPLACE_INVOCATION}",
-            (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size,
-             msgspec.json.encode(record.event_ids).decode(), record.exit_code, record.error, record.queued_at, record.started_at,
-             record.finished_at, record.executor_ref, record.replica),
+            (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size, "", packed,
+             record.exit_code, record.error, record.queued_at, record.started_at, record.finished_at,
+             record.executor_ref, record.replica),
         )
     return write
 
@@ -332,8 +376,12 @@ def start_invocation(invocation_id: str, started_at: float) -> Write:
 
 
 def finish_invocation(invocation_id: str, *, status: str, exit_code: int | None, error: str | None,
-                      finished_at: float, executor_ref: str | None, stdout: bytes, stderr: bytes) -> Write:
+                      finished_at: float, executor_ref: str | None, stdout: bytes, stderr: bytes,
+                      replica: str = "") -> Write:
     def write(conn: Conn) -> None:
+        conn.execute(_COUNT_BYTES.format("COALESCE((SELECT ? - COALESCE(length(stdout), 0) - COALESCE(length(stderr), 0) "
+                                         "FROM invocations WHERE id = ?), 0)"),
+                     (replica, len(stdout) + len(stderr), invocation_id))
         conn.execute(
             "UPDATE invocations SET status = ?, exit_code = ?, error = ?, finished_at = ?, executor_ref = ?, "
             "stdout = ?, stderr = ? WHERE id = ?",
@@ -398,8 +446,29 @@ def abandon_unfinished(finished_at: float, replicas: Sequence[str] | None = None
     return write
 
 
-def prune(*, invocations_before: float, dedupe_before: float) -> Write:
+def prune_records(*, before: float | None, limit: int, replica: str, postgres: bool,
+                  removed: list[tuple[float, int]]) -> Write:
+    """Delete up to ``limit`` of the oldest finished records (queued before ``before``, when given), adding
+    (queued at, bytes) of each to ``removed`` and taking their bytes off the count. Replicas pruning at once each
+    delete other rows (PostgreSQL: ``SKIP LOCKED``)."""
+    age = "" if before is None else "queued_at < ? AND "
+    skip = " FOR UPDATE SKIP LOCKED" if postgres else ""
+
     def write(conn: Conn) -> None:
-        conn.execute("DELETE FROM invocations WHERE queued_at < ? AND status NOT IN ('queued', 'running')", (invocations_before,))
-        conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (dedupe_before,))
+        rows = conn.execute(
+            f"DELETE FROM invocations WHERE id IN (SELECT id FROM invocations WHERE {age}status NOT IN ('queued', "
+            f"'running') ORDER BY queued_at LIMIT ?{skip}) RETURNING queued_at, {RECORD_SIZE}",
+            (*(() if before is None else (before,)), limit)).fetchall()
+        if rows:
+            conn.execute(_COUNT_BYTES.format("?"), (replica, -sum(int(size) for _, size in rows)))
+        removed.extend((float(at), int(size)) for at, size in rows)
+    return write
+
+
+def prune_dedupe(*, before: float, limit: int, removed: list[int]) -> Write:
+    """Forget up to ``limit`` of the webhook dedupe keys seen before ``before``; their number goes to ``removed``."""
+    def write(conn: Conn) -> None:
+        removed.append(len(conn.execute(
+            "DELETE FROM dedupe WHERE (trigger, key) IN (SELECT trigger, key FROM dedupe WHERE seen_at < ? "
+            "ORDER BY seen_at LIMIT ?) RETURNING 1", (before, limit)).fetchall()))
     return write

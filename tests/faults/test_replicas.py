@@ -19,7 +19,7 @@ from typing import Any
 
 from dispatcher.daemon import owner_id
 from dispatcher.executors.base import LABEL_MANAGED, LABEL_OWNER
-from dispatcher.store import Database
+from dispatcher.store import Database, event_ids_of
 from tests.ethereum import TRANSFER, Token
 from tests.kafka import new_topic, produce
 from tests.support import BUSYBOX, base_config, free_port, post, wait_until
@@ -74,8 +74,9 @@ def test_a_replica_killed_with_9_is_taken_over_and_its_accepted_webhooks_run_els
     first.kill()
 
     def ran_here() -> set[str]:
-        return {event for (ids,) in rows(postgres_database, "SELECT event_ids FROM invocations WHERE replica = 'b' "
-                                                            "AND status = 'succeeded'") for event in json.loads(ids)}
+        return {event for ids, packed in rows(postgres_database, "SELECT event_ids, ids FROM invocations WHERE replica "
+                                                                "= 'b' AND status = 'succeeded'")
+                for event in event_ids_of(ids, packed)}
 
     wait_until(lambda: accepted <= ran_here(), timeout=60, what="b to run every event a accepted")
     interrupted = rows(postgres_database, "SELECT error FROM invocations WHERE replica = 'a'")
@@ -216,9 +217,9 @@ def test_three_replicas_under_a_mixed_load_with_two_kill_9s_lose_nothing(tmp_pat
     assert len(records) == 240 and len(files) == 60 and len(logs) == 30 and len(accepted) > 120
 
     def runs() -> list[tuple[str, str, float, float | None, str]]:
-        return [(event, replica, queued, finished, status) for ids, replica, queued, finished, status in rows(
-            postgres_database, "SELECT event_ids, replica, queued_at, finished_at, status FROM invocations")
-            for event in json.loads(ids)]
+        return [(event, replica, queued, finished, status) for ids, packed, replica, queued, finished, status in rows(
+            postgres_database, "SELECT event_ids, ids, replica, queued_at, finished_at, status FROM invocations")
+            for event in event_ids_of(ids, packed)]
 
     def succeeded() -> set[str]:
         return {event for event, _, _, _, status in runs() if status == "succeeded"}
@@ -377,16 +378,18 @@ def test_a_swarm_job_running_at_a_kill_is_adopted_and_its_events_run_once(tmp_pa
     first.kill()
 
     def ran() -> Counter[str]:
-        return Counter(e for (ids,) in rows(postgres_database, "SELECT event_ids FROM invocations WHERE status = "
-                                                               "'succeeded'") for e in json.loads(ids))
+        return Counter(e for ids, packed in rows(postgres_database, "SELECT event_ids, ids FROM invocations WHERE "
+                                                                    "status = 'succeeded'")
+                       for e in event_ids_of(ids, packed))
 
     wait_until(lambda: set(running + waiting) <= set(ran()), timeout=120, what="every accepted event to run")
     assert set(ran().values()) == {1}, ran()  # once each: the adopted job's events were not run again
-    ((status, error, stdout, ids),) = rows(postgres_database, "SELECT status, error, stdout, event_ids FROM "
-                                                              "invocations WHERE id = ?", job)
+    ((status, error, stdout, text, packed),) = rows(postgres_database, "SELECT status, error, stdout, event_ids, ids "
+                                                                      "FROM invocations WHERE id = ?", job)
+    ids = event_ids_of(text, packed)
     assert status == "succeeded" and "adopted by replica b" in error
-    assert [e["id"] for e in json.loads(bytes(stdout))["events"]] == json.loads(ids)  # its logs, collected by b
+    assert [e["id"] for e in json.loads(bytes(stdout))["events"]] == ids  # its logs, collected by b
     assert rows(postgres_database, "SELECT COUNT(*) FROM inbox") == [(0,)]
     assert second.stop() == 0
     assert _swarm_leftovers([owner_id(postgres_database, name) for name in ("a", "b")]) == []
-    assert f"adopted invocation {job} of replica a ({len(json.loads(ids))} events): succeeded" in second.log.read_text()
+    assert f"adopted invocation {job} of replica a ({len(ids)} events): succeeded" in second.log.read_text()

@@ -11,6 +11,7 @@ import pytest
 
 from dispatcher.errors import StoreError
 from dispatcher.events import Event
+from dispatcher.schema import RECORD_OVERHEAD
 from dispatcher.state import StateStore
 from dispatcher.store import (
     Database,
@@ -22,7 +23,8 @@ from dispatcher.store import (
     forget_checkpoints,
     insert_dead_letter,
     insert_invocation,
-    prune,
+    prune_dedupe,
+    prune_records,
     put_checkpoints,
     remove_dead_letter,
     start_invocation,
@@ -84,11 +86,42 @@ async def test_abandoned_and_pruned_invocations(store):
     await state.write(insert_invocation(record("old-done", 10.0, status="succeeded")),
                       insert_invocation(record("old-running", 10.0, status="running")),
                       insert_invocation(record("new-queued", 500.0)))
-    await state.write(prune(invocations_before=100.0, dedupe_before=0.0))
-    assert {r.id for r in store.invocations()} == {"old-running", "new-queued"}
+    removed: list[tuple[float, int]] = []
+    await state.write(prune_records(before=100.0, limit=10, replica="", postgres=store.postgres, removed=removed))
+    assert {r.id for r in store.invocations()} == {"old-running", "new-queued"} and [at for at, _ in removed] == [10.0]
     await state.write(abandon_unfinished(600.0))
     for r in store.invocations():
         assert r.status == "failed" and r.finished_at == 600.0 and r.error.startswith("interrupted")
+
+
+async def test_records_are_counted_to_the_byte_and_pruned_oldest_first_in_chunks(store):
+    """The records' bytes (what max_records_size bounds) follow every write that changes them, on both databases:
+    an insert (its packed ids), a finish (its logs), an insert that replaces a row, and pruning by age or size."""
+    state = StateStore(store)
+    ids = [f"orders/0/{n}" for n in range(1000)] + ["0123456789abcdef0123456789abcdef"]
+    records = [InvocationRecord(f"inv-{i}", "t", "f", "queued", 1, len(ids), ids, None, None, 100.0 + i, None, None, None)
+               for i in range(30)]
+    await state.write(*(insert_invocation(r) for r in records))
+    assert store.invocation("inv-3").event_ids == ids  # expanded on read
+    packed = store.records_bytes() // 30 - RECORD_OVERHEAD
+    assert 0 < packed < 40, packed  # a thousand offsets and a hex id: a few bytes, not 20,000
+    logs = (b"o" * 1000, b"e" * 234)
+    await state.write(*(finish_invocation(r.id, status="succeeded", exit_code=0, error=None, finished_at=200.0,
+                                          executor_ref=None, stdout=logs[0], stderr=logs[1]) for r in records))
+    assert store.records_bytes() == 30 * (RECORD_OVERHEAD + packed + 1234)
+    await state.write(finish_invocation("inv-0", status="succeeded", exit_code=0, error=None, finished_at=201.0,
+                                        executor_ref=None, stdout=b"", stderr=b"", replica="b"))  # logs replaced
+    await state.write(insert_invocation(records[1]))  # written again: the row's logs go
+    assert store.records_bytes() == 30 * (RECORD_OVERHEAD + packed) + 28 * 1234
+    assert store.oldest_record() == 100.0
+    removed: list[tuple[float, int]] = []
+    await state.write(prune_records(before=None, limit=5, replica="", postgres=store.postgres, removed=removed))
+    assert sorted(at for at, _ in removed) == [100.0, 102.0, 103.0, 104.0, 105.0]  # the oldest finished (1 is queued again)
+    assert sum(size for _, size in removed) == 5 * (RECORD_OVERHEAD + packed) + 4 * 1234
+    assert store.records_bytes() == 25 * (RECORD_OVERHEAD + packed) + 24 * 1234
+    await state.write(prune_records(before=110.0, limit=100, replica="", postgres=store.postgres, removed=removed))
+    assert len(removed) == 9 and store.oldest_record() == 101.0 and len(store.invocations(limit=100)) == 21
+    assert store.records_bytes() == 21 * (RECORD_OVERHEAD + packed) + 20 * 1234
 
 
 async def test_dead_letters(store):
@@ -136,7 +169,9 @@ async def test_the_inbox_keeps_events_in_order_once_each_with_dedupe(store):
     assert store.inbox_size("t") == 3
     assert await state.inbox_put("t", Event(source="s", type="t"), "key-0") == events[0].id  # still remembered
     assert await state.inbox_put("t", Event(source="s", type="t"), "key-1") is None  # forgotten: stored again
-    await state.write(prune(invocations_before=0.0, dedupe_before=4e9))
+    forgotten: list[int] = []
+    await state.write(prune_dedupe(before=4e9, limit=1, removed=forgotten), prune_dedupe(before=4e9, limit=10, removed=forgotten))
+    assert forgotten == [1, 4]  # (key-0, key-2, key-3, key-4 and the new key-1, in chunks)
     assert await state.inbox_put("t", Event(source="s", type="t"), "key-0") is None  # the dedupe window passed
 
 
