@@ -2,11 +2,11 @@
 
 The load (the defaults are those of the first soak, issue #27): webhooks at 300/s (async), Kafka records at
 1,000/s into a 4-partition topic, and 5 files/s dropped into a folder; the process executor runs a function that
-discards its input. Every 30 s it prints the daemon's RSS, open files and threads and the state store's size (the
-SQLite file and its WAL, and what the records are counted for against `max_records_size`). At the end, once every
-accepted event has run (the daemon's `eventswarm_events_acked_total`: the records may be pruned by then), it prints
-the records' bytes per event for each source (the invocation rows' columns: the event ids, the logs, the rest) and
-writes everything to bench/results/soak.json.
+discards its input. Every 30 s it prints the daemon's RSS, open files and threads, the webhooks' p99 answer time
+and the state store's size (the SQLite file and its WAL, and what the records are counted for against
+`max_records_size`). At the end, once every accepted event has run (the daemon's `eventswarm_events_acked_total`:
+the records may be pruned by then), it prints the records' bytes per event for each source (the invocation rows'
+columns: the event ids, the logs, the rest) and writes everything to bench/results/soak.json.
 
 Needs the broker (`make services`). Run: `.venv/bin/python bench/soak.py --minutes 10 [--budget 64MiB]`.
 """
@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,8 @@ class Load:
         self.producer = Producer({"bootstrap.servers": BROKER, "linger.ms": 5})
         self._body = json.dumps({"event": "vote.cast", "voter_id": 1234567, "padding": "x" * 40}).encode()
         self._hooks_accepted = [0] * HOOK_CONNECTIONS
+        self.latencies: list[float] = []
+        """Seconds from a webhook sent to its answer, since ``p99`` took them last."""
         self._counts = {"kafka": 0, "files": 0}
         senders = [(rates["hooks"] / HOOK_CONNECTIONS, self._hooks(port, i)) for i in range(HOOK_CONNECTIONS)]
         senders += [(rates["kafka"], self._kafka), (rates["files"], self._files)]
@@ -101,9 +104,11 @@ class Load:
 
         def send(n: int) -> int:
             for _ in range(n):
+                sent = time.monotonic()
                 connection.request("POST", "/hooks/in", self._body, {"Content-Type": "application/json"})
                 answer = connection.getresponse()
                 answer.read()
+                self.latencies.append(time.monotonic() - sent)
                 if answer.status == 202:
                     self._hooks_accepted[i] += 1
             return n
@@ -123,6 +128,11 @@ class Load:
             os.rename(self.drop / f"{name}.tmp", self.drop / name)
             self._counts["files"] += 1
         return n
+
+    def p99(self) -> float:
+        """The webhooks' p99 answer time in ms since the last call (and forget them)."""
+        taken, self.latencies = self.latencies, []
+        return round(1000 * statistics.quantiles(taken, n=100)[98], 1) if len(taken) > 100 else 0.0
 
     def start(self) -> None:
         for thread in self.threads:
@@ -195,9 +205,11 @@ def main() -> None:
             load.start()
             while (elapsed := time.monotonic() - began) < args.minutes * 60:
                 time.sleep(min(args.every, args.minutes * 60 - elapsed))
-                samples.append({"at_s": round(time.monotonic() - began), **sample(daemon.pid, work)})
+                samples.append({"at_s": round(time.monotonic() - began), **sample(daemon.pid, work),
+                                "webhook_p99_ms": load.p99()})
                 print("{at_s:>5}s  RSS {rss_mb:6.1f} MB  open files {open_files:4.0f}  threads {threads:3.0f}  "
-                      "state {state_mb:7.2f} MB  records {records_mb:7.2f} MB over {records_span_s:5.0f} s"
+                      "state {state_mb:7.2f} MB  records {records_mb:7.2f} MB over {records_span_s:5.0f} s  "
+                      "webhook p99 {webhook_p99_ms:5.1f} ms"
                       .format(**samples[-1]), flush=True)
             load.finish()
             deadline = time.monotonic() + 300
