@@ -2,7 +2,8 @@
 
 The load (the defaults are those of the first soak, issue #27): webhooks at 300/s (async), Kafka records at
 1,000/s into a 4-partition topic, and 5 files/s dropped into a folder; the process executor runs a function that
-discards its input. Every 30 s it prints the daemon's RSS, open files and threads, the webhooks' p99 answer time
+discards its input. The file source remembers files done for 5 minutes (`remember_done`; 7 days by default), so
+that its memory reaches its bound within the run. Every 30 s it prints the daemon's RSS, open files and threads, the webhooks' p99 answer time
 and the state store's size (the SQLite file and its WAL, and what the records are counted for against
 `max_records_size`). At the end, once every accepted event has run (the daemon's `eventswarm_events_acked_total`:
 the records may be pruned by then), it prints the records' bytes per event for each source (the invocation rows'
@@ -58,7 +59,8 @@ batch = {{ max_events = 500, max_wait = "1s" }}
 
 [triggers.files]
 function = "discard"
-source = {{ kind = "file", path = "drop", patterns = ["*.json"], stable_for = "200ms", on_success = "delete" }}
+source = {{ kind = "file", path = "drop", patterns = ["*.json"], stable_for = "200ms", on_success = "delete",
+           remember_done = "5m" }}
 batch = {{ max_events = 20, max_wait = "1s" }}
 """)
     return path

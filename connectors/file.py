@@ -62,6 +62,9 @@ from dispatcher.api import (
 
 log = logging.getLogger("eventswarm.file")
 
+FORGET_EVERY = 600.0
+"""Seconds between two forgets of files done longer ago than ``remember_done``."""
+
 __all__ = ["FileSource", "FileSourceConfig"]
 
 
@@ -98,20 +101,28 @@ class FileSource(Source[FileSourceConfig]):
         self.claims = self.root / PROCESSING / ctx.trigger
         self._ctx = ctx
         await anyio.to_thread.run_sync(self.folder.prepare, self.claims)
-        await ctx.checkpoints.forget("done/", time.time() - self.config.remember_done)
+        await self._forget(ctx)
         ctx.set_ready(True)
         left = await anyio.to_thread.run_sync(self._claimed)
         for at in range(0, len(left), CLAIM_CHUNK):
             await self._dispatch(ctx, left[at:at + CLAIM_CHUNK])  # left by a crash: taken up again
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.folder.watch)
-            first = True
+            first, forgotten = True, time.monotonic()
             while True:
                 wait = await self._scan_and_claim(ctx, first)
                 first = False
+                if time.monotonic() - forgotten >= FORGET_EVERY:
+                    forgotten = time.monotonic()
+                    await self._forget(ctx)
                 with anyio.move_on_after(min(wait, self.folder.rescan_every)):
                     await self.folder.dirty.wait()
                 self.folder.dirty = anyio.Event()
+
+    async def _forget(self, ctx: SourceContext) -> None:
+        """Forget the files done longer ago than ``remember_done`` (at start, and every ``FORGET_EVERY`` while running:
+        a daemon that runs for months keeps a week of them, not months)."""
+        await ctx.checkpoints.forget("done/", time.time() - self.config.remember_done)
 
     # -- scanning and claiming ------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dispatcher.config import DaemonConfig
 from dispatcher.errors import StoreError
 from dispatcher.metrics import Metrics
 from dispatcher.state import StateStore
+from dispatcher.store import PRUNE_CHUNK as CHUNK
 from dispatcher.store import Database, prune_dedupe, prune_records
 
 log = logging.getLogger("eventswarm.store")
@@ -27,8 +28,6 @@ AGE_EVERY = 600.0
 """Seconds between two prunes by age (and of dedupe keys, and the dead letters' count)."""
 DEDUPE_WINDOW = 7 * 86400.0
 """How long a webhook's dedupe key is remembered."""
-CHUNK = 200
-"""Rows deleted in one transaction: the group commit waits for one chunk, never for a whole prune."""
 LOW_WATER = 0.9
 """A prune by size goes down to this share of the budget, so that it does not run again at once."""
 WARN_EVERY = 3600.0

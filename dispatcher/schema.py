@@ -117,7 +117,7 @@ MIGRATIONS: list[str] = [
     """,
     # 3: bounded records: a batch's event ids packed (``dispatcher.idpack``; ``event_ids`` is '' in a row that has
     # them), the bytes the records hold counted per replica (what ``max_records_size`` bounds; the records written
-    # before are counted here once), and dedupe keys found by age (pruned in chunks)
+    # before are counted here once), and dedupe keys and checkpoints found by age (forgotten in chunks)
     """
     ALTER TABLE invocations ADD COLUMN ids BLOB;
     CREATE TABLE record_bytes (
@@ -127,6 +127,7 @@ MIGRATIONS: list[str] = [
     INSERT INTO record_bytes (replica, bytes) SELECT '', COALESCE(SUM(400 + length(event_ids)
         + COALESCE(length(stdout), 0) + COALESCE(length(stderr), 0)), 0) FROM invocations;
     CREATE INDEX dedupe_by_time ON dedupe (seen_at);
+    CREATE INDEX checkpoints_by_time ON checkpoints (trigger, updated_at);
     """,
 ]
 

@@ -118,6 +118,10 @@ def _invocation(row: tuple[Any, ...]) -> InvocationRecord:
     return InvocationRecord(*values)
 
 
+PRUNE_CHUNK = 200
+"""Rows a prune (records, dedupe keys, checkpoints) deletes in one transaction: the group commit waits for one chunk,
+never for a whole prune."""
+
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
 """After a checkpoint the write-ahead log is cut back to this size: a burst does not keep its disk space."""
 
@@ -426,11 +430,14 @@ def delete_checkpoints(trigger: str, keys: list[str]) -> Write:
     return write
 
 
-def forget_checkpoints(trigger: str, prefix: str, before: float) -> Write:
-    """Delete the trigger's checkpoints whose key starts with ``prefix`` and that were saved before ``before``."""
+def forget_checkpoints(trigger: str, prefix: str, before: float, limit: int, removed: list[int]) -> Write:
+    """Delete up to ``limit`` of the trigger's checkpoints whose key starts with ``prefix`` and that were saved before
+    ``before``, oldest first; their number goes to ``removed``."""
     def write(conn: Conn) -> None:
-        conn.execute("DELETE FROM checkpoints WHERE trigger = ? AND substr(key, 1, ?) = ? AND updated_at < ?",
-                     (trigger, len(prefix), prefix, before))
+        removed.append(len(conn.execute(
+            "DELETE FROM checkpoints WHERE (trigger, key) IN (SELECT trigger, key FROM checkpoints WHERE trigger = ? "
+            "AND updated_at < ? AND substr(key, 1, ?) = ? ORDER BY updated_at LIMIT ?) RETURNING 1",
+            (trigger, before, len(prefix), prefix, limit)).fetchall()))
     return write
 
 

@@ -25,7 +25,7 @@ from dispatcher.progress import Backfill
 from dispatcher.replicas import LEASE_PREFIX, LeaseLost, Membership
 from dispatcher.schema import Write
 from dispatcher.state import StateStore
-from dispatcher.store import delete_checkpoints, forget_checkpoints, put_checkpoints
+from dispatcher.store import PRUNE_CHUNK, delete_checkpoints, forget_checkpoints, put_checkpoints
 
 log = logging.getLogger("eventswarm")
 
@@ -83,7 +83,11 @@ class TriggerCheckpoints:
         await self._write(put_checkpoints(self.trigger, values))
 
     async def forget(self, prefix: str, before: float) -> None:
-        await self._write(forget_checkpoints(self.trigger, prefix, before))
+        while True:  # in chunks, each a transaction of its own: a large forget never holds the group commit long
+            removed: list[int] = []
+            await self._write(forget_checkpoints(self.trigger, prefix, before, PRUNE_CHUNK, removed))
+            if not removed or removed[-1] < PRUNE_CHUNK:
+                return
 
     async def delete(self, keys: list[str]) -> None:
         await self._write(delete_checkpoints(self.trigger, keys))

@@ -150,7 +150,9 @@ async def test_checkpoints(store):
     assert list(store.checkpoints("t", "file:00", 5)) == [f"file:{i:04d}" for i in range(5)]
     await state.write(delete_checkpoints("t", ["file:0000", "file:0002"]))
     assert list(store.checkpoints("t", "file:00", 2)) == ["file:0001", "file:0003"]
-    await state.write(forget_checkpoints("t", "file:", before=4e9))
+    forgotten: list[int] = []
+    await state.write(forget_checkpoints("t", "file:", 4e9, 500, forgotten), forget_checkpoints("t", "file:", 4e9, 1000, forgotten))
+    assert forgotten == [500, 698]  # in chunks: 1,200 less the two deleted
     assert store.checkpoints("t", "file:", 10) == {} and store.checkpoint("u", "file:0001") == "other"
 
 

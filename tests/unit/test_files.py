@@ -140,6 +140,18 @@ async def test_memory_of_done_files_is_forgotten_after_remember_done(tmp_path):
     assert "done/old.json" not in ctx.checkpoints.values
 
 
+async def test_memory_of_done_files_is_forgotten_while_the_source_runs_too(tmp_path, monkeypatch):
+    """Not only at start: a daemon that runs for months would remember months of files."""
+    monkeypatch.setattr("connectors.file.FORGET_EVERY", 0.0)
+    ctx = StubContext()
+    async with ctx.running(source(tmp_path, remember_done=60)):
+        await ctx.checkpoints.put({"done/old.json": json.dumps({"sha256": "x", "result": "done"})})
+        ctx.checkpoints.saved["done/old.json"] -= 3600
+        (tmp_path / "new.json").write_text("{}")  # (a scan, after which the source forgets)
+        await wait_for(lambda: "done/old.json" not in ctx.checkpoints.values, timeout=10,
+                       what="the old file to be forgotten while running")
+
+
 async def test_a_file_that_grows_while_it_is_read_is_not_half_delivered(tmp_path, monkeypatch):
     """The writer appends while the source reads (here: right after the source's first read, once): the file goes
     back to the folder and is read again once complete, so its event has the whole content."""
