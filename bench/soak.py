@@ -59,8 +59,7 @@ batch = {{ max_events = 500, max_wait = "1s" }}
 
 [triggers.files]
 function = "discard"
-source = {{ kind = "file", path = "drop", patterns = ["*.json"], stable_for = "200ms", on_success = "delete",
-           remember_done = "5m" }}
+source = {{ kind = "file", path = "drop", patterns = ["*.json"], stable_for = "200ms", on_success = "delete", remember_done = "5m" }}
 batch = {{ max_events = 20, max_wait = "1s" }}
 """)
     return path
