@@ -52,7 +52,7 @@ run: images
 	$(BIN)/eventswarm run -c config.example.toml
 
 test: install services
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=15 tests
 
 unit: install
 	$(BIN)/pytest -q tests/unit
