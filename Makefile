@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: install install-runtime engine images services run test unit integration lint bench gc clean
+.PHONY: install install-runtime engine images services run test unit integration lint bench gc clean cluster-down
 
 # `make run` installs the daemon alone; the tests and tools (`make install`) add the dev extra.
 $(RUNTIME_STAMP): pyproject.toml
@@ -39,7 +39,7 @@ images: engine
 # Debian's chromium (the status page's tests drive it headless with playwright), and Debian's PostgreSQL on
 # 127.0.0.1:15432 (the state store's contract suite runs on it as on SQLite), and npm's @octokit/webhooks-methods
 # (GitHub's signing library: the webhook tests sign with each sender's own), and Debian's stunnel4 (a TLS front for
-# the Kafka TLS tests) and logrotate.
+# the Kafka TLS tests) and logrotate, and a Swarm of three nodes (docker-in-docker, scripts/swarm-cluster.sh).
 services: install images
 	PYTHON=$(BIN)/python bash scripts/kafka.sh
 	bash scripts/ethereum.sh
@@ -47,6 +47,7 @@ services: install images
 	bash scripts/postgres.sh
 	bash scripts/senders.sh
 	bash scripts/tools.sh
+	bash scripts/swarm-cluster.sh
 
 run: images
 	$(BIN)/eventswarm run -c config.example.toml
@@ -73,6 +74,9 @@ bench: install services
 	$(BIN)/python bench/warm.py
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	$(BIN)/python bench/webhook.py
+
+cluster-down:
+	bash scripts/swarm-cluster.sh down
 
 gc: install
 	$(BIN)/eventswarm gc -c config.example.toml

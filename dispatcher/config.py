@@ -172,7 +172,14 @@ class ExecutorConfig(Section):
     kind: Literal["auto", "swarm", "docker", "process"] = "auto"
     """``auto`` = swarm if the engine is an active Swarm manager, else docker; ``process`` runs local subprocesses."""
     docker_host: str = ""
-    """Docker engine address; default: ``DOCKER_HOST``, then the local socket."""
+    """Docker engine address; default: ``DOCKER_HOST``, then the local socket. A remote engine or Swarm manager:
+    ``tcp://manager:2376`` with ``tls_ca``, ``tls_cert`` and ``tls_key``."""
+    tls_ca: ConfigPath = ""
+    """TLS to the engine: the CA that signed its certificate (Docker's ``ca.pem``); the engine is verified."""
+    tls_cert: ConfigPath = ""
+    """TLS to the engine: this client's certificate (Docker's ``cert.pem``), with ``tls_key``."""
+    tls_key: ConfigPath = ""
+    """TLS to the engine: this client's private key (Docker's ``key.pem``)."""
     max_in_flight: int = Field(16, ge=1, le=4096)
     """Invocations running at once, all triggers together."""
     network: str = "none"
@@ -189,6 +196,19 @@ class ExecutorConfig(Section):
     """Where input files for ``bind`` are written; default: beside the state store."""
     start_timeout: Duration = 300.0
     """swarm: a job whose task has not started by then (no node has room) fails the attempt."""
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ExecutorConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both, or neither")
+        if (self.tls_ca or self.tls_cert) and not self.docker_host.startswith(("tcp://", "https://")):
+            raise ValueError(f"tls_ca, tls_cert and tls_key are for an engine reached over TCP: set docker_host to "
+                             f"tcp://HOST:2376 (it is {self.docker_host or 'unset'!r})")
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{key}: no such file: {path}")
+        return self
 
 
 class BatchConfig(Section):

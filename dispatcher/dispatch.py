@@ -330,7 +330,7 @@ class Dispatcher:
                 invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,
                 finished_at=time.time(), executor_ref=result.ref if result else None,
                 stdout=result.stdout if result else b"", stderr=result.stderr if result else (error or "").encode(),
-                replica=self.replica))
+                replica=self.replica, node=result.node if result else None))
         return result, error, fault, invocation_id
 
     async def durably(self, *writes: Write) -> None:

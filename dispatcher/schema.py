@@ -129,6 +129,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX dedupe_by_time ON dedupe (seen_at);
     CREATE INDEX checkpoints_by_time ON checkpoints (trigger, updated_at);
     """,
+    # 4: the Swarm node an invocation ran on (swarm executor; NULL elsewhere and before)
+    """
+    ALTER TABLE invocations ADD COLUMN node TEXT;
+    """,
 ]
 
 RECORD_OVERHEAD = 400

@@ -50,6 +50,8 @@ class InvocationRecord:
     executor_ref: str | None
     replica: str = ""
     """The replica that ran it (its id; "" before replicas)."""
+    node: str | None = None
+    """The Swarm node it ran on (swarm executor)."""
 
     def to_json(self) -> dict[str, Any]:
         doc = {k: getattr(self, k) for k in self.__slots__}
@@ -78,7 +80,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 _INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, event_ids, ids, exit_code, error, "
-                       "queued_at, started_at, finished_at, executor_ref, replica")
+                       "queued_at, started_at, finished_at, executor_ref, replica, node")
 _REPLACE_INVOCATION = ", ".join(f"{c} = excluded.{c}" for c in _INVOCATION_COLUMNS.split(", ")[1:]) + \
     ", stdout = NULL, stderr = NULL"
 """(An invocation written again replaces the row, as a new one: its logs too.)"""
@@ -364,11 +366,11 @@ def insert_invocation(record: InvocationRecord) -> Write:
         conn.execute(_COUNT_BYTES.format(f"? - COALESCE((SELECT {RECORD_SIZE} FROM invocations WHERE id = ?), 0)"),
                      (record.replica, RECORD_OVERHEAD + len(packed), record.id))
         conn.execute(
-            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             f"ON CONFLICT (id) DO UPDATE SET {_REPLACE_INVOCATION}",
             (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size, "", packed,
              record.exit_code, record.error, record.queued_at, record.started_at, record.finished_at,
-             record.executor_ref, record.replica),
+             record.executor_ref, record.replica, record.node),
         )
     return write
 
@@ -381,15 +383,15 @@ def start_invocation(invocation_id: str, started_at: float) -> Write:
 
 def finish_invocation(invocation_id: str, *, status: str, exit_code: int | None, error: str | None,
                       finished_at: float, executor_ref: str | None, stdout: bytes, stderr: bytes,
-                      replica: str = "") -> Write:
+                      replica: str = "", node: str | None = None) -> Write:
     def write(conn: Conn) -> None:
         conn.execute(_COUNT_BYTES.format("COALESCE((SELECT ? - COALESCE(length(stdout), 0) - COALESCE(length(stderr), 0) "
                                          "FROM invocations WHERE id = ?), 0)"),
                      (replica, len(stdout) + len(stderr), invocation_id))
         conn.execute(
             "UPDATE invocations SET status = ?, exit_code = ?, error = ?, finished_at = ?, executor_ref = ?, "
-            "stdout = ?, stderr = ? WHERE id = ?",
-            (status, exit_code, error, finished_at, executor_ref, stdout, stderr, invocation_id),
+            "node = ?, stdout = ?, stderr = ? WHERE id = ?",
+            (status, exit_code, error, finished_at, executor_ref, node, stdout, stderr, invocation_id),
         )
     return write
 

@@ -135,7 +135,7 @@ class Takeover:
                 await self.state.write(finish_invocation(
                     unfinished.id, status=status, exit_code=result.exit_code,
                     error=f"{error}; {note}" if error else note, finished_at=time.time(), executor_ref=result.ref,
-                    stdout=result.stdout, stderr=result.stderr, replica=self.state.replica))
+                    stdout=result.stdout, stderr=result.stderr, replica=self.state.replica, node=result.node))
                 log.info("adopted invocation %s of replica %s (%d events): %s", unfinished.id, replica,
                          len(unfinished.event_ids), status,
                          extra=fields(f"adopted an invocation of replica {replica}: {status}", trigger=unfinished.trigger,

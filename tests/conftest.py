@@ -123,6 +123,15 @@ def postgres_database(postgres: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def swarm_cluster(docker_engine):  # type: ignore[no-untyped-def]
+    """A three-node Swarm (scripts/swarm-cluster.sh: nested dockerds, mutual TLS on tcp://NODE:2376)."""
+    from tests.cluster import Cluster
+
+    _service("swarm-cluster.sh")
+    return Cluster()
+
+
+@pytest.fixture(scope="session")
 def eth_node() -> str:
     """anvil and solc (installed and started by scripts/ethereum.sh) on 127.0.0.1."""
     _service("ethereum.sh")

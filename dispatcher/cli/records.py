@@ -43,14 +43,14 @@ def _invocation_rows(records: list[Any], wide: bool) -> list[str]:
     now = time.time()
     header = f"{'ID':32}  {'TRIGGER':16} {'STATUS':10} {'ATTEMPT':>7} {'EVENTS':>6} {'EXIT':>4} {'AGE':>6} {'DURATION':>9}"
     if wide:
-        header += f"  {'FUNCTION':16} {'QUEUED':24} EXECUTOR REF"
+        header += f"  {'FUNCTION':16} {'QUEUED':24} {'NODE':20} EXECUTOR REF"
     lines = [header]
     for r in records:
         exit_code = "" if r.exit_code is None else str(r.exit_code)
         line = (f"{r.id:32}  {r.trigger:16} {r.status:10} {r.attempt:>7} {r.batch_size:>6} {exit_code:>4} "
                 f"{_age(r.queued_at, now):>6} {_duration(r, now):>9}")
         if wide:
-            line += f"  {r.function:16} {r.to_json()['queued_at']:24} {r.executor_ref or ''}"
+            line += f"  {r.function:16} {r.to_json()['queued_at']:24} {r.node or '-':20} {r.executor_ref or ''}"
         lines.append(line)
     return lines
 

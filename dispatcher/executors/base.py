@@ -56,6 +56,8 @@ class Result:
     oom_killed: bool = False
     ref: str | None = None
     duration: float = 0.0
+    node: str | None = None
+    """The Swarm node the invocation ran on (swarm executor)."""
     notes: list[str] = field(default_factory=list)
 
     @property

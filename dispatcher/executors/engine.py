@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import anyio
 import docker
 import docker.errors
+import docker.tls
 import requests.exceptions
 
 from dispatcher.config import ExecutorConfig
@@ -26,31 +27,59 @@ ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestExcep
 """What a call to the engine raises when the engine refuses or cannot be reached."""
 
 
-async def connect(config: ExecutorConfig) -> docker.DockerClient:
-    """A client for ``executor.docker_host`` (default: ``DOCKER_HOST``, then the local socket), checked with a ping."""
-    def make() -> docker.DockerClient:
-        kwargs: dict[str, Any] = {"timeout": 60, "max_pool_size": config.max_in_flight + 4}
-        if config.docker_host:
-            return docker.DockerClient(base_url=config.docker_host, **kwargs)
-        return docker.DockerClient.from_env(**kwargs)
+def make_client(config: ExecutorConfig, timeout: int = 60, pool: int = 10) -> docker.DockerClient:
+    """A client for ``executor.docker_host`` with its TLS settings (default: ``DOCKER_HOST`` and Docker's TLS
+    variables, then the local socket). Not yet checked."""
+    if not config.docker_host:
+        return docker.DockerClient.from_env(timeout=timeout, max_pool_size=pool)
+    tls: docker.tls.TLSConfig | bool = False
+    if config.tls_ca or config.tls_cert:
+        tls = docker.tls.TLSConfig(client_cert=(config.tls_cert, config.tls_key) if config.tls_cert else None,
+                                   ca_cert=config.tls_ca or None, verify=bool(config.tls_ca))
+    if tls:
+        return _TLSClient(base_url=config.docker_host, tls=tls, timeout=timeout, max_pool_size=pool)
+    return docker.DockerClient(base_url=config.docker_host, timeout=timeout, max_pool_size=pool)
 
+
+class _EngineAPI(docker.APIClient):  # type: ignore[misc]
+    """The SDK's client, except that the engine's CA is ``tls_ca`` whatever the environment says: requests lets
+    ``REQUESTS_CA_BUNDLE`` (or ``CURL_CA_BUNDLE``) replace the CA it was given (psf/requests#3829)."""
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None or verify is True:
+            settings["verify"] = self.verify
+        return settings
+
+
+class _TLSClient(docker.DockerClient):  # type: ignore[misc]
+    def __init__(self, **kwargs: Any) -> None:  # (DockerClient's own __init__ only makes its APIClient)
+        self.api = _EngineAPI(**kwargs)
+
+
+def where(config: ExecutorConfig) -> str:
+    """The engine's address as the daemon looks for it (for messages)."""
+    return config.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+async def connect(config: ExecutorConfig) -> docker.DockerClient:
+    """A client for ``executor.docker_host`` (``make_client``), checked with a ping."""
     try:
-        client = await anyio.to_thread.run_sync(make)
+        client = await anyio.to_thread.run_sync(lambda: make_client(config, pool=config.max_in_flight + 4))
         await anyio.to_thread.run_sync(client.api.ping)
     except ENGINE_ERRORS as exc:
-        where = config.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-        raise ExecutorError(f"cannot reach the Docker engine at {where}: {exc} (is dockerd running, and may this "
-                            "user use it? executor.docker_host or DOCKER_HOST say where it is)") from exc
+        raise ExecutorError(f"cannot reach the Docker engine at {where(config)}: {exc} (is dockerd running, and may "
+                            "this user use it? executor.docker_host or DOCKER_HOST say where it is; a remote engine "
+                            "needs tls_ca, tls_cert and tls_key)") from exc
     return client
 
 
 def missing_images(config: ExecutorConfig, images: list[str]) -> list[str]:
     """Of ``images``, those the engine does not have (``validate``); ``ExecutorError`` when it cannot be asked."""
     try:
-        client = (docker.DockerClient(base_url=config.docker_host, timeout=10) if config.docker_host
-                  else docker.DockerClient.from_env(timeout=10))
+        client = make_client(config, timeout=10)
     except ENGINE_ERRORS as exc:
-        raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+        raise ExecutorError(f"cannot reach the Docker engine at {where(config)}: {exc}") from exc
     missing = []
     try:
         for image in images:
@@ -59,7 +88,7 @@ def missing_images(config: ExecutorConfig, images: list[str]) -> list[str]:
             except docker.errors.ImageNotFound:
                 missing.append(image)
     except ENGINE_ERRORS as exc:
-        raise ExecutorError(f"cannot reach the Docker engine: {exc}") from exc
+        raise ExecutorError(f"cannot reach the Docker engine at {where(config)}: {exc}") from exc
     finally:
         client.close()
     return missing

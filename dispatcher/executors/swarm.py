@@ -1,4 +1,4 @@
-"""The swarm executor: one replicated-job service per batch on a Docker Swarm, through the Docker SDK.
+"""The swarm executor: one service of one task per batch on a Docker Swarm (never restarted), through the Docker SDK.
 
 The input document travels as a Swarm config mounted at ``$EVENTSWARM_INPUT`` (Swarm tasks
 have no stdin). The exit code comes from the task status, stdout and stderr from the service
@@ -34,6 +34,9 @@ CONFIG_LIMIT = 500 * 1024
 """The largest Swarm config the engine accepts: a batch's input document must fit in it."""
 
 CONFIG_REMOVE_TRIES = 15
+NODE_CHECK = 1.0
+"""How often a running job's node is looked at (seconds): a node the manager marks down fails the job's attempt."""
+_NODE_LOST = {"down", "unknown", "disconnected"}
 _POLL = 0.05
 _DONE = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
 _STARTED = {"running", "complete", "failed", "shutdown"}
@@ -45,6 +48,7 @@ class SwarmExecutor(EngineExecutor):
     def __init__(self, config: ExecutorConfig) -> None:
         super().__init__(config)
         self._secret_ids: dict[str, str] = {}
+        self._node_names: dict[str, str] = {}
 
     async def start(self) -> None:
         client = await connect(self.config)
@@ -113,25 +117,28 @@ class SwarmExecutor(EngineExecutor):
                 cancelled: threading.Event) -> Result:
         """Wait for the job to end; its result and logs; then it is removed (as ``cleanup`` says)."""
         function = invocation.function
-        ok = False
+        ok = lost = False
         try:
-            task, timed_out, note = self._wait(api, service_id, function.timeout, cancelled)
+            task, timed_out, note, lost = self._wait(api, service_id, function.timeout, cancelled)
             status = task.get("Status", {}) if task else {}
             exit_code = status.get("ContainerStatus", {}).get("ExitCode")
-            if task is None or status.get("State") in ("rejected", "pending", "new", "assigned", "accepted"):
+            if task is None or lost or status.get("State") in ("rejected", "pending", "new", "assigned", "accepted"):
                 exit_code = None
-            stdout, stderr = self._logs(api, service_id)
+            # (the logs of a task on a lost node cannot be read: the manager would wait for that node)
+            stdout, stderr = (b"", b"") if lost else self._logs(api, service_id)
             if note:
                 stderr += f"\n[eventswarm] {note}\n".encode()
             result = Result(exit_code=exit_code, stdout=stdout, stderr=stderr, timed_out=timed_out,
                             oom_killed=exit_code == 137 and "OOM" in str(status.get("Err", "")),
-                            ref=service_id, duration=time.monotonic() - started)
+                            ref=service_id, duration=time.monotonic() - started, node=self._node_name(api, task))
             if note and not timed_out:
                 result.notes.append(note)
             ok = result.ok
             return result
         finally:
-            if self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok):
+            # A job lost with its node is removed whatever ``cleanup`` says: kept, its task would run again (or
+            # fail) on that node when it returns, after the batch was retried elsewhere.
+            if lost or self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok):
                 _quietly(api.remove_service, service_id)
                 # A job's finished task container outlives its service: remove it where it ran (here).
                 _quietly(lambda _: remove_containers(api, {"label": [f"{LABEL_INVOCATION}={invocation.id}"]}), "")
@@ -194,38 +201,75 @@ class SwarmExecutor(EngineExecutor):
         return self._secret_ids[name]
 
     def _wait(self, api: Any, service_id: str, timeout: float, cancelled: threading.Event,
-              ) -> tuple[dict[str, Any] | None, bool, str | None]:
-        """Poll the job's task until it ends; returns (task, timed out?, why it did not run)."""
+              ) -> tuple[dict[str, Any] | None, bool, str | None, bool]:
+        """Poll the job's task until it ends; returns (task, timed out?, why it did not run, lost with its node?).
+
+        A task whose node the manager marks down (or that left the Swarm) is given up at once: Swarm would keep it
+        ``running`` for as long as the node is away, and a job never restarts elsewhere (restart condition
+        ``none``: the daemon's retries own the batch, on a live node)."""
         queued = time.monotonic()
         running_since: float | None = None
+        node_checked = 0.0
         task: dict[str, Any] | None = None
         while True:
             if cancelled.is_set():
                 _quietly(api.remove_service, service_id)
-                return task, False, "stopped: the daemon shut down"
+                return task, False, "stopped: the daemon shut down", False
             try:
                 tasks = api.tasks(filters={"service": service_id})
             except ENGINE_ERRORS:
                 tasks = []
             if not tasks and _gone(api.inspect_service, service_id):
-                return task, False, "the job was removed before it ended"
+                return task, False, "the job was removed before it ended", False
+            now = time.monotonic()
             if tasks:
                 task = max(tasks, key=lambda t: t.get("CreatedAt", ""))
                 state = task.get("Status", {}).get("State", "")
                 if state in _DONE:
-                    return task, False, None
+                    return task, False, None, False
                 if state in _STARTED and running_since is None:
-                    running_since = time.monotonic()
-            now = time.monotonic()
+                    running_since = now
+                if task.get("NodeID") and now - node_checked >= NODE_CHECK:
+                    node_checked = now
+                    lost = self._node_lost(api, task["NodeID"])
+                    if lost:
+                        _quietly(api.remove_service, service_id)
+                        return task, False, f"the job's node {lost}: the attempt failed", True
             if running_since is not None and now - running_since > timeout:
                 _quietly(api.remove_service, service_id)  # SIGTERM, then SIGKILL after the stop grace period
-                return task, True, None
+                return task, True, None, False
             if running_since is None and now - queued > self.config.start_timeout:
                 message = (task or {}).get("Status", {}).get("Err") or (task or {}).get("Status", {}).get("Message", "")
                 _quietly(api.remove_service, service_id)
                 return task, False, (f"the job did not start within {self.config.start_timeout:g}s"
-                                     f" ({message or 'no node could run it'})")
+                                     f" ({message or 'no node could run it'})"), False
             time.sleep(_POLL)
+
+    def _node_lost(self, api: Any, node_id: str) -> str:
+        """How the node ``node_id`` is lost (``"eventswarm-node-2 is down"``), or ``""`` while it is up (or cannot
+        be asked: the manager's own trouble is not the node's)."""
+        try:
+            node = api.inspect_node(node_id)
+        except docker.errors.NotFound:
+            return f"{self._node_names.get(node_id, node_id)} left the Swarm"
+        except ENGINE_ERRORS:
+            return ""
+        name = node.get("Description", {}).get("Hostname") or node_id
+        self._node_names[node_id] = name
+        state = node.get("Status", {}).get("State", "")
+        return f"{name} is {state}" if state in _NODE_LOST else ""
+
+    def _node_name(self, api: Any, task: dict[str, Any] | None) -> str | None:
+        """The host name of the node that ran ``task`` (its id if the manager cannot say)."""
+        node_id = (task or {}).get("NodeID")
+        if not node_id:
+            return None
+        if node_id not in self._node_names:
+            try:
+                self._node_names[node_id] = api.inspect_node(node_id).get("Description", {}).get("Hostname") or node_id
+            except ENGINE_ERRORS:
+                return str(node_id)
+        return self._node_names[node_id]
 
     def _logs(self, api: Any, service_id: str) -> tuple[bytes, bytes]:
         captures = []
@@ -252,7 +296,7 @@ def _create_config(api: Any, name: str, invocation: Invocation) -> str:
 def _create_service(api: Any, name: str, template: dict[str, Any], invocation: Invocation) -> str:
     try:
         created = api.create_service(template, name=name, labels=invocation.labels,
-                                     mode=ServiceMode("replicated-job", concurrency=1))
+                                     mode=ServiceMode("replicated", replicas=1))
         return str(created["ID"])
     except docker.errors.APIError as exc:
         if exc.status_code != 409:

@@ -280,7 +280,10 @@ async def test_swarm_jobs_and_their_configs_are_labelled_and_removed(docker_engi
         service = client.services.get(result.ref)
         assert service.attrs["Spec"]["Labels"][LABEL_INVOCATION] == inv.id
         assert service.name == f"eventswarm-{inv.id}"
-        assert "ReplicatedJob" in service.attrs["Spec"]["Mode"]
+        # A replicated service of one task that is never restarted, not a replicated-job: Swarm before Moby 24 never
+        # reaps a removed job's tasks (moby/moby#44312), neither from the raft store nor their containers on workers.
+        assert service.attrs["Spec"]["Mode"] == {"Replicated": {"Replicas": 1}}
+        assert service.attrs["Spec"]["TaskTemplate"]["RestartPolicy"]["Condition"] == "none"
         config = client.configs.get(f"eventswarm-{inv.id}")
         assert config.attrs["Spec"]["Labels"][LABEL_MANAGED] == "true"
     finally:
@@ -288,11 +291,16 @@ async def test_swarm_jobs_and_their_configs_are_labelled_and_removed(docker_engi
         client.configs.get(f"eventswarm-{inv.id}").remove()
         for container in client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL_INVOCATION}={inv.id}"}):
             container.remove(force=True)
-    result = await run("swarm", tmp_path, invocation("true"))
+    last = invocation("true")
+    result = await run("swarm", tmp_path, last)
     assert result.ok
     with pytest.raises(docker.errors.NotFound):
         client.services.get(result.ref)
     assert client.configs.list(filters={"label": f"{LABEL_INVOCATION}={inv.id}"}) == []
+    # Its task goes from the Swarm's store too (the task reaper removes a removed service's tasks).
+    # (the service is gone: its tasks are found by its name)
+    await wait_for(lambda: not client.api.tasks(filters={"name": f"eventswarm-{last.id}"}), timeout=30,
+                   what="the removed job's task reaped")
     client.close()
 
 
