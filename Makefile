@@ -70,6 +70,7 @@ bench: install services
 	$(BIN)/python bench/events.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/swarm.py
+	$(BIN)/python bench/swarm_cluster.py
 	$(BIN)/python bench/kafka.py
 	$(BIN)/python bench/warm.py
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)

@@ -446,4 +446,12 @@ def warnings(config: ConfigBase) -> list[tuple[str, str]]:
                 found.append((f"functions.{trigger.function}.mounts",
                               f"no mount covers {folder}, the folder of trigger {name!r}: its function cannot read "
                               f"a file passed by path (over max_inline); add \"{folder}:{folder}\""))
+    if config.executor.kind == "swarm" or config.executor.docker_host.startswith(("tcp://", "https://")):
+        for name, function in config.functions.items():
+            binds = [mount.source for mount in function.volumes if mount.bind]
+            if binds and config.executor.kind != "process":
+                found.append((f"functions.{name}.mounts",
+                              f"{', '.join(binds)} is mounted from the host that runs the task: on a Swarm of several "
+                              "nodes it must be at that path on every node that may run the function (shared "
+                              "storage), or placement must pin the function to the nodes that have it (docs/swarm.md)"))
     return found

@@ -58,8 +58,12 @@ def children(pid: int) -> list[int]:
 
 
 def cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as file:
-        return file.read().replace(b"\0", b" ").decode()
+    """The process's command line; "" once it has ended (it may between being listed and being read)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def test_kill_9_of_the_daemon_ends_its_function_and_what_the_function_started_in_another_session(tmp_path):

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from tests.cluster import MANAGER, WORKERS, Cluster
-from tests.support import base_config, free_port, post, store_of, wait_until
+from tests.support import base_config, free_port, post, store_of, toml, wait_until
 
 ECHO = "eventswarm/echo:test"
 BUSYBOX = "eventswarm/busybox:test"
@@ -67,6 +71,16 @@ def test_sixty_batches_run_over_the_three_nodes_each_event_once(tmp_path, swarm_
     on_worker = next(r for r in done if r.node in WORKERS)
     assert json.loads(store_of(doc).logs(on_worker.id)[0])["events"][0]["data"] == \
         {"n": ids.index(on_worker.event_ids[0])}
+    # The node of each: `invocations -o wide` (the CLI a user runs) and its JSON.
+    done_wide = subprocess.run([sys.executable, "-m", "dispatcher", "invocations", "-c", str(daemon.config_file),
+                                "-o", "wide", "--limit", "100"], capture_output=True, text=True, timeout=60)
+    assert done_wide.returncode == 0, done_wide.stderr
+    header, *rows = done_wide.stdout.splitlines()
+    assert "NODE" in header.split()
+    assert {next(w for w in row.split() if w.startswith("eventswarm-node-")) for row in rows} == set(by_node)
+    done_json = subprocess.run([sys.executable, "-m", "dispatcher", "invocations", "-c", str(daemon.config_file),
+                                "-o", "json", "--limit", "100"], capture_output=True, text=True, timeout=60)
+    assert {r["node"] for r in json.loads(done_json.stdout)} == set(by_node)
     no_leftovers(swarm_cluster)
 
 
@@ -96,8 +110,15 @@ def test_inputs_on_a_worker_under_the_config_limit_and_over_it(tmp_path, swarm_c
 def test_a_worker_reads_a_large_file_by_path_from_the_shared_folder(tmp_path, swarm_cluster, daemon_process):
     """A file source passes a file past ``max_inline`` by path: the function, on a worker, reads it from the folder
     every node mounts at the same path (as NFS would be)."""
-    drop = swarm_cluster.shared / f"drop-{tmp_path.name}"
+    drop = swarm_cluster.shared / f"drop-{uuid.uuid4().hex[:12]}"
     drop.mkdir(mode=0o777)
+    try:
+        shared_file_run(tmp_path, swarm_cluster, daemon_process, drop)
+    finally:
+        shutil.rmtree(drop, ignore_errors=True)
+
+
+def shared_file_run(tmp_path: Path, swarm_cluster: Cluster, daemon_process: Any, drop: Path) -> None:
     doc = cluster_config(tmp_path, swarm_cluster,
                          {"image": BUSYBOX, "placement": ["node.role == worker"],
                           "mounts": [f"{drop}:{drop}"],
@@ -156,3 +177,21 @@ def test_a_worker_killed_under_running_jobs_loses_nothing_and_keeps_nothing(tmp_
     wait_until(lambda: swarm_cluster.node_states().get(victim) == "ready", timeout=90, interval=0.5,
                what=f"{victim} back")
     no_leftovers(swarm_cluster, timeout=90)
+
+
+def test_validate_checks_the_manager_over_tls_and_says_what_needs_shared_storage(tmp_path, swarm_cluster):
+    doc = cluster_config(tmp_path, swarm_cluster, {"image": ECHO, "mounts": ["/srv/in:/in", "cache:/cache"]})
+    doc["functions"]["g"] = {"image": "eventswarm/not-on-any-node:1"}
+    path = tmp_path / "eventswarm.toml"
+    path.write_text(toml(doc))
+    done = subprocess.run([sys.executable, "-m", "dispatcher", "validate", "-c", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    warnings = done.stderr.splitlines()
+    assert ("warning: functions.f.mounts: /srv/in is mounted from the host that runs the task: on a Swarm of several "
+            "nodes it must be at that path on every node that may run the function") in done.stderr, warnings
+    # The engine was asked (over TLS, with the config's keys): it has the one image and not the other.
+    assert not any("functions.f.image" in w for w in warnings), warnings
+    assert any(w.startswith("warning: functions.g.image: eventswarm/not-on-any-node:1 is not on the engine")
+               for w in warnings), warnings
+    assert len(warnings) == 2, warnings
