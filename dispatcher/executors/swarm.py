@@ -140,7 +140,8 @@ class SwarmExecutor(EngineExecutor):
             # fail) on that node when it returns, after the batch was retried elsewhere.
             if lost or self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok):
                 _quietly(api.remove_service, service_id)
-                # A job's finished task container outlives its service: remove it where it ran (here).
+                # (The agent of the node that ran the task removes its container as the service goes; one on this
+                # engine is removed now, not left for the agent: the batch's leftovers are gone when it returns.)
                 _quietly(lambda _: remove_containers(api, {"label": [f"{LABEL_INVOCATION}={invocation.id}"]}), "")
                 if config_id:
                     # Refused while the engine still counts the config in use by the job being removed.
@@ -254,22 +255,26 @@ class SwarmExecutor(EngineExecutor):
             return f"{self._node_names.get(node_id, node_id)} left the Swarm"
         except ENGINE_ERRORS:
             return ""
-        name = node.get("Description", {}).get("Hostname") or node_id
-        self._node_names[node_id] = name
+        name = self._remember(node_id, node)
         state = node.get("Status", {}).get("State", "")
         return f"{name} is {state}" if state in _NODE_LOST else ""
+
+    def _remember(self, node_id: str, node: dict[str, Any]) -> str:
+        """The node's host name (its id if it has none), kept for the records and for when it has left the Swarm."""
+        self._node_names[node_id] = node.get("Description", {}).get("Hostname") or node_id
+        return self._node_names[node_id]
 
     def _node_name(self, api: Any, task: dict[str, Any] | None) -> str | None:
         """The host name of the node that ran ``task`` (its id if the manager cannot say)."""
         node_id = (task or {}).get("NodeID")
         if not node_id:
             return None
-        if node_id not in self._node_names:
-            try:
-                self._node_names[node_id] = api.inspect_node(node_id).get("Description", {}).get("Hostname") or node_id
-            except ENGINE_ERRORS:
-                return str(node_id)
-        return self._node_names[node_id]
+        if node_id in self._node_names:
+            return self._node_names[node_id]
+        try:
+            return self._remember(node_id, api.inspect_node(node_id))
+        except ENGINE_ERRORS:
+            return str(node_id)
 
     def _logs(self, api: Any, service_id: str) -> tuple[bytes, bytes]:
         captures = []
