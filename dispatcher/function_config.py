@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dispatcher.identity import Identity
 from dispatcher.paths import ConfigPath, from_config
+from dispatcher.placement import Constraint, check_key
 from dispatcher.section import Section
 from dispatcher.units import Duration, Size
 
@@ -74,6 +75,46 @@ class WarmConfig(Section):
         return self
 
 
+class Preference(Section):
+    """One placement preference, as Compose writes it: ``{ spread = "node.labels.zone" }``."""
+
+    spread: str
+    """The node attribute whose values the function's running jobs are spread evenly over."""
+
+    @field_validator("spread")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return check_key(value.strip())
+
+
+class Placement(Section):
+    """``placement`` (swarm): where a function's jobs may run, as a Compose file's ``deploy.placement`` says it; a
+    list alone is its constraints."""
+
+    constraints: list[str] = []
+    """``KEY == VALUE`` or ``KEY != VALUE``, e.g. ``"node.role == worker"``; all must hold."""
+    preferences: list[Preference] = []
+    """Spread the function's running jobs evenly over a node attribute's values (the first one first)."""
+    max_replicas_per_node: int | None = Field(None, ge=1)
+    """The function's jobs one node runs at once at most; a job waits for room (counted in ``start_timeout``)."""
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, value: list[str]) -> list[str]:
+        for text in value:
+            Constraint.parse(text)
+        return [text.strip() for text in value]
+
+    @property
+    def chosen_by_daemon(self) -> bool:
+        """Whether the daemon picks the nodes each job may go to (a spread or a limit: Swarm applies them per
+        service, and each job is a service of its own)."""
+        return bool(self.preferences) or self.max_replicas_per_node is not None
+
+    def __bool__(self) -> bool:
+        return bool(self.constraints) or self.chosen_by_daemon
+
+
 class FunctionConfig(Section):
     image: str = ""
     """The container image (docker/swarm executors)."""
@@ -95,14 +136,20 @@ class FunctionConfig(Section):
     user: str = ""
     secrets: list[str] = []
     """Files mounted read-only into the container (docker); Swarm secrets (swarm)."""
-    placement: list[str] = []
-    """swarm: placement constraints, e.g. ``["node.role == worker"]``."""
+    placement: Placement = Placement()
+    """swarm: where its jobs may run: constraints (a list, e.g. ``["node.role == worker"]``), or a table of
+    ``constraints``, ``preferences`` (``[{ spread = "node.labels.zone" }]``) and ``max_replicas_per_node``."""
     mounts: list[str] = []
     """Folders in the container (docker, swarm): ``"SOURCE:TARGET"``, read-only, or ``"SOURCE:TARGET:rw"``.
     SOURCE is a host path (a bind mount: absolute, or ``./…`` from the config file's folder) or a Docker volume."""
     warm: WarmConfig | None = None
     """docker: a pool of running containers (``true``, ``"persistent"`` or a table of settings); default: a new
     container per batch."""
+
+    @field_validator("placement", mode="before")
+    @classmethod
+    def _constraints_alone(cls, value: Any) -> Any:
+        return {"constraints": value} if isinstance(value, list) else value
 
     @field_validator("workdir")
     @classmethod

@@ -3,8 +3,10 @@ node containers on the host engine (to kill and start them again), and the share
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,26 @@ class Cluster:
                 found += [f"config {c['Spec']['Name']}" for c in client.api.configs(filters=MANAGED)]
             return found
         finally:
+            client.close()
+
+    @contextlib.contextmanager
+    def labelled(self, labels: dict[str, dict[str, str]]) -> Iterator[None]:
+        """Node labels (``{node: {name: value}}``) set on the manager for the time of a ``with``, then removed."""
+        client = self.engine(MANAGER)
+
+        def relabel(hostname: str, change: Any) -> None:
+            found = next(n for n in client.api.nodes() if n["Description"]["Hostname"] == hostname)
+            spec = dict(found["Spec"])
+            spec["Labels"] = change(dict(spec.get("Labels") or {}))
+            client.api.update_node(found["ID"], found["Version"]["Index"], spec)
+
+        try:
+            for hostname, more in labels.items():
+                relabel(hostname, lambda old, more=more: {**old, **more})
+            yield
+        finally:
+            for hostname, more in labels.items():
+                relabel(hostname, lambda old, more=more: {k: v for k, v in old.items() if k not in more})
             client.close()
 
     def node_states(self) -> dict[str, str]:

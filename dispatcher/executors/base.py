@@ -19,6 +19,7 @@ INPUT_PATH = "/run/eventswarm/input.json"
 
 LABEL_MANAGED = "io.eventswarm.managed"
 LABEL_TRIGGER = "io.eventswarm.trigger"
+LABEL_FUNCTION = "io.eventswarm.function"
 LABEL_INVOCATION = "io.eventswarm.invocation"
 LABEL_OWNER = "io.eventswarm.owner"
 """Which daemon (by its state store) made a container: ``gc`` at start removes only its own."""
@@ -42,7 +43,8 @@ class Invocation:
 
     @property
     def labels(self) -> dict[str, str]:
-        return {LABEL_MANAGED: "true", LABEL_TRIGGER: self.trigger, LABEL_INVOCATION: self.id, LABEL_OWNER: self.owner}
+        return {LABEL_MANAGED: "true", LABEL_TRIGGER: self.trigger, LABEL_FUNCTION: self.function_name,
+                LABEL_INVOCATION: self.id, LABEL_OWNER: self.owner}
 
 
 @dataclass(slots=True)

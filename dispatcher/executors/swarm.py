@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -21,7 +22,9 @@ from dispatcher.config import ExecutorConfig
 from dispatcher.errors import ExecutorError
 from dispatcher.executors.base import (
     INPUT_PATH,
+    LABEL_FUNCTION,
     LABEL_INVOCATION,
+    LABEL_OWNER,
     STOP_GRACE,
     Capture,
     Invocation,
@@ -29,6 +32,7 @@ from dispatcher.executors.base import (
     environment,
 )
 from dispatcher.executors.engine import ENGINE_ERRORS, EngineExecutor, connect, engine_error, labels, remove_containers
+from dispatcher.placement import choose, running_by_node
 
 CONFIG_LIMIT = 500 * 1024
 """The largest Swarm config the engine accepts: a batch's input document must fit in it."""
@@ -37,6 +41,8 @@ CONFIG_REMOVE_TRIES = 15
 NODE_CHECK = 1.0
 """How often a running job's node is looked at (seconds): a node the manager marks down fails the job's attempt."""
 _NODE_LOST = {"down", "unknown", "disconnected"}
+ROOM_WAIT = 0.25
+"""How often a job whose function's nodes are all at ``max_replicas_per_node`` looks again for room (seconds)."""
 _POLL = 0.05
 _DONE = {"complete", "failed", "rejected", "shutdown", "orphaned", "remove"}
 _STARTED = {"running", "complete", "failed", "shutdown"}
@@ -49,6 +55,9 @@ class SwarmExecutor(EngineExecutor):
         super().__init__(config)
         self._secret_ids: dict[str, str] = {}
         self._node_names: dict[str, str] = {}
+        self._placing: dict[str, threading.Lock] = {}
+        """Per function that spreads or limits its jobs per node: held from choosing a job's nodes until Swarm has
+        given it one, so that the next choice counts it."""
 
     async def start(self) -> None:
         client = await connect(self.config)
@@ -96,7 +105,7 @@ class SwarmExecutor(EngineExecutor):
             config_id: str | None = str(api.inspect_config(name)["ID"])
         except ENGINE_ERRORS:
             config_id = None
-        return self._follow(api, invocation, service_id, config_id, time.monotonic(), cancelled)
+        return self._follow(api, invocation, service_id, config_id, time.monotonic(), cancelled, _Held(None))
 
     def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
         api = self.client.api
@@ -104,22 +113,70 @@ class SwarmExecutor(EngineExecutor):
         name = f"eventswarm-{invocation.id}"
         started = time.monotonic()
         config_id: str | None = None
+        held = _Held(None)
+        added: list[str] = []
+        if function.placement.chosen_by_daemon:
+            placed = self._place(api, invocation, started, cancelled)
+            if isinstance(placed, str):  # no room before start_timeout, or the daemon stops
+                return Result(exit_code=None, stderr=f"\n[eventswarm] {placed}\n".encode(), notes=[placed],
+                              duration=time.monotonic() - started)
+            held, added = placed
         try:
             config_id = _create_config(api, name, invocation)
-            service_id = _create_service(api, name, self._task_template(invocation, name, config_id), invocation)
+            service_id = _create_service(api, name, self._task_template(invocation, name, config_id, added),
+                                         invocation)
         except ENGINE_ERRORS as exc:
+            held.release()
             if config_id:
                 _quietly(api.remove_config, config_id)
             raise engine_error(exc, f"cannot create a Swarm job for {function.image!r}") from exc
-        return self._follow(api, invocation, service_id, config_id, started, cancelled)
+        return self._follow(api, invocation, service_id, config_id, started, cancelled, held)
+
+    def _place(self, api: Any, invocation: Invocation, started: float, cancelled: threading.Event,
+               ) -> tuple[_Held, list[str]] | str:
+        """The constraints that spread the function's jobs or keep them under its limit per node, with the
+        function's placing lock held (until Swarm gives the job a node); or why the job is not to be made.
+
+        While every node that may run the function has ``max_replicas_per_node`` of its jobs, the job waits for
+        room, looking again every ``ROOM_WAIT`` s, until ``start_timeout`` (a job that waits counts against
+        ``max_in_flight``, as a pending one does)."""
+        function = invocation.function
+        placement = function.placement
+        lock = self._placing.setdefault(invocation.function_name, threading.Lock())
+        mine = [f"{LABEL_FUNCTION}={invocation.function_name}"] + ([f"{LABEL_OWNER}={invocation.owner}"]
+                                                                   if invocation.owner else [])
+        why = "behind a job of the function's that no node had taken"
+        while True:
+            if cancelled.is_set():
+                return "stopped: the daemon shut down"
+            if time.monotonic() - started > self.config.start_timeout:
+                return f"the job did not start within {self.config.start_timeout:g}s ({why})"
+            if not lock.acquire(timeout=ROOM_WAIT):
+                continue
+            try:
+                tasks = api.tasks(filters={"label": mine, "desired-state": "running"})
+                nodes = api.nodes()
+            except ENGINE_ERRORS as exc:
+                lock.release()
+                raise engine_error(exc, "cannot list the Swarm's nodes and the function's running jobs") from exc
+            added = choose(nodes, running_by_node(tasks, _DONE), placement.constraints,
+                           [preference.spread for preference in placement.preferences],
+                           placement.max_replicas_per_node)
+            if added is not None:
+                return _Held(lock), added
+            lock.release()
+            why = (f"every node that may run it had max_replicas_per_node = {placement.max_replicas_per_node} of "
+                   "the function's jobs")
+            cancelled.wait(ROOM_WAIT)
 
     def _follow(self, api: Any, invocation: Invocation, service_id: str, config_id: str | None, started: float,
-                cancelled: threading.Event) -> Result:
-        """Wait for the job to end; its result and logs; then it is removed (as ``cleanup`` says)."""
+                cancelled: threading.Event, held: _Held) -> Result:
+        """Wait for the job to end; its result and logs; then it is removed (as ``cleanup`` says). ``held``: the
+        function's placing lock, released once Swarm has given the job a node (or the job ended)."""
         function = invocation.function
         ok = lost = False
         try:
-            task, timed_out, note, lost = self._wait(api, service_id, function.timeout, cancelled)
+            task, timed_out, note, lost = self._wait(api, service_id, function.timeout, cancelled, held.release)
             status = task.get("Status", {}) if task else {}
             exit_code = status.get("ContainerStatus", {}).get("ExitCode")
             if task is None or lost or status.get("State") in ("rejected", "pending", "new", "assigned", "accepted"):
@@ -136,6 +193,7 @@ class SwarmExecutor(EngineExecutor):
             ok = result.ok
             return result
         finally:
+            held.release()
             # A job lost with its node is removed whatever ``cleanup`` says: kept, its task would run again (or
             # fail) on that node when it returns, after the batch was retried elsewhere.
             if lost or self.config.cleanup == "always" or (self.config.cleanup == "on-success" and ok):
@@ -150,7 +208,10 @@ class SwarmExecutor(EngineExecutor):
                             break
                         time.sleep(0.2)
 
-    def _task_template(self, invocation: Invocation, name: str, config_id: str) -> dict[str, Any]:
+    def _task_template(self, invocation: Invocation, name: str, config_id: str, added: list[str],
+                       ) -> dict[str, Any]:
+        """The job's task: ``added``, constraints the daemon chose (a spread, a limit per node) beside the
+        function's own."""
         function = invocation.function
         env = environment(invocation, INPUT_PATH)
         container: dict[str, Any] = {
@@ -187,8 +248,8 @@ class SwarmExecutor(EngineExecutor):
             "Resources": {"Limits": limits},
             "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
         }
-        if function.placement:
-            template["Placement"] = {"Constraints": list(function.placement)}
+        if function.placement.constraints or added:
+            template["Placement"] = {"Constraints": [*function.placement.constraints, *added]}
         if self.config.network != "none":
             template["Networks"] = [{"Target": self.config.network}]
         return template
@@ -202,8 +263,9 @@ class SwarmExecutor(EngineExecutor):
         return self._secret_ids[name]
 
     def _wait(self, api: Any, service_id: str, timeout: float, cancelled: threading.Event,
-              ) -> tuple[dict[str, Any] | None, bool, str | None, bool]:
+              placed: Callable[[], None]) -> tuple[dict[str, Any] | None, bool, str | None, bool]:
         """Poll the job's task until it ends; returns (task, timed out?, why it did not run, lost with its node?).
+        ``placed`` is called once the task has a node.
 
         A task whose node the manager marks down (or that left the Swarm) is given up at once: Swarm would keep it
         ``running`` for as long as the node is away, and a job never restarts elsewhere (restart condition
@@ -226,6 +288,8 @@ class SwarmExecutor(EngineExecutor):
             if tasks:
                 task = max(tasks, key=lambda t: t.get("CreatedAt", ""))
                 state = task.get("Status", {}).get("State", "")
+                if task.get("NodeID"):
+                    placed()
                 if state in _DONE:
                     return task, False, None, False
                 if state in _STARTED and running_since is None:
@@ -287,6 +351,18 @@ class SwarmExecutor(EngineExecutor):
                 pass
             captures.append(capture.getvalue())
         return captures[0], captures[1]
+
+
+class _Held:
+    """A lock held until ``release``, which may be called any number of times (no lock: nothing to release)."""
+
+    def __init__(self, lock: threading.Lock | None) -> None:
+        self._lock = lock
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
 
 def _create_config(api: Any, name: str, invocation: Invocation) -> str:

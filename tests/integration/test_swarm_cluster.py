@@ -1,11 +1,12 @@
 """The swarm executor on a Swarm of three nodes (scripts/swarm-cluster.sh: a manager and two workers, nested
 dockerds), through the real daemon (``eventswarm run``) on the manager's TCP address with mutual TLS: batches
-spread over the nodes, inputs on workers, a file read by path from a folder every node mounts, and a worker killed
-under running jobs."""
+spread over the nodes, inputs on workers, a file read by path from a folder every node mounts, a spread over a node
+label and a limit per node, and a worker killed under running jobs."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import subprocess
@@ -134,6 +135,67 @@ def shared_file_run(tmp_path: Path, swarm_cluster: Cluster, daemon_process: Any,
     daemon.stop()
     assert done[0].node in WORKERS
     assert digest in store_of(doc).logs(done[0].id)[0].decode()
+    no_leftovers(swarm_cluster)
+
+
+TIMED = ["sh", "-c", "cut -d' ' -f1 /proc/uptime; sleep {seconds}; cut -d' ' -f1 /proc/uptime"]
+"""A function that prints when it started and ended, on the clock every node shares (the host's kernel)."""
+
+
+def timed(seconds: float) -> list[str]:
+    return [part.format(seconds=seconds) for part in TIMED]
+
+
+def spans(doc: dict[str, Any], records: list[Any]) -> list[tuple[str, float, float]]:
+    """(node, start, end) of each record's run, from the function's own output."""
+    found = []
+    for record in records:
+        start, end = (float(line) for line in store_of(doc).logs(record.id)[0].split())
+        found.append((record.node, start, end))
+    return found
+
+
+def most_at_once(runs: list[tuple[str, float, float]]) -> int:
+    edges = sorted([(start, 1) for _, start, _ in runs] + [(end, -1) for _, _, end in runs])
+    at_once = best = 0
+    for _, step in edges:
+        at_once += step
+        best = max(best, at_once)
+    return best
+
+
+def test_a_spread_over_a_node_label_evens_the_jobs_over_its_values(tmp_path, swarm_cluster, daemon_process):
+    """Zone a has one node, zone b two: spread over the zone, 8 jobs at once run 4 in each zone (Swarm alone would
+    put about a third of them on zone a's node)."""
+    doc = cluster_config(tmp_path, swarm_cluster, {"image": BUSYBOX, "command": timed(10),
+                                                   "placement": {"preferences": [{"spread": "node.labels.zone"}]}},
+                         max_in_flight=8)
+    zones = {MANAGER: {"zone": "a"}, WORKERS[0]: {"zone": "b"}, WORKERS[1]: {"zone": "b"}}
+    with swarm_cluster.labelled(zones):
+        daemon = daemon_process(doc).start()
+        ids = send(daemon, [{"n": i} for i in range(8)])
+        done = settled(doc, ids, timeout=120)
+        daemon.stop()
+    runs = spans(doc, done)
+    assert most_at_once(runs) == 8, runs  # all at once: the spread was decided over running jobs
+    in_zone = {zone: sum(1 for node, _, _ in runs if zones[node]["zone"] == zone) for zone in "ab"}
+    assert in_zone == {"a": 4, "b": 4}, runs
+    no_leftovers(swarm_cluster)
+
+
+def test_a_limit_per_node_holds_jobs_until_a_node_has_room(tmp_path, swarm_cluster, daemon_process):
+    doc = cluster_config(tmp_path, swarm_cluster, {"image": BUSYBOX, "command": timed(4),
+                                                   "placement": {"max_replicas_per_node": 1}})
+    daemon = daemon_process(doc).start()
+    ids = send(daemon, [{"n": i} for i in range(7)])
+    done = settled(doc, ids, timeout=120)
+    daemon.stop()
+    runs = spans(doc, done)
+    assert len(runs) == 7 and sorted(i for r in done for i in r.event_ids) == sorted(ids)
+    for node in {node for node, _, _ in runs}:
+        on_node = sorted((start, end) for name, start, end in runs if name == node)
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(on_node)), (node, on_node)  # one at once
+    assert most_at_once(runs) == 3, runs  # every node busy: one job each
     no_leftovers(swarm_cluster)
 
 
