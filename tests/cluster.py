@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ NODES = {"eventswarm-node-1": "10.213.7.10", "eventswarm-node-2": "10.213.7.11",
 MANAGER = "eventswarm-node-1"
 WORKERS = ("eventswarm-node-2", "eventswarm-node-3")
 MANAGED = {"label": ["io.eventswarm.managed=true"]}
+GATEWAY = "10.213.7.1"
+"""This host, as the nodes reach it (the cluster network's gateway)."""
 
 
 class Cluster:
@@ -69,6 +74,38 @@ class Cluster:
                 relabel(hostname, lambda old, more=more: {k: v for k, v in old.items() if k not in more})
             client.close()
 
+    def cli(self, *args: str, node: str = MANAGER, env: dict[str, str] | None = None, check: bool = True,
+            stdin: Any = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """The docker CLI against ``node``'s engine, over TLS."""
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, stdin=stdin,
+                              env={**os.environ, "DOCKER_HOST": f"tcp://{NODES[node]}:2376", "DOCKER_TLS_VERIFY": "1",
+                                   "DOCKER_CERT_PATH": str(CERTS), **(env or {})})
+        if check:
+            assert done.returncode == 0, f"docker {' '.join(args)}: {done.stderr}"
+        return done
+
+    def load(self, image: str, tmp: Path) -> None:
+        """The host engine's ``image`` loaded into every node, at once (no registry: docker save, docker load)."""
+        archive = tmp / "image.tar"
+        subprocess.run(["docker", "save", "-o", str(archive), image], check=True, capture_output=True, timeout=300)
+        failures: list[BaseException] = []
+
+        def load_into(node: str) -> None:
+            try:
+                with archive.open("rb") as data:
+                    self.cli("load", "-q", node=node, stdin=data)
+            except BaseException as exc:  # (reported by the test's thread below)
+                failures.append(exc)
+
+        loads = [threading.Thread(target=load_into, args=(node,)) for node in NODES]
+        for thread in loads:
+            thread.start()
+        for thread in loads:
+            thread.join()
+        archive.unlink()
+        if failures:
+            raise failures[0]
+
     def node_states(self) -> dict[str, str]:
         """Each node's state as the manager sees it (``ready``, ``down``)."""
         client = self.engine(MANAGER)
@@ -82,4 +119,70 @@ class Cluster:
         subprocess.run(["docker", "kill", node], check=True, capture_output=True, timeout=60)
 
     def start(self, node: str) -> None:
+        """``docker start`` of the node's container (nothing if it runs)."""
         subprocess.run(["docker", "start", node], check=True, capture_output=True, timeout=60)
+
+
+class Forwarder:
+    """A TCP forwarder the test owns, from ``listen`` (an address the nodes reach, e.g. the gateway) to ``target`` on
+    this host's loopback (PostgreSQL listens there only). Threads, one per connection, 64 connections at most;
+    ``close`` ends them all."""
+
+    LIMIT = 64
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
+        self._server = socket.create_server(listen)
+        self.address = self._server.getsockname()
+        self._target = target
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="forwarder").start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._closed or len(self._sockets) >= 2 * self.LIMIT:
+                    client.close()
+                    continue
+                try:
+                    upstream = socket.create_connection(self._target, timeout=10)
+                except OSError:
+                    client.close()
+                    continue
+                self._sockets |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(a, selectors.EVENT_READ, b)
+        selector.register(b, selectors.EVENT_READ, a)
+        try:
+            while True:
+                for key, _ in selector.select(timeout=1):
+                    data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    key.data.sendall(data)
+                if self._closed:
+                    return
+        except OSError:
+            return
+        finally:
+            selector.close()
+            with self._lock:
+                self._sockets -= {a, b}
+            a.close()
+            b.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)

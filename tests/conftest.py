@@ -123,6 +123,19 @@ def postgres_database(postgres: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def daemon_image(docker_engine) -> str:  # type: ignore[no-untyped-def]
+    """The daemon's image (scripts/daemon-image.sh), built once per run on the host's engine."""
+    import os
+    import sys
+
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "daemon-image.sh"), "eventswarm:test"],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1500)
+    if done.returncode != 0:
+        pytest.fail(f"scripts/daemon-image.sh failed:\n{done.stdout}\n{done.stderr}")
+    return "eventswarm:test"
+
+
+@pytest.fixture(scope="session")
 def swarm_cluster(docker_engine):  # type: ignore[no-untyped-def]
     """A three-node Swarm (scripts/swarm-cluster.sh: nested dockerds, mutual TLS on tcp://NODE:2376)."""
     from tests.cluster import Cluster

@@ -5,24 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
-
-import pytest
 
 from tests.support import BUSYBOX, ROOT, free_port, post, wait_until
 
 STACK = f"eventswarm-test-{os.getpid()}"
-
-
-@pytest.fixture(scope="module")
-def daemon_image(docker_engine) -> str:
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "daemon-image.sh"), "eventswarm:test"], env={**os.environ, "PYTHON": sys.executable},
-                          capture_output=True, text=True, timeout=1500)
-    if done.returncode != 0:
-        pytest.fail(f"scripts/daemon-image.sh failed:\n{done.stdout}\n{done.stderr}")
-    return "eventswarm:test"
 
 
 def get_json(url: str):

@@ -8,16 +8,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import MANAGER, WORKERS, Cluster
-from tests.support import base_config, free_port, post, store_of, toml, wait_until
+from tests.cluster import CERTS, GATEWAY, MANAGER, NODES, WORKERS, Cluster, Forwarder
+from tests.support import ROOT, base_config, free_port, post, store_of, toml, wait_until
 
 ECHO = "eventswarm/echo:test"
 BUSYBOX = "eventswarm/busybox:test"
@@ -167,7 +170,7 @@ def most_at_once(runs: list[tuple[str, float, float]]) -> int:
 def test_a_spread_over_a_node_label_evens_the_jobs_over_its_values(tmp_path, swarm_cluster, daemon_process):
     """Zone a has one node, zone b two: spread over the zone, 8 jobs at once run 4 in each zone (Swarm alone would
     put about a third of them on zone a's node)."""
-    doc = cluster_config(tmp_path, swarm_cluster, {"image": BUSYBOX, "command": timed(10),
+    doc = cluster_config(tmp_path, swarm_cluster, {"image": BUSYBOX, "command": timed(6),
                                                    "placement": {"preferences": [{"spread": "node.labels.zone"}]}},
                          max_in_flight=8)
     zones = {MANAGER: {"zone": "a"}, WORKERS[0]: {"zone": "b"}, WORKERS[1]: {"zone": "b"}}
@@ -257,3 +260,137 @@ def test_validate_checks_the_manager_over_tls_and_says_what_needs_shared_storage
     assert any(w.startswith("warning: functions.g.image: eventswarm/not-on-any-node:1 is not on the engine")
                for w in warnings), warnings
     assert len(warnings) == 2, warnings
+
+
+STACK_CONFIG = """\
+# deploy/eventswarm.toml's shape, with a function slow enough to be caught running by a node's death.
+[daemon]
+shutdown_grace = "30s"
+log_format = "json"
+replica_timeout = "6s"
+# The replicas listen on the cluster's private network, which only this test reaches.
+allow_unauthenticated = true
+
+[executor]
+kind = "swarm"
+max_in_flight = 4
+network = "none"
+start_timeout = "60s"
+
+[functions.slow]
+image = "eventswarm/busybox:test"
+command = ["sh", "-c", "cat \\"$EVENTSWARM_INPUT\\"; sleep 4"]
+timeout = "60s"
+
+[triggers.slow]
+function = "slow"
+source = { kind = "webhook", path = "/hooks/slow", mode = "async" }
+batch = { max_events = 1, max_wait = "10ms" }
+ordering = "none"
+retry = { max_attempts = 6, initial = "1s", jitter = false }
+"""
+STACK_PORT = 18480
+
+
+def stack_get(node: str, path: str) -> Any:
+    """The JSON at ``path`` of the stack's replica on ``node``; None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://{NODES[node]}:{STACK_PORT}{path}", timeout=5) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def live_replicas(node: str) -> set[str]:
+    """The replicas the one on ``node`` sees live."""
+    return {r["id"] for r in (stack_get(node, "/v1/status") or {}).get("replicas", []) if r["state"] == "live"}
+
+
+def test_the_replicated_stack_one_replica_per_node_loses_nothing_when_a_node_dies(
+        tmp_path, swarm_cluster, daemon_image, postgres_database):
+    """deploy/stack-replicated.yml with stack-replicated-tls.yml on the three nodes: one replica per node, each
+    reaching the manager over TLS, on one PostgreSQL database (reached from the nodes through a forwarder this test
+    owns). A worker is killed with its replica while every replica has jobs running and webhooks waiting: the other
+    two take its work over and every accepted event runs; the node comes back and a replica starts on it again."""
+    swarm_cluster.load(daemon_image, tmp_path)
+    database = urllib.parse.urlsplit(postgres_database)
+    forwarder = Forwarder((GATEWAY, 0), (database.hostname or "127.0.0.1", database.port or 5432))
+    state = database._replace(netloc=f"postgres@{GATEWAY}:{forwarder.address[1]}").geturl()
+    config = tmp_path / "eventswarm.toml"
+    config.write_text(STACK_CONFIG)
+    stack = f"eventswarm-cluster-{os.getpid()}"
+    victim = WORKERS[1]
+    env = {"EVENTSWARM_IMAGE": daemon_image, "EVENTSWARM_PORT": str(STACK_PORT), "EVENTSWARM_LISTEN": "0.0.0.0",
+           "EVENTSWARM_CONFIG_FILE": str(config), "EVENTSWARM_STATE": state,
+           "EVENTSWARM_ENGINE": swarm_cluster.manager_url, "EVENTSWARM_TLS_DIR": str(CERTS),
+           "EVENTSWARM_NODES": "node.platform.os == linux"}
+    names = {f"{stack}_daemon.{slot}" for slot in (1, 2, 3)}
+    try:
+        swarm_cluster.cli("stack", "deploy", "--resolve-image", "never",
+                          "-c", str(ROOT / "deploy" / "stack-replicated.yml"),
+                          "-c", str(ROOT / "deploy" / "stack-replicated-tls.yml"), stack, env=env)
+        try:
+            for node in NODES:
+                wait_until(lambda node=node: live_replicas(node) == names, timeout=180, interval=0.5,
+                           what=f"the replica on {node}, seeing all three live")
+            accepted: dict[str, str] = {}
+            for n in range(36):
+                node = list(NODES)[n % 3]
+                status, _, body = post(f"http://{NODES[node]}:{STACK_PORT}/hooks/slow",
+                                       json.dumps({"n": n}).encode())
+                assert status == 202, body
+                accepted[json.loads(body)["id"]] = node
+
+            def jobs_on_victim() -> int | None:
+                manager = swarm_cluster.engine(MANAGER)
+                try:
+                    tasks = manager.api.tasks(filters={"label": "io.eventswarm.managed=true",
+                                                       "desired-state": "running"})
+                    victim_id = next(n["ID"] for n in manager.api.nodes()
+                                     if n["Description"]["Hostname"] == victim)
+                finally:
+                    manager.close()
+                running = [t for t in tasks if t["Status"]["State"] == "running"]
+                return sum(1 for t in running if t.get("NodeID") == victim_id) if len(running) >= 9 else None
+
+            on_victim = wait_until(jobs_on_victim, timeout=60, interval=0.2, what="every replica's jobs running")
+            victim_replica = stack_get(victim, "/v1/status")["replica"]
+            swarm_cluster.kill(victim)
+            killed = time.monotonic()
+
+            def ran() -> list[dict[str, Any]] | None:
+                records = stack_get(MANAGER, "/v1/invocations?trigger=slow&status=succeeded&limit=1000") or []
+                done = {event for r in records for event in r["event_ids"]}
+                return records if done >= set(accepted) else None
+
+            records = wait_until(ran, timeout=240, interval=1, what="every accepted event run")
+            taken_over = [r for r in records if accepted.get(r["event_ids"][0]) == victim
+                          and r["replica"] != victim_replica]
+            adopted = [r for r in records if "adopted by replica" in (r["error"] or "")]
+            print(f"{on_victim} jobs on {victim} when it was killed; every event had run "
+                  f"{time.monotonic() - killed:.1f} s after; of the 12 webhooks its replica had taken, the others "
+                  f"ran {len(taken_over)}, {len(adopted)} of them jobs it had started (adopted)")
+            assert taken_over, "none of the killed replica's webhooks was run by another replica"
+            assert {r["node"] for r in records} >= {MANAGER, WORKERS[0]}
+
+            swarm_cluster.start(victim)
+            wait_until(lambda: live_replicas(victim) == names, timeout=180, interval=0.5,
+                       what=f"a replica on {victim} again, seeing all three live")
+            assert stack_get(victim, "/v1/status")["replica"] == victim_replica  # its slot, its name: its work
+        finally:
+            swarm_cluster.start(victim)
+            wait_until(lambda: swarm_cluster.node_states().get(victim) == "ready", timeout=120, interval=0.5,
+                       what=f"{victim} ready")
+            swarm_cluster.cli("stack", "rm", stack, check=False)
+
+            def stack_gone(node: str) -> bool:
+                found = swarm_cluster.cli("ps", "-aq", "--filter", f"label=com.docker.stack.namespace={stack}",
+                                          node=node, check=False)
+                return found.returncode == 0 and not found.stdout.strip()
+
+            for node in NODES:
+                wait_until(lambda node=node: stack_gone(node), timeout=120, interval=0.5,
+                           what=f"the stack gone from {node}")
+    finally:
+        forwarder.close()
+    no_leftovers(swarm_cluster, timeout=90)
