@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -103,6 +104,11 @@ class SourceConfig(BaseModel):
     def exclusive(self) -> list[str]:
         """What no two triggers may share, e.g. a webhook's ``"POST /hooks/x"``: ``validate`` refuses a second claim."""
         return []
+
+    def upcoming(self, count: int, after: float) -> list[datetime] | None:
+        """For a source that fires on a schedule: its next ``count`` times after ``after`` (Unix seconds), on its
+        zone's wall clock (``eventswarm schedule next``). None for a source that does not."""
+        return None
 
     def warnings(self) -> list[tuple[str, str]]:
         """What ``validate`` points out without refusing the config, as ``(key, message)``: what this host shows
@@ -237,6 +243,15 @@ class SourceContext(Protocol):
 
     def set_paused(self, paused: bool) -> None:
         """Report that the source stopped reading (the buffer is full, or its own cap is reached), or resumed."""
+        ...
+
+    def set_schedule(self, next_tick: float | None, last_tick: float | None) -> None:
+        """Report a schedule's next tick and the last one fired (Unix seconds; ``status`` and the status page)."""
+        ...
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` events the source let go of on purpose, by ``reason`` (a schedule's skipped ticks:
+        ``missed``, ``overlap``): ``eventswarm_events_dropped_total{reason}``. The source logs why."""
         ...
 
     def set_backfill(self, done: float, total: float, unit: str) -> None:

@@ -130,6 +130,10 @@ class StubContext:
         self.paused = False
         self.backfills: list[tuple[float, float, str]] = []
         """Every ``set_backfill`` call, in order."""
+        self.drops: dict[str, int] = {}
+        self.schedule: tuple[float | None, float | None] = (None, None)
+        """The last ``set_schedule``: (next tick, last tick)."""
+        """What ``dropped`` counted, by reason."""
         self._runs: list[_Emitted] = []
         self._changed = anyio.Event()
 
@@ -173,6 +177,12 @@ class StubContext:
 
     def set_backfill(self, done: float, total: float, unit: str) -> None:
         self.backfills.append((done, total, unit))
+
+    def set_schedule(self, next_tick: float | None, last_tick: float | None) -> None:
+        self.schedule = (next_tick, last_tick)
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + count
 
     # -- for the test -------------------------------------------------------------------------
 

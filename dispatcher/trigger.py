@@ -145,6 +145,8 @@ class Trigger:
         self.lag_unit = "events"
         self.paused = False
         self.backfill: Backfill | None = None
+        self.schedule: dict[str, str | None] | None = None
+        """A schedule's next and last tick (``set_schedule``)."""
         self._samples: deque[tuple[float, float]] = deque(maxlen=RATE_WINDOW // RATE_EVERY + 1)
         self.done = anyio.Event()
         self._handlers: set[HttpHandler] = set()
@@ -199,6 +201,13 @@ class Trigger:
             log.info("source of trigger %s %s", self.trigger, what, extra=fields(f"source {what}", trigger=self.trigger))
         self.paused = paused
         self.metrics.source_paused.labels(self.trigger).set(1 if paused else 0)
+
+    def set_schedule(self, next_tick: float | None, last_tick: float | None) -> None:
+        self.schedule = {"next_tick": rfc3339(next_tick) if next_tick is not None else None,
+                         "last_tick": rfc3339(last_tick) if last_tick is not None else None}
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        self.metrics.events_dropped.labels(self.trigger, reason).inc(count)
 
     def set_backfill(self, done: float, total: float, unit: str) -> None:
         now = time.monotonic()
@@ -352,6 +361,7 @@ class Trigger:
             "lag_unit": self.lag_unit,
             "paused": self.paused,
             "backfill": self.backfill.report() if self.backfill else None,
+            "schedule": self.schedule,
             # A source down for a reason says so first; else the last failed invocation, else the source's last error.
             "last_error": (self.stopped or (self.source_error if not self.ready else None) or self.dispatcher.last_error
                            or self.source_error),

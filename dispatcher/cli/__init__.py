@@ -36,5 +36,5 @@ def main() -> None:
 
 
 for _command in (operate.run, operate.validate, operate.schema, operate.invoke, operate.init, operate.status,
-                 operate.reload, operate.gc, records.invocations, records.logs, records.dlq):
+                 operate.reload, operate.gc, operate.schedule, records.invocations, records.logs, records.dlq):
     main.add_command(_command)

@@ -137,6 +137,35 @@ def invoke(config_path: str | None, trigger: str, data: str | None, filter_only:
               f"see `eventswarm logs {outcome.invocation_id}`")
 
 
+@click.group()
+def schedule() -> None:
+    """Schedule triggers (``source = { kind = "schedule", … }``)."""
+
+
+@schedule.command("next")
+@config_option
+@click.argument("trigger")
+@click.option("-n", "count", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many ticks.")
+def schedule_next(config_path: str | None, trigger: str, count: int) -> None:
+    """Print TRIGGER's next ticks on its zone's wall clock (and in UTC): check an expression before deploying."""
+    import time
+    from datetime import UTC
+
+    config = load_config(config_path)
+    if trigger not in config.triggers:
+        fail(f"no trigger {trigger!r} (triggers: {', '.join(sorted(config.triggers)) or 'none'})", EXIT_USAGE)
+    source = config.triggers[trigger].source
+    ticks = source.upcoming(count, time.time())
+    if ticks is None:
+        fail(f"trigger {trigger!r} is not a schedule: its source is {source.kind!r}", EXIT_USAGE)
+    now = time.time()
+    for tick in ticks or []:
+        wait = tick.timestamp() - now
+        ahead = f"in {wait / 86400:.1f} d" if wait >= 86400 else f"in {wait / 3600:.1f} h" if wait >= 3600 else \
+            f"in {wait / 60:.1f} min" if wait >= 60 else f"in {wait:.0f} s"
+        click.echo(f"{tick.isoformat()}  {tick.tzname() or ''}  ({tick.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}, {ahead})")
+
+
 @click.command()
 @click.option("--dir", "folder", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Where to write eventswarm.toml and functions/.")
@@ -181,6 +210,14 @@ def status(config_path: str | None, url: str | None, watch: bool, output: str, a
     repeat(show, watch)
 
 
+def _until(iso: str) -> float:
+    """Seconds from now to the RFC 3339 time ``iso`` (0 when it is past)."""
+    import time
+    from datetime import datetime
+
+    return max(0.0, datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() - time.time())
+
+
 def _show_status(report: dict[str, Any], bars: bool) -> None:
     config = report.get("config") or {}
     click.echo(f"executor: {report['executor']}" + (f"  config: {config['hash'][:12]} (loaded {config['loaded_at']})"
@@ -190,6 +227,12 @@ def _show_status(report: dict[str, Any], bars: bool) -> None:
         lag = f"{t['lag']:,.0f} {t.get('lag_unit', '')}".strip()
         click.echo(f"{t['trigger']:16} {t['source']:9} {t['state']:9} {t['buffered']:>8} {t['in_flight']:>9} "
                    f"{lag:>16}  {t['last_error'] or ''}")
+    for t in report["triggers"]:
+        schedule = t.get("schedule")
+        if schedule:
+            click.echo(f"{t['trigger']}: next tick {schedule['next_tick'] or 'none'}"
+                       f"{' (in ' + duration_text(_until(schedule['next_tick'])) + ')' if schedule['next_tick'] else ''}"
+                       f", last tick {schedule['last_tick'] or 'none since the start'}")
     for t in report["triggers"]:
         backfill = t.get("backfill")
         if backfill:

@@ -131,3 +131,27 @@ def test_the_status_page_shows_every_replica_and_what_each_holds(tmp_path, daemo
         finally:
             browser.close()
     assert second.stop() == 0 and first.stop() == 0
+
+
+def test_the_status_page_shows_each_schedules_next_and_last_tick(tmp_path, daemon_process, chromium):
+    from playwright.sync_api import expect, sync_playwright
+
+    doc = base_config(tmp_path, executor="process", port=free_port())
+    doc["functions"]["f"] = {"command": ["cat"]}
+    doc["triggers"]["beat"] = {"function": "f", "source": {"kind": "schedule", "every": "1s"}}
+    doc["triggers"]["nightly"] = {"function": "f", "source": {"kind": "schedule", "cron": "30 2 * * *",
+                                                              "timezone": "Europe/Berlin"}}
+    daemon = daemon_process(doc).start()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{daemon.port}/")
+            beat, nightly = (page.locator(f'#schedule-table tr[data-trigger="{name}"]') for name in ("beat", "nightly"))
+            expect(beat.locator("td.last-tick")).to_contain_text(" ago)", timeout=30_000)
+            expect(beat.locator("td.next-tick")).to_contain_text("(in ")
+            expect(nightly.locator("td.next-tick")).to_contain_text(":30:00.000000Z (in ")
+            expect(nightly.locator("td.last-tick")).to_have_text("none since the start")
+        finally:
+            browser.close()
+    assert daemon.stop() == 0

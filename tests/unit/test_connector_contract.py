@@ -192,12 +192,44 @@ class EthereumHarness:
         return {i for i in ids if self.blocks[i] <= number}
 
 
+class ScheduleHarness:
+    """The schedule source on a clock the test moves: feeding N events is moving it N seconds (``every = "1s"``,
+    ``catch_up = "all"``: the ticks missed meanwhile fire in order); acknowledged = fired and no longer pending in
+    its checkpoint."""
+
+    def __init__(self) -> None:
+        from tests.clock import FakeClock
+
+        self.clock = FakeClock(1_800_000_000.0)
+
+    def make_source(self) -> Source[Any]:
+        from connectors.schedule import ScheduleSource, ScheduleSourceConfig
+
+        return ScheduleSource(ScheduleSourceConfig(kind="schedule", every="1s", catch_up="all", max_catch_up=1000),
+                              clock=self.clock)
+
+    async def feed(self, ctx: StubContext, count: int) -> list[str]:
+        from connectors.schedule_ticks import tick_id
+
+        start = self.clock.now()
+        await self.clock.move(count)
+        return [tick_id(ctx.trigger, start + n) for n in range(1, count + 1)]
+
+    async def acknowledged(self, ctx: StubContext, source: Source[Any], ids: list[str]) -> set[str]:
+        from connectors.schedule_ticks import tick_id
+
+        state = json.loads(ctx.checkpoints.values["schedule"])
+        pending = {tick_id(ctx.trigger, tick) for tick in state["pending"]}
+        return {i for i in ids if i not in pending and i <= tick_id(ctx.trigger, state["fired"])}
+
+
 HARNESSES: dict[str, list[Callable[[pytest.FixtureRequest], Harness]]] = {
     "webhook": [lambda request: WebhookHarness()],
     "kafka": [lambda request: KafkaHarness(request.getfixturevalue("kafka_broker"))],
     "file": [lambda request: FileHarness(request.getfixturevalue("tmp_path") / "drop"),
              lambda request: LinesHarness(request.getfixturevalue("tmp_path") / "logs")],
     "ethereum": [EthereumHarness],
+    "schedule": [lambda request: ScheduleHarness()],
 }
 VARIANTS = [(kind, i) for kind in sorted(connectors()) for i in range(len(HARNESSES.get(kind, [None])))]
 

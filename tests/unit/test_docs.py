@@ -3,6 +3,7 @@
 from connectors.ethereum import EthereumSourceConfig
 from connectors.file import FileSourceConfig
 from connectors.kafka import KafkaSourceConfig
+from connectors.schedule import ScheduleSourceConfig
 from connectors.webhook import WebhookSourceConfig
 from dispatcher.config import (
     BatchConfig,
@@ -22,7 +23,7 @@ def test_the_configuration_reference_names_every_key():
     for model, prefix in [(DaemonConfig, ""), (ExecutorConfig, ""), (FunctionConfig, ""), (TriggerBase, ""),
                           (BatchConfig, "batch."), (RetryConfig, "retry."), (WebhookSourceConfig, ""),
                           (KafkaSourceConfig, ""), (FileSourceConfig, ""),
-                          (EthereumSourceConfig, "")]:
+                          (EthereumSourceConfig, ""), (ScheduleSourceConfig, "")]:
         for name in model.model_fields:
             if name not in ("kind", "batch", "retry") and f"`{prefix}{name}`" not in text:
                 missing.append(f"{model.__name__}.{name}")
