@@ -252,12 +252,47 @@ class TriggerBase(Section):
         return self
 
 
+class TelemetryConfig(Section):
+    """``[telemetry]``: traces over OTLP/HTTP. The standard ``OTEL_*`` variables work as with any OpenTelemetry SDK."""
+
+    enabled: bool | None = None
+    """On, off, or (unset) on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set
+    (and ``OTEL_SDK_DISABLED`` is not ``true``)."""
+    endpoint: str = ""
+    """The collector's OTLP/HTTP traces URL; default: the ``OTEL_EXPORTER_OTLP_*`` variables, else
+    ``http://localhost:4318/v1/traces``."""
+    service_name: str = ""
+    """``service.name``; default ``OTEL_SERVICE_NAME``, else ``eventswarm``."""
+    max_queue: int = Field(2048, ge=1, le=1_000_000)
+    """Spans waiting for export at most; past it they are dropped, and counted."""
+    export_interval: Duration = 1.0
+    """How long spans wait to be sent in a batch."""
+    export_timeout: Duration = 10.0
+    """One export at most (then its spans are dropped, and counted)."""
+
+    def active(self) -> bool:
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return False
+        if self.enabled is not None:
+            return self.enabled
+        return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+    def traces_url(self) -> str:
+        if self.endpoint:
+            return self.endpoint
+        if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            return os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
+        return base.rstrip("/") + "/v1/traces"
+
+
 class ConfigBase(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False,
     )
     daemon: DaemonConfig = DaemonConfig()
     executor: ExecutorConfig = ExecutorConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     functions: dict[str, FunctionConfig] = {}
     triggers: dict[str, Any] = {}
 

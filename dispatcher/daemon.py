@@ -16,6 +16,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from dispatcher import config as configuration
+from dispatcher import telemetry
 from dispatcher.api import Ack, Event, Outcome, rfc3339
 from dispatcher.config import ConfigBase
 from dispatcher.errors import ConfigError, ExecutorError, StoreError
@@ -95,8 +96,9 @@ class Daemon:
                                metrics_public=config.daemon.metrics_public)
         self.triggers: dict[str, Trigger] = {}
         self.limiter = anyio.CapacityLimiter(config.executor.max_in_flight)
+        self.telemetry = telemetry.create(config.telemetry, self.metrics)
         self.shared = Shared(self.executor, self.state, self.http, self.metrics, self.limiter, self.owner, self.replica,
-                             self.membership)
+                             self.membership, self.telemetry)
         self.started = anyio.Event()
         self._stop = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -356,6 +358,8 @@ class Daemon:
                     await self.membership.leave()
                 except StoreError:
                     pass  # its heartbeat goes stale: the others take over all the same
+        if self.telemetry is not None:
+            await anyio.to_thread.run_sync(self.telemetry.shutdown)  # (what is queued goes out, within its timeout)
         self.store.close()
         self.lock.release()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -11,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 
@@ -32,6 +33,7 @@ from dispatcher.store import (
     insert_invocation,
     start_invocation,
 )
+from dispatcher.telemetry import Telemetry, ids_of, traceparent_of
 
 log = logging.getLogger("eventswarm.dispatch")
 
@@ -152,7 +154,8 @@ class Dispatcher:
 
     def __init__(self, *, trigger: str, config: TriggerBase, function_name: str, function: FunctionConfig,
                  executor: Executor, state: StateStore, metrics: Metrics, limiter: anyio.CapacityLimiter,
-                 owner: str = "", replica: str = "", ack_failed: Callable[[str], None] = lambda reason: None) -> None:
+                 owner: str = "", replica: str = "", ack_failed: Callable[[str], None] = lambda reason: None,
+                 telemetry: Telemetry | None = None) -> None:
         self.trigger = trigger
         self.config = config
         self.function_name = function_name
@@ -171,6 +174,8 @@ class Dispatcher:
         """When the last failed invocation ended, and which one it was (the status page links to its logs)."""
         self.ack_failed = ack_failed
         """Called when a source's acknowledgement raised: the trigger fails its source, which restarts."""
+        self.telemetry = telemetry
+        """Traces; None when export is off (then nothing of it is on the path)."""
 
     async def deliver(self, batch: list[Run]) -> None:
         """Run ``batch`` with retries and bisect until each event is acknowledged or handed back.
@@ -271,7 +276,19 @@ class Dispatcher:
 
     async def _invoke(self, runs: list[Run], attempt: int) -> tuple[Result | None, str | None, Fault, str]:
         """Run one invocation; returns (result, error, what kind of executor error, invocation id)."""
+        if self.telemetry is None:
+            return await self._invoke_traced(runs, attempt, new_id(), None)
         invocation_id = new_id()
+        ids = list(itertools.chain.from_iterable(run.ids for run in runs))
+        source = self.config.source.kind  # type: ignore[attr-defined]
+        with self.telemetry.invocation(self.trigger, source, self.function_name, invocation_id, attempt, ids) as span:
+            outcome = await self._invoke_traced(runs, attempt, invocation_id, span)
+            result, error = outcome[0], outcome[1]
+            self.telemetry.ended(span, result is not None and result.ok, error, result.exit_code if result else None)
+            return outcome
+
+    async def _invoke_traced(self, runs: list[Run], attempt: int, invocation_id: str, span: Any,
+                             ) -> tuple[Result | None, str | None, Fault, str]:
         queued = time.time()
         ids = list(itertools.chain.from_iterable(run.ids for run in runs))
         count = len(ids)
@@ -299,20 +316,30 @@ class Dispatcher:
                 env={"EVENTSWARM_TRIGGER": self.trigger, "EVENTSWARM_FUNCTION": self.function_name,
                      "EVENTSWARM_BATCH_ID": invocation_id, "EVENTSWARM_ATTEMPT": str(attempt),
                      "EVENTSWARM_EVENT_COUNT": str(count),
-                     **_trace_env(runs)},
+                     **({"TRACEPARENT": traceparent_of(span)} if span is not None else _trace_env(runs))},
                 args=args, owner=self.owner,
             )
-            async with self.limiter:
+            waiting = self.telemetry.phase("wait for a slot") if self.telemetry is not None and span is not None \
+                else contextlib.nullcontext()
+            with waiting:
+                await self.limiter.acquire()
+            try:
                 await self.durably(*pending, start_invocation(invocation_id, time.time()))
                 pending = ()
                 self.metrics.running(self.trigger, 1)
                 try:
-                    result = await self.executor.run(invocation)
+                    if span is not None:
+                        with self.telemetry.phase("run"):  # type: ignore[union-attr]
+                            result = await self.executor.run(invocation)
+                    else:
+                        result = await self.executor.run(invocation)
                 except ExecutorError as exc:
                     error = str(exc)
                     fault = "unavailable" if exc.unavailable else ("" if exc.temporary else "permanent")
                 finally:
                     self.metrics.running(self.trigger, -1)
+            finally:
+                self.limiter.release()
         status = "succeeded" if result is not None and result.ok else ("timed_out" if result and result.timed_out else "failed")
         if result is not None:
             self.metrics.invocation_seconds.labels(self.trigger).observe(result.duration)
@@ -324,7 +351,7 @@ class Dispatcher:
             log.warning("invocation %s of trigger %s failed (attempt %d, %d events): %s",
                         invocation_id, self.trigger, attempt, count, error,
                         extra=fields(f"invocation failed: {error}", trigger=self.trigger, invocation_id=invocation_id,
-                                     events=count, attempt=attempt))
+                                     events=count, attempt=attempt, **ids_of(span)))
         with anyio.CancelScope(shield=True):
             await self.durably(*pending, finish_invocation(
                 invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,

@@ -83,6 +83,8 @@ class Metrics:
         r.register(self.pools)
         self.events_received = Counter("eventswarm_events_received", "Events a source handed to a trigger.", ["trigger"], registry=r)
         self.events_acked = Counter("eventswarm_events_acked", "Events acknowledged to their source.", ["trigger"], registry=r)
+        self.telemetry_dropped = Counter("eventswarm_telemetry_spans_dropped", "Trace spans not exported, by why: "
+                                         "queue_full, export_failed.", ["reason"], registry=r)
         self.events_dropped = Counter("eventswarm_events_dropped", "Events dropped, by reason.", ["trigger", "reason"], registry=r)
         self.batches = Counter("eventswarm_batches", "Invocations (batches) by how they ended.", ["trigger", "status"], registry=r)
         self.batch_size = Histogram("eventswarm_batch_size", "Events per batch.", ["trigger"], registry=r,

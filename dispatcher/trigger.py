@@ -26,6 +26,7 @@ from dispatcher.replicas import LEASE_PREFIX, LeaseLost, Membership
 from dispatcher.schema import Write
 from dispatcher.state import StateStore
 from dispatcher.store import PRUNE_CHUNK, delete_checkpoints, forget_checkpoints, put_checkpoints
+from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger("eventswarm")
 
@@ -50,6 +51,8 @@ class Shared:
     owner: str
     replica: str
     membership: Membership | None = None
+    telemetry: Telemetry | None = None
+    """Traces (``[telemetry]``); None when export is off."""
 
 
 class TriggerCheckpoints:
@@ -128,11 +131,12 @@ class Trigger:
         self.dispatcher = Dispatcher(
             trigger=name, config=config, function_name=config.function, function=function, executor=shared.executor,
             state=shared.state, metrics=shared.metrics, limiter=shared.limiter, owner=shared.owner,
-            replica=shared.replica, ack_failed=self.fail_source)
+            replica=shared.replica, ack_failed=self.fail_source, telemetry=shared.telemetry)
         self.pipeline = Pipeline(name, config, self.dispatcher, shared.metrics, single_events=function.templated)
         self.http = shared.http
         self.metrics = shared.metrics
         self.membership = shared.membership
+        self.telemetry = shared.telemetry
         self._checkpoints = TriggerCheckpoints(name, shared.state, shared.membership)
         self.checkpoints: Checkpoints = self._checkpoints
         self.inbox: Inbox = TriggerInbox(name, shared.state)
@@ -157,16 +161,41 @@ class Trigger:
     # -- SourceContext ----------------------------------------------------------------------
 
     async def emit(self, event: Event, ack: Ack | None = None) -> None:
+        if self.telemetry is not None:
+            self._received_event(event)
         await self.pipeline.emit(event, ack)
 
     async def offer(self, event: Event, ack: Ack | None = None) -> bool:
-        return await self.pipeline.offer(event, ack)
+        taken = await self.pipeline.offer(event, ack)
+        if taken and self.telemetry is not None:
+            self._received_event(event)
+        return taken
 
     async def emit_run(self, run: Run) -> None:
+        if self.telemetry is not None:
+            self._received_run(run)
         await self.pipeline.emit_run(run)
 
     async def offer_run(self, run: Run) -> bool:
-        return await self.pipeline.offer_run(run)
+        taken = await self.pipeline.offer_run(run)
+        if taken and self.telemetry is not None:
+            self._received_run(run)
+        return taken
+
+    def _received_event(self, event: Event) -> None:
+        assert self.telemetry is not None
+        trace = event.extensions.get("traceparent") if event.extensions else None
+        self.telemetry.received(self.trigger, self.config.source.kind, [event.id], [trace],  # type: ignore[attr-defined]
+                                event.received)
+
+    def _received_run(self, run: Run) -> None:
+        assert self.telemetry is not None
+        traces = []
+        for index in range(len(run)):
+            extensions = run.event(index).extensions
+            traces.append(extensions.get("traceparent") if extensions else None)
+        self.telemetry.received(self.trigger, self.config.source.kind, run.ids, traces,  # type: ignore[attr-defined]
+                                run.received)
 
     async def invoke(self, event: Event) -> Outcome:
         self.metrics.received(self.trigger)
@@ -174,6 +203,8 @@ class Trigger:
         if predicate is not None and not predicate(event):  # (as the pipeline filters what is emitted)
             self.metrics.events_dropped.labels(self.trigger, "filtered").inc()
             return Outcome("dropped", error="filtered out by the trigger's filter")
+        if self.telemetry is not None:
+            self._received_event(event)
         async with self._sync:
             return await self.dispatcher.invoke_once(event)
 

@@ -96,7 +96,7 @@ def toml(doc: dict[str, Any]) -> str:
         raise TypeError(v)
 
     lines: list[str] = []
-    for section in ("daemon", "executor"):
+    for section in ("daemon", "executor", "telemetry"):
         if section in doc:
             lines.append(f"[{section}]")
             lines += [f"{k} = {value(v)}" for k, v in doc[section].items()]

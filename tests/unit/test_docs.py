@@ -11,6 +11,7 @@ from dispatcher.config import (
     ExecutorConfig,
     FunctionConfig,
     RetryConfig,
+    TelemetryConfig,
     TriggerBase,
     WarmConfig,
 )
@@ -23,7 +24,8 @@ def test_the_configuration_reference_names_every_key():
     for model, prefix in [(DaemonConfig, ""), (ExecutorConfig, ""), (FunctionConfig, ""), (TriggerBase, ""),
                           (BatchConfig, "batch."), (RetryConfig, "retry."), (WebhookSourceConfig, ""),
                           (KafkaSourceConfig, ""), (FileSourceConfig, ""),
-                          (EthereumSourceConfig, ""), (ScheduleSourceConfig, "")]:
+                          (EthereumSourceConfig, ""), (ScheduleSourceConfig, ""),
+                          (TelemetryConfig, "")]:
         for name in model.model_fields:
             if name not in ("kind", "batch", "retry") and f"`{prefix}{name}`" not in text:
                 missing.append(f"{model.__name__}.{name}")

@@ -1,0 +1,192 @@
+"""Traces over OTLP through the real daemon (``eventswarm run``) to a real OTLP/HTTP receiver (oteltap): a webhook's
+trace joins the sender's span, the daemon's receive and invoke spans and the function's own span; a Kafka batch of
+100 records links its 100 receive spans; a collector that is away costs dropped spans, counted, and one line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.support import base_config, free_port, post, store_of, wait_for
+
+pytestmark = pytest.mark.anyio
+
+SENDER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SENDER_SPAN = "00f067aa0ba902b7"
+FUNCTION = """\
+import os, sys
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+sys.stdin.read()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=os.environ["COLLECTOR"])))
+parent = TraceContextTextMapPropagator().extract({"traceparent": os.environ["TRACEPARENT"]})
+with provider.get_tracer("function").start_as_current_span("resize the image", context=parent):
+    pass
+provider.shutdown()
+print(os.environ["TRACEPARENT"])
+"""
+
+
+class Spans:
+    """Every span the receiver got, kept as they come."""
+
+    def __init__(self, receiver: Any) -> None:
+        self.receiver = receiver
+        self.all: list[Any] = []
+
+    async def collect(self) -> None:
+        async for span in self.receiver.stream_traces():
+            self.all.append(span)
+
+    def named(self, prefix: str) -> list[Any]:
+        return [s for s in self.all if s.name.startswith(prefix)]
+
+
+@contextlib.asynccontextmanager
+async def collecting(port: int) -> AsyncIterator[Spans]:
+    """A real OTLP/HTTP receiver on ``port``, and the spans it gets, for the time of the block."""
+    from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
+
+    receiver = OtelTapHttpProtobufReceiver(OtelTapHttpProtobufReceiverSettings(http_port=port))
+    async with receiver, anyio.create_task_group() as tg:
+        spans = Spans(receiver)
+        tg.start_soon(spans.collect)
+        yield spans
+        tg.cancel_scope.cancel()
+
+
+def telemetry_env(port: int) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_SERVICE_NAME": "eventswarm-test"}
+
+
+async def test_a_webhooks_trace_joins_the_sender_the_daemon_and_the_function(tmp_path: Path, daemon_process: Any):
+    port = free_port()
+    script = tmp_path / "function.py"
+    script.write_text(FUNCTION)
+    doc = base_config(tmp_path, executor="process", port=free_port(), log_format="json")
+    doc["functions"]["f"] = {"command": [sys.executable, str(script)],
+                             "env": {"COLLECTOR": f"http://127.0.0.1:{port}/v1/traces"}}
+    doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t"},
+                            "batch": {"max_events": 1, "max_wait": "10ms"}}
+    async with collecting(port) as spans:
+        daemon = daemon_process(doc, env=telemetry_env(port))
+        await anyio.to_thread.run_sync(daemon.start)
+        status, _, body = await anyio.to_thread.run_sync(lambda: post(
+            f"http://127.0.0.1:{daemon.port}/hooks/t", b'{"n": 1}',
+            {"traceparent": f"00-{SENDER_TRACE}-{SENDER_SPAN}-01"}))
+        assert status == 202
+        event_id = json.loads(body)["id"]
+        await wait_for(lambda: spans.named("resize") and spans.named("invoke") and spans.named("run"), timeout=30,
+                       what="the receive, invoke, run and function spans")
+        await anyio.to_thread.run_sync(daemon.stop)
+    (receive,), (invoke,), (run,), (function,) = (spans.named(n) for n in ("receive", "invoke", "run", "resize"))
+    # One trace: the sender's (its span the parent of receive), the daemon's spans and the function's own.
+    assert {s.trace_id.hex() for s in (receive, invoke, run, function)} == {SENDER_TRACE}
+    assert receive.parent_span_id.hex() == SENDER_SPAN
+    assert [(link.trace_id.hex(), link.span_id.hex()) for link in invoke.links] == \
+        [(SENDER_TRACE, receive.span_id.hex())]  # the batch links its event; a link, not a parent
+    assert run.parent_span_id == invoke.span_id and function.parent_span_id == invoke.span_id
+    attributes = {a.key: a.value for a in invoke.attributes}
+    assert attributes["faas.trigger"].string_value == "http" and attributes["faas.name"].string_value == "f"
+    receive_attributes = {a.key: a.value.string_value for a in receive.attributes}
+    assert receive_attributes["messaging.message.id"] == event_id
+    # The function got the invocation's context as its TRACEPARENT.
+    record = store_of(doc).invocations(limit=10)[0]
+    assert store_of(doc).logs(record.id)[0].decode().strip() == \
+        f"00-{SENDER_TRACE}-{invoke.span_id.hex()}-01"
+    assert attributes["faas.invocation_id"].string_value == record.id
+
+
+async def test_a_failed_invocations_log_line_carries_its_trace(tmp_path: Path, daemon_process: Any):
+    port = free_port()
+    doc = base_config(tmp_path, executor="process", port=free_port(), log_format="json")
+    doc["functions"]["f"] = {"command": ["sh", "-c", "cat >/dev/null; exit 3"]}
+    doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t"},
+                            "batch": {"max_events": 1, "max_wait": "10ms"}, "retry": {"max_attempts": 1}}
+    async with collecting(port) as spans:
+        daemon = daemon_process(doc, env=telemetry_env(port))
+        await anyio.to_thread.run_sync(daemon.start)
+        await anyio.to_thread.run_sync(lambda: post(f"http://127.0.0.1:{daemon.port}/hooks/t", b"{}"))
+        await wait_for(lambda: spans.named("invoke"), timeout=30, what="the invoke span")
+        await anyio.to_thread.run_sync(daemon.stop)
+    (invoke,) = spans.named("invoke")
+    assert invoke.status.code == 2 and "exit code 3" in invoke.status.message  # ERROR, with why
+    lines = [json.loads(line) for line in daemon.log.read_text().splitlines() if line.startswith("{")]
+    failed = [line for line in lines if "invocation failed" in line.get("message", "")]
+    assert failed and failed[0]["trace_id"] == invoke.trace_id.hex() and failed[0]["span_id"] == invoke.span_id.hex()
+
+
+async def test_a_kafka_batch_of_100_records_links_its_100_receive_spans(tmp_path: Path, daemon_process: Any,
+                                                                       kafka_broker: str):
+    from confluent_kafka import Producer
+
+    from tests.kafka import new_topic
+
+    port = free_port()
+    topic = new_topic(kafka_broker, 1, prefix="otel")
+    senders = [f"00-{n:032x}-{n:016x}-01" for n in range(1, 101)]
+    producer = Producer({"bootstrap.servers": kafka_broker, "linger.ms": 50})
+    for n, trace in enumerate(senders):
+        producer.produce(topic, json.dumps({"n": n}).encode(), partition=0, headers=[("traceparent", trace.encode())])
+    assert producer.flush(30) == 0
+    doc = base_config(tmp_path, executor="process", port=free_port())
+    doc["functions"]["f"] = {"command": ["sh", "-c", "cat >/dev/null"]}
+    doc["triggers"]["t"] = {"function": "f", "source": {"kind": "kafka", "bootstrap_servers": [kafka_broker],
+                                                        "topics": [topic], "group_id": f"g-{topic}",
+                                                        "start": "earliest"},
+                            "batch": {"max_events": 100, "max_wait": "2s"}}
+    async with collecting(port) as spans:
+        daemon = daemon_process(doc, env=telemetry_env(port))
+        await anyio.to_thread.run_sync(daemon.start)
+        await wait_for(lambda: spans.named("invoke") and len(spans.named("receive")) >= 100, timeout=60,
+                       what="100 receive spans and the invoke span")
+        await anyio.to_thread.run_sync(daemon.stop)
+    (invoke,) = spans.named("invoke")
+    receives = spans.named("receive")
+    assert sorted(r.parent_span_id.hex() for r in receives) == sorted(t[36:52] for t in senders)
+    assert len(invoke.links) == 100
+    assert {link.span_id for link in invoke.links} == {r.span_id for r in receives}
+    assert {a.key: a.value.string_value for a in receives[0].attributes}["messaging.system"] == "kafka"
+
+
+async def test_a_collector_that_is_away_costs_dropped_spans_counted_and_one_line(tmp_path: Path, daemon_process: Any):
+    doc = base_config(tmp_path, executor="process", port=free_port())
+    doc["telemetry"] = {"enabled": True, "endpoint": f"http://127.0.0.1:{free_port()}/v1/traces", "max_queue": 50,
+                        "export_timeout": "1s", "export_interval": "200ms"}
+    doc["functions"]["f"] = {"command": ["sh", "-c", "cat >/dev/null"]}
+    doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t"},
+                            "batch": {"max_events": 10, "max_wait": "20ms"}}
+    daemon = daemon_process(doc)
+    await anyio.to_thread.run_sync(daemon.start)
+
+    def send() -> None:
+        for n in range(300):
+            assert post(f"http://127.0.0.1:{daemon.port}/hooks/t", json.dumps({"n": n}).encode())[0] == 202
+
+    await anyio.to_thread.run_sync(send)
+    await wait_for(lambda: sum(r.batch_size for r in store_of(doc).invocations(limit=1000)
+                               if r.status == "succeeded") == 300, timeout=60, what="every event run")
+
+    def dropped() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return sum(float(v) for v in re.findall(r"eventswarm_telemetry_spans_dropped_total\{[^}]*\} (\S+)", text))
+
+    await wait_for(lambda: dropped() >= 300, timeout=30, what=f"the spans counted as dropped ({dropped()} so far)")
+    await anyio.to_thread.run_sync(daemon.stop)
+    warnings = [line for line in daemon.log.read_text().splitlines() if "telemetry:" in line and "dropped" in line]
+    assert len(warnings) == 1, warnings  # one line a minute at most
