@@ -134,10 +134,13 @@ command = ["sh", "-c", "cat > /dev/null"]
 
 
 def daemon(script: Path, workdir: Path, state: str | None = None,
-           counts: Callable[[], tuple[int, int]] | None = None, replicas: int = 1) -> tuple[float, int]:
+           counts: Callable[[], tuple[int, int]] | None = None, replicas: int = 1,
+           command: list[str] | None = None, env: dict[str, str] | None = None) -> tuple[float, int]:
     """One wrk run against `eventswarm run` on ``state`` (default: a new SQLite file); ``counts`` reads (events that
     ran, events still in the inbox) from it. Every accepted event must run. With ``replicas`` (on PostgreSQL), as
-    many daemons on the one state, each loaded by a wrk of its own with its share of the connections, at once."""
+    many daemons on the one state, each loaded by a wrk of its own with its share of the connections, at once.
+    ``command``: how to start the daemon (default this tree's `eventswarm`; `run -c CONFIG` follows); ``env``: its
+    environment."""
     if state is None:
         path = workdir / f"state-{time.monotonic_ns()}.db"
         state, counts = f"sqlite:///{path}", sqlite_counts(path)
@@ -156,7 +159,8 @@ max_in_flight = 4
 buffer = 20000
 batch = { max_events = 1000, max_wait = "50ms" }
 """)
-            processes.append(subprocess.Popen([str(ROOT / ".venv" / "bin" / "eventswarm"), "run", "-c", str(config)]))
+            processes.append(subprocess.Popen([*(command or [str(ROOT / ".venv" / "bin" / "eventswarm")]), "run", "-c",
+                                               str(config)], env=env))
         for port, process in zip(ports, processes, strict=True):
             wait_ready(f"http://127.0.0.1:{port}/readyz", process)
         with ThreadPoolExecutor(replicas) as pool:

@@ -282,6 +282,8 @@ class Dispatcher:
         ids = list(itertools.chain.from_iterable(run.ids for run in runs))
         source = self.config.source.kind  # type: ignore[attr-defined]
         with self.telemetry.invocation(self.trigger, source, self.function_name, invocation_id, attempt, ids) as span:
+            if attempt == 1:  # (a retry's wait is its backoff, not the buffer)
+                self.telemetry.phases([("wait in the buffer", min(run.received for run in runs), time.time())])
             outcome = await self._invoke_traced(runs, attempt, invocation_id, span)
             result, error = outcome[0], outcome[1]
             self.telemetry.ended(span, result is not None and result.ok, error, result.exit_code if result else None)
@@ -328,11 +330,9 @@ class Dispatcher:
                 pending = ()
                 self.metrics.running(self.trigger, 1)
                 try:
-                    if span is not None:
-                        with self.telemetry.phase("run"):  # type: ignore[union-attr]
-                            result = await self.executor.run(invocation)
-                    else:
-                        result = await self.executor.run(invocation)
+                    result = await self.executor.run(invocation)
+                    if self.telemetry is not None and span is not None:
+                        self.telemetry.phases(result.phases)
                 except ExecutorError as exc:
                     error = str(exc)
                     fault = "unavailable" if exc.unavailable else ("" if exc.temporary else "permanent")
@@ -394,6 +394,9 @@ class Dispatcher:
         final = delivery.attempts[-1]
         last = final.invocation_id
         why = final.error or (f"exit code {final.exit_code}" if final.exit_code is not None else None)
+        if self.telemetry is not None:
+            self.telemetry.gave_up(self.trigger, run.ids, "dropped" if policy == "drop" else "dead-lettered", why,
+                                   tries, last)
         if policy == "drop":
             self.metrics.events_dropped.labels(self.trigger, "exhausted").inc(len(run))
             log.warning("%s of trigger %s dropped after %d attempts", what, self.trigger, tries,

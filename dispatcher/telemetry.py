@@ -170,6 +170,23 @@ class Telemetry:
                             "eventswarm.attempt": attempt}) as span:
             yield span
 
+    def gave_up(self, trigger: str, ids: Sequence[str], status: str, why: str | None, attempts: int,
+                invocation_id: str) -> None:
+        """A ``dead letter`` (or ``drop``) span for events whose retries are used up, linked to their ``receive``
+        spans, with status ``ERROR`` and the last attempt's reason."""
+        from opentelemetry.trace import Link, NonRecordingSpan, Status, StatusCode, set_span_in_context
+
+        received = [found for event_id in ids[:MAX_LINKS] if (found := self._received.get(event_id)) is not None]
+        parent = next((context for context, traced in received if traced), None)
+        span = self.tracer.start_span(
+            f"{'dead letter' if status == 'dead-lettered' else 'drop'} {trigger}",
+            links=[Link(context) for context, _ in received],
+            context=set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None,
+            attributes={"eventswarm.trigger": trigger, "eventswarm.outcome": status, "eventswarm.attempts": attempts,
+                        "faas.invocation_id": invocation_id, "messaging.batch.message_count": len(ids)})
+        span.set_status(Status(StatusCode.ERROR, why or status))
+        span.end()
+
     def ended(self, span: Span, ok: bool, error: str | None, exit_code: int | None) -> None:
         """The invocation's outcome on its span: the status (an error with why), the exit code."""
         from opentelemetry.trace import Status, StatusCode
@@ -179,6 +196,12 @@ class Telemetry:
         span.set_attribute("eventswarm.outcome", "succeeded" if ok else "failed")
         if exit_code is not None:
             span.set_attribute("process.exit.code", exit_code)
+
+    def phases(self, phases: Sequence[tuple[str, float, float]]) -> None:
+        """Child spans of the current invocation for phases already over: (name, start, end) on the wall clock
+        (``Result.phases``: the executor's preparing, starting, running and collecting)."""
+        for name, start, end in phases:
+            self.tracer.start_span(name, start_time=int(start * 1e9)).end(end_time=int(end * 1e9))
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -47,6 +47,25 @@ class Invocation:
                 LABEL_INVOCATION: self.id, LABEL_OWNER: self.owner}
 
 
+class Phases:
+    """An invocation's phases on the wall clock, for its trace: ``step(name)`` ends the phase under way and begins
+    ``name``; ``step(None)`` ends the last one. ``spans``: (name, start, end) of each phase ended."""
+
+    __slots__ = ("_name", "_start", "spans")
+
+    def __init__(self, first: str | None = None) -> None:
+        self.spans: list[tuple[str, float, float]] = []
+        self._name = first
+        self._start = time.time()
+
+    def step(self, name: str | None) -> list[tuple[str, float, float]]:
+        now = time.time()
+        if self._name is not None:
+            self.spans.append((self._name, self._start, now))
+        self._name, self._start = name, now
+        return self.spans
+
+
 @dataclass(slots=True)
 class Result:
     """What came back from running an invocation."""
@@ -61,6 +80,9 @@ class Result:
     node: str | None = None
     """The Swarm node the invocation ran on (swarm executor)."""
     notes: list[str] = field(default_factory=list)
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
+    """(name, start, end) of its phases on the wall clock (``Phases``): preparing the input, starting, running,
+    collecting the output; for its trace."""
 
     @property
     def ok(self) -> bool:

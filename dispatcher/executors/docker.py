@@ -28,6 +28,7 @@ from dispatcher.executors.base import (
     STOP_GRACE,
     Capture,
     Invocation,
+    Phases,
     Result,
     environment,
     hardened_host_config,
@@ -116,6 +117,7 @@ class DockerExecutor(EngineExecutor):
     def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
         if invocation.function.warm is not None:
             return self.warm.run(invocation, cancelled)
+        phases = Phases("prepare input")
         api = self.client.api
         function = invocation.function
         mode = self._input_mode
@@ -139,6 +141,7 @@ class DockerExecutor(EngineExecutor):
         container_id: str | None = None
         ok = False
         try:
+            phases.step("start container")
             try:
                 created = api.create_container(
                     function.image,
@@ -159,6 +162,7 @@ class DockerExecutor(EngineExecutor):
                 api.start(container_id)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
                 raise engine_error(exc, f"cannot start a container for {function.image!r}") from exc
+            phases.step("run")
             sock: socket.socket = getattr(attached, "_sock", attached)
             try:
                 stdout, stderr, timed_out, interrupted = self._converse(
@@ -167,6 +171,7 @@ class DockerExecutor(EngineExecutor):
                 if attached is not sock:
                     attached.close()  # the SocketIO wrapper holds a reference that keeps the socket open
                 sock.close()
+            phases.step("collect output")
             try:
                 exit_code = int(api.wait(container_id, timeout=STOP_GRACE + 30)["StatusCode"])
                 oom = bool(api.inspect_container(container_id)["State"].get("OOMKilled"))
@@ -174,7 +179,7 @@ class DockerExecutor(EngineExecutor):
                 raise engine_error(exc, "lost the container") from exc
             result = Result(exit_code=exit_code, stdout=stdout.getvalue(), stderr=stderr.getvalue(),
                             timed_out=timed_out, oom_killed=oom, ref=container_id,
-                            duration=time.monotonic() - started)
+                            duration=time.monotonic() - started, phases=phases.step(None))
             if interrupted:
                 result.notes.append("stopped: the daemon shut down")
             ok = result.ok

@@ -27,7 +27,16 @@ from dispatcher.config import ExecutorConfig, FunctionConfig
 from dispatcher.errors import ExecutorError
 from dispatcher.events import new_id
 from dispatcher.executors import reaper
-from dispatcher.executors.base import LIVE, STOP_GRACE, Capture, ExecutorDefaults, Invocation, Result, environment
+from dispatcher.executors.base import (
+    LIVE,
+    STOP_GRACE,
+    Capture,
+    ExecutorDefaults,
+    Invocation,
+    Phases,
+    Result,
+    environment,
+)
 from dispatcher.identity import Identity
 
 log = logging.getLogger("eventswarm.executor")
@@ -101,6 +110,7 @@ class ProcessExecutor(ExecutorDefaults):
         argv = [*invocation.function.command, *invocation.args]
         if not argv:
             raise ExecutorError(f"function {invocation.function_name!r} has no command", temporary=False)
+        phases = Phases("prepare input")
         try:
             scratch = tempfile.mkdtemp(prefix="eventswarm-")
         except OSError as exc:
@@ -137,9 +147,12 @@ class ProcessExecutor(ExecutorDefaults):
                                         f"{exc.strerror}", temporary=False) from exc
                 raise ExecutorError(f"cannot start {argv[0]!r} in {workdir}: {exc}", temporary=False) from exc
             self._running.add(process.pid)
+            phases.step("run")
             try:
-                return await _supervise(process, invocation.function.timeout, self.config.output_limit, started,
-                                        invocation.id)
+                result = await _supervise(process, invocation.function.timeout, self.config.output_limit, started,
+                                          invocation.id)
+                result.phases = phases.step(None)
+                return result
             finally:
                 self._running.discard(process.pid)
                 with anyio.CancelScope(shield=True):

@@ -28,6 +28,7 @@ from dispatcher.executors.base import (
     STOP_GRACE,
     Capture,
     Invocation,
+    Phases,
     Result,
     environment,
 )
@@ -105,7 +106,8 @@ class SwarmExecutor(EngineExecutor):
             config_id: str | None = str(api.inspect_config(name)["ID"])
         except ENGINE_ERRORS:
             config_id = None
-        return self._follow(api, invocation, service_id, config_id, time.monotonic(), cancelled, _Held(None))
+        return self._follow(api, invocation, service_id, config_id, time.monotonic(), cancelled, _Held(None),
+                            Phases(None))
 
     def _run(self, invocation: Invocation, cancelled: threading.Event) -> Result:
         api = self.client.api
@@ -115,14 +117,17 @@ class SwarmExecutor(EngineExecutor):
         config_id: str | None = None
         held = _Held(None)
         added: list[str] = []
+        phases = Phases("place the job" if function.placement.chosen_by_daemon else "prepare input")
         if function.placement.chosen_by_daemon:
             placed = self._place(api, invocation, started, cancelled)
             if isinstance(placed, str):  # no room before start_timeout, or the daemon stops
                 return Result(exit_code=None, stderr=f"\n[eventswarm] {placed}\n".encode(), notes=[placed],
                               duration=time.monotonic() - started)
             held, added = placed
+            phases.step("prepare input")
         try:
             config_id = _create_config(api, name, invocation)
+            phases.step("start the job")
             service_id = _create_service(api, name, self._task_template(invocation, name, config_id, added),
                                          invocation)
         except ENGINE_ERRORS as exc:
@@ -130,7 +135,7 @@ class SwarmExecutor(EngineExecutor):
             if config_id:
                 _quietly(api.remove_config, config_id)
             raise engine_error(exc, f"cannot create a Swarm job for {function.image!r}") from exc
-        return self._follow(api, invocation, service_id, config_id, started, cancelled, held)
+        return self._follow(api, invocation, service_id, config_id, started, cancelled, held, phases)
 
     def _place(self, api: Any, invocation: Invocation, started: float, cancelled: threading.Event,
                ) -> tuple[_Held, list[str]] | str:
@@ -170,13 +175,15 @@ class SwarmExecutor(EngineExecutor):
             cancelled.wait(ROOM_WAIT)
 
     def _follow(self, api: Any, invocation: Invocation, service_id: str, config_id: str | None, started: float,
-                cancelled: threading.Event, held: _Held) -> Result:
+                cancelled: threading.Event, held: _Held, phases: Phases) -> Result:
         """Wait for the job to end; its result and logs; then it is removed (as ``cleanup`` says). ``held``: the
         function's placing lock, released once Swarm has given the job a node (or the job ended)."""
         function = invocation.function
         ok = lost = False
         try:
-            task, timed_out, note, lost = self._wait(api, service_id, function.timeout, cancelled, held.release)
+            task, timed_out, note, lost = self._wait(api, service_id, function.timeout, cancelled, held.release,
+                                                     lambda: phases.step("run"))
+            phases.step("collect output")
             status = task.get("Status", {}) if task else {}
             exit_code = status.get("ContainerStatus", {}).get("ExitCode")
             if task is None or lost or status.get("State") in ("rejected", "pending", "new", "assigned", "accepted"):
@@ -187,7 +194,8 @@ class SwarmExecutor(EngineExecutor):
                 stderr += f"\n[eventswarm] {note}\n".encode()
             result = Result(exit_code=exit_code, stdout=stdout, stderr=stderr, timed_out=timed_out,
                             oom_killed=exit_code == 137 and "OOM" in str(status.get("Err", "")),
-                            ref=service_id, duration=time.monotonic() - started, node=self._node_name(api, task))
+                            ref=service_id, duration=time.monotonic() - started, node=self._node_name(api, task),
+                            phases=phases.step(None))
             if note and not timed_out:
                 result.notes.append(note)
             ok = result.ok
@@ -263,9 +271,10 @@ class SwarmExecutor(EngineExecutor):
         return self._secret_ids[name]
 
     def _wait(self, api: Any, service_id: str, timeout: float, cancelled: threading.Event,
-              placed: Callable[[], None]) -> tuple[dict[str, Any] | None, bool, str | None, bool]:
+              placed: Callable[[], None], started: Callable[[], object] = lambda: None,
+              ) -> tuple[dict[str, Any] | None, bool, str | None, bool]:
         """Poll the job's task until it ends; returns (task, timed out?, why it did not run, lost with its node?).
-        ``placed`` is called once the task has a node.
+        ``placed`` is called once the task has a node, ``started`` once it runs.
 
         A task whose node the manager marks down (or that left the Swarm) is given up at once: Swarm would keep it
         ``running`` for as long as the node is away, and a job never restarts elsewhere (restart condition
@@ -294,6 +303,7 @@ class SwarmExecutor(EngineExecutor):
                     return task, False, None, False
                 if state in _STARTED and running_since is None:
                     running_since = now
+                    started()
                 if task.get("NodeID") and now - node_checked >= NODE_CHECK:
                     node_checked = now
                     lost = self._node_lost(api, task["NodeID"])

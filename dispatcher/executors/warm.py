@@ -35,6 +35,7 @@ from dispatcher.executors.base import (
     STOP_GRACE,
     Capture,
     Invocation,
+    Phases,
     Result,
     environment,
     hardened_host_config,
@@ -123,13 +124,16 @@ class WarmPools:
         function = invocation.function
         pool = self.pool(invocation.function_name, function, invocation.owner)
         started = time.monotonic()
+        phases = Phases("take a warm container")
         container = pool.acquire(cancelled)
+        phases.step("run")
         container.batches += 1
         out, err = Capture(self.config.output_limit), Capture(self.config.output_limit)
         replace: str | None = "failed"
         try:
             with LIVE.showing(invocation.id, out, err):
                 result, replace = self._batch(pool, container, invocation, started, cancelled, out, err)
+            result.phases = phases.step(None)
             return result
         except OSError as exc:  # (not the runner's end, which _batch reports: the socket itself failed)
             raise ExecutorError(f"the warm container's socket failed: {exc}") from exc

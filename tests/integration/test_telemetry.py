@@ -1,6 +1,7 @@
 """Traces over OTLP through the real daemon (``eventswarm run``) to a real OTLP/HTTP receiver (oteltap): a webhook's
-trace joins the sender's span, the daemon's receive and invoke spans and the function's own span; a Kafka batch of
-100 records links its 100 receive spans; a collector that is away costs dropped spans, counted, and one line."""
+trace joins the sender's span, the daemon's receive and invoke spans (and its phases) and the function's own span;
+a container's phases, cold and warm; a Kafka batch of 100 records links its 100 receive spans; a collector that is
+away costs dropped spans, counted, and one line."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.support import base_config, free_port, post, store_of, wait_for
+from tests.support import BUSYBOX, base_config, free_port, post, store_of, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -100,6 +101,9 @@ async def test_a_webhooks_trace_joins_the_sender_the_daemon_and_the_function(tmp
     assert [(link.trace_id.hex(), link.span_id.hex()) for link in invoke.links] == \
         [(SENDER_TRACE, receive.span_id.hex())]  # the batch links its event; a link, not a parent
     assert run.parent_span_id == invoke.span_id and function.parent_span_id == invoke.span_id
+    phases = [s.name for s in sorted(spans.all, key=lambda s: s.start_time_unix_nano)
+              if s.parent_span_id == invoke.span_id and s is not function]
+    assert phases == ["wait in the buffer", "wait for a slot", "prepare input", "run"], phases
     attributes = {a.key: a.value for a in invoke.attributes}
     assert attributes["faas.trigger"].string_value == "http" and attributes["faas.name"].string_value == "f"
     receive_attributes = {a.key: a.value.string_value for a in receive.attributes}
@@ -109,6 +113,31 @@ async def test_a_webhooks_trace_joins_the_sender_the_daemon_and_the_function(tmp
     assert store_of(doc).logs(record.id)[0].decode().strip() == \
         f"00-{SENDER_TRACE}-{invoke.span_id.hex()}-01"
     assert attributes["faas.invocation_id"].string_value == record.id
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_a_containers_phases_are_spans_of_the_invocation(tmp_path: Path, daemon_process: Any, docker_engine: Any,
+                                                               warm: bool):
+    port = free_port()
+    doc = base_config(tmp_path, executor="docker", port=free_port())
+    doc["functions"]["f"] = {"image": BUSYBOX, "command": ["cat"], **({"warm": {"min_idle": 1}} if warm else {})}
+    doc["triggers"]["t"] = {"function": "f", "source": {"kind": "webhook", "path": "/hooks/t"},
+                            "batch": {"max_events": 1, "max_wait": "10ms"}}
+    async with collecting(port) as spans:
+        daemon = daemon_process(doc, env=telemetry_env(port))
+        await anyio.to_thread.run_sync(daemon.start)
+        await anyio.to_thread.run_sync(lambda: post(f"http://127.0.0.1:{daemon.port}/hooks/t", b"{}"))
+        await wait_for(lambda: spans.named("invoke") and spans.named("run"), timeout=60, what="the invocation's spans")
+        await anyio.to_thread.run_sync(daemon.stop)
+    (invoke,) = spans.named("invoke")
+    phases = [s.name for s in sorted(spans.all, key=lambda s: s.start_time_unix_nano)
+              if s.parent_span_id == invoke.span_id]
+    expected = ["take a warm container", "run"] if warm else ["prepare input", "start container", "run",
+                                                             "collect output"]
+    assert phases == ["wait in the buffer", "wait for a slot", *expected], phases
+    for span in spans.all:
+        if span.parent_span_id == invoke.span_id:
+            assert invoke.start_time_unix_nano <= span.end_time_unix_nano <= invoke.end_time_unix_nano
 
 
 async def test_a_failed_invocations_log_line_carries_its_trace(tmp_path: Path, daemon_process: Any):
@@ -121,10 +150,14 @@ async def test_a_failed_invocations_log_line_carries_its_trace(tmp_path: Path, d
         daemon = daemon_process(doc, env=telemetry_env(port))
         await anyio.to_thread.run_sync(daemon.start)
         await anyio.to_thread.run_sync(lambda: post(f"http://127.0.0.1:{daemon.port}/hooks/t", b"{}"))
-        await wait_for(lambda: spans.named("invoke"), timeout=30, what="the invoke span")
+        await wait_for(lambda: spans.named("invoke") and spans.named("dead letter"), timeout=30,
+                       what="the invoke and dead letter spans")
         await anyio.to_thread.run_sync(daemon.stop)
     (invoke,) = spans.named("invoke")
     assert invoke.status.code == 2 and "exit code 3" in invoke.status.message  # ERROR, with why
+    (letter,) = spans.named("dead letter")  # retries used up: a span of its own, linked to the event
+    (receive,) = spans.named("receive")
+    assert [link.span_id for link in letter.links] == [receive.span_id] and letter.status.code == 2
     lines = [json.loads(line) for line in daemon.log.read_text().splitlines() if line.startswith("{")]
     failed = [line for line in lines if "invocation failed" in line.get("message", "")]
     assert failed and failed[0]["trace_id"] == invoke.trace_id.hex() and failed[0]["span_id"] == invoke.span_id.hex()
