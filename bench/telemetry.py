@@ -5,7 +5,9 @@ batches of 2,000, 8 in flight), each for three daemons, alternating, ROUNDS time
 - ``before``: the tree before telemetry was added (a git worktree of --before, default the parent of the commit
   that added dispatcher/telemetry.py), run from its own files;
 - ``off``: this tree, export off (the default);
-- ``on``: this tree, export on, to a real OTLP/HTTP receiver (oteltap, in a process of its own).
+- ``on``: this tree, export on, to a real OTLP/HTTP receiver (oteltap, in a process of its own);
+- ``away``: this tree, export on, to a collector that is not there (a closed port): spans dropped and counted;
+- ``sampled``: as ``on`` with the standard sampler variables at 1% (``parentbased_traceidratio``, 0.01).
 
 Prints the medians and writes bench/results/telemetry.json. Needs wrk, the broker (`make services`) and git.
 Run: `.venv/bin/python bench/telemetry.py`.
@@ -45,12 +47,17 @@ def before_commit() -> str:
     return f"{added[-1]}^"
 
 
+VARIANTS = ("before", "off", "on", "away", "sampled")
+
+
 def variants(tree: Path, collector: int) -> dict[str, tuple[Path, dict[str, str]]]:
     """Each variant's source tree and environment."""
     plain = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    return {"before": (tree, plain), "off": (ROOT, plain),
-            "on": (ROOT, {**plain, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector}",
-                          "OTEL_SERVICE_NAME": "eventswarm-bench"})}
+    on = {**plain, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector}", "OTEL_SERVICE_NAME": "eventswarm-bench"}
+    return {"before": (tree, plain), "off": (ROOT, plain), "on": (ROOT, on),
+            "away": (ROOT, {**on, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}),
+            "sampled": (ROOT, {**on, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                               "OTEL_TRACES_SAMPLER_ARG": "0.01"})}
 
 
 def main() -> None:
@@ -87,23 +94,23 @@ def main() -> None:
                     done = subprocess.run([PYTHON, "-c", KAFKA_RUN, topic, str(args.events)], env=env, cwd=source,
                                           capture_output=True, text=True, check=True)
                     kafka.setdefault(name, []).append(json.loads(done.stdout.splitlines()[-1])["events_per_s"])
-                    print(f"round {round_ + 1} {name:6}: webhook {webhook[name][-1]:,.0f} accepts/s, "
+                    print(f"round {round_ + 1} {name:7}: webhook {webhook[name][-1]:,.0f} accepts/s, "
                           f"kafka {kafka[name][-1]:,.0f} events/s", flush=True)
         finally:
             collector.terminate()
             collector.wait()
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False,
                            capture_output=True)
-    result: dict[str, object] = {"before": commit, "rounds": args.rounds, "kafka_events": args.events}
-    for name in ("before", "off", "on"):
+    result: dict[str, object] = {"before_commit": commit, "rounds": args.rounds, "kafka_events": args.events}
+    for name in VARIANTS:
         result[name] = {"webhook_accepts_per_s": statistics.median(webhook[name]),
                         "kafka_events_per_s": statistics.median(kafka[name]),
                         "webhook_runs": webhook[name], "kafka_runs": kafka[name]}
-    for name in ("off", "on"):
+    for name in VARIANTS[1:]:
         for key in ("webhook_accepts_per_s", "kafka_events_per_s"):
             ratio = result[name][key] / result["before"][key]  # type: ignore[index]
             result[name][f"{key.split('_')[0]}_vs_before"] = round(ratio, 3)  # type: ignore[index]
-            print(f"{name:3} vs before, {key}: {ratio:.3f}")
+            print(f"{name:7} vs before, {key}: {ratio:.3f}")
     save("telemetry", result)
     print("written to bench/results/telemetry.json")
 

@@ -201,14 +201,15 @@ class KafkaSource(Source[KafkaSourceConfig]):
         """One fetch's records of one partition as a run, tracked by the partition's watermark."""
         received = time.time()
         value_format = self.config.value_format
-        encoded, ids, subjects, offsets, trace = encode_records(tp.topic, tp.partition, payloads, value_format, received)
+        encoded, ids, subjects, offsets, traces = encode_records(tp.topic, tp.partition, payloads, value_format, received)
         span = mark.track_nowait(offsets, begin=offsets[0])  # records below it (compacted) need no settling
 
         def event(payload: Payload) -> Event:
             return to_event(Record(tp.topic, tp.partition, *payload), value_format, received)
         run = Run(encoded, ids, payloads, event, ack=self._settle, token=span,
                   partition=f"{tp.topic}/{tp.partition}", subjects=subjects, received=received)
-        run.trace = trace
+        run.traces = traces
+        run.trace = next(filter(None, traces), None) if traces else None
         return run
 
     async def _emit_paused(self, ctx: SourceContext, consumer: AIOKafkaConsumer, run: Run) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import inspect
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring
@@ -16,6 +15,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import PartitionRecords
 
+from connectors.values import RAW_JSON, data_of, json_error
 from dispatcher.api import (
     Event,
     pairs_json,
@@ -125,25 +125,9 @@ def offset_of(payload: Payload) -> int:
     return payload[0]
 
 
-_RAW_JSON = msgspec.json.Decoder(msgspec.Raw)
-
-
-def json_error(value: bytes) -> str | None:
-    """Why ``value`` is not RFC 8259 JSON in UTF-8, or None when it is."""
-    try:
-        _RAW_JSON.decode(value)  # the grammar, without building objects
-        value.decode("utf-8")
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return str(exc)
-    return None
-
-
 def to_event(record: Any, value_format: str, received: float | None = None) -> Event:
-    """A consumer record as a CloudEvent; a value that does not fit ``value_format`` travels as ``data_base64``.
-
-    A JSON value must be RFC 8259 JSON in UTF-8 (no NaN, no lone surrogates, no byte order
-    mark): what every consumer of the function's input can parse.
-    """
+    """A consumer record as a CloudEvent; a value that does not fit ``value_format`` travels as ``data_base64``
+    (``connectors.values``)."""
     topic, partition, offset = record.topic, record.partition, record.offset
     extensions: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
     if record.headers:
@@ -165,23 +149,7 @@ def to_event(record: Any, value_format: str, received: float | None = None) -> E
         "time": rfc3339_ms(record.timestamp) if record.timestamp and record.timestamp > 0 else None,
         "extensions": extensions, "received": received,
     }
-    value: bytes | None = record.value
-    if value is None:
-        return Event(data=None, **common)
-    if value_format == "json":
-        error = json_error(value)
-        if error is None:
-            try:
-                return Event(data=json.loads(value), **common)
-            except ValueError as exc:  # valid JSON Python cannot hold (an integer of 5000 digits)
-                error = str(exc)
-        extensions["dataerror"] = f"not valid JSON: {error}"[:200]
-    elif value_format == "text":
-        try:
-            return Event(data=value.decode("utf-8"), datacontenttype="text/plain", **common)
-        except UnicodeDecodeError as exc:
-            extensions["dataerror"] = f"not valid UTF-8: {exc}"[:200]
-    return Event(data_base64=value, **common)
+    return Event(**data_of(record.value, value_format, extensions), **common)
 
 
 _KEYS: dict[bytes | None, tuple[str | None, bytes]] = {}
@@ -215,7 +183,7 @@ def _trace(headers: Any) -> str | None:
 def _json_data(values: Sequence[bytes | None]) -> Sequence[bytes | None]:
     """Each value as the event's data if it is JSON (else None: ``to_event`` says why)."""
     try:
-        list(map(_RAW_JSON.decode, values))  # type: ignore[arg-type]
+        list(map(RAW_JSON.decode, values))  # type: ignore[arg-type]
         # Each value begins and ends with ASCII, so the whole is UTF-8 only if each value is.
         b"".join(values).decode("utf-8")  # type: ignore[arg-type]
         return values
@@ -242,9 +210,10 @@ _CONTENT = {"json": (b"application/json", b"data", _json_data), "text": (b"text/
 
 
 def encode_records(topic: str, partition: int, payloads: list[Payload], value_format: str,
-                   received: float) -> tuple[list[bytes], list[str], list[str | None], Sequence[int], str | None]:
-    """The CloudEvents JSON, ids, subjects and offsets of consecutive records of one partition, and the first
-    well-formed ``traceparent`` among their headers.
+                   received: float,
+                   ) -> tuple[list[bytes], list[str], list[str | None], Sequence[int], list[str | None] | None]:
+    """The CloudEvents JSON, ids, subjects and offsets of consecutive records of one partition, and each record's
+    well-formed ``traceparent`` header (None when no record has one).
 
     The same events as ``to_event`` would make (a test holds them equal), but built from a byte
     template over whole lists, with a JSON value embedded as it came: this is the cost per record
@@ -267,11 +236,13 @@ def encode_records(topic: str, partition: int, payloads: list[Payload], value_fo
     times = {stamp: (rfc3339_ms(stamp) if stamp and stamp > 0 else rfc3339(received)).encode() for stamp in set(stamps)}
     keys = [_KEYS.get(key) or _key(key) for key in record_keys]
     members = [key[1] for key in keys]  # the subject, and the extensions a record may add (their order is free)
-    trace = None
+    traces = None
     if any(headers):
         members = [member + _headers(pairs) if pairs else member for member, pairs in zip(members, headers, strict=True)]
-        trace = next((found for pairs in headers if pairs and (found := _trace(pairs))), None)
+        traces = [_trace(pairs) if pairs else None for pairs in headers]
+        if not any(traces):
+            traces = None
     encoded = [template % (offset, times[stamp], member, offset, value) if value is not None
                else to_event(Record(topic, partition, *payload), value_format, received).encode()
                for offset, stamp, member, value, payload in zip(offsets, stamps, members, data, payloads, strict=True)]
-    return encoded, ids, [key[0] for key in keys], offsets, trace
+    return encoded, ids, [key[0] for key in keys], offsets, traces

@@ -97,6 +97,7 @@ class Daemon:
         self.triggers: dict[str, Trigger] = {}
         self.limiter = anyio.CapacityLimiter(config.executor.max_in_flight)
         self.telemetry = telemetry.create(config.telemetry, self.metrics)
+        self.http.telemetry = self.telemetry
         self.shared = Shared(self.executor, self.state, self.http, self.metrics, self.limiter, self.owner, self.replica,
                              self.membership, self.telemetry)
         self.started = anyio.Event()

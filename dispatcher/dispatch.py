@@ -19,7 +19,7 @@ import anyio
 from dispatcher.api import Outcome
 from dispatcher.config import FunctionConfig, RetryConfig, TriggerBase
 from dispatcher.errors import ExecutorError, SourceError, StoreError
-from dispatcher.events import Event, Run, new_id
+from dispatcher.events import Event, Run, new_id, trace_ids
 from dispatcher.executors import Executor, Invocation, Result
 from dispatcher.logs import fields
 from dispatcher.metrics import Metrics
@@ -276,27 +276,28 @@ class Dispatcher:
 
     async def _invoke(self, runs: list[Run], attempt: int) -> tuple[Result | None, str | None, Fault, str]:
         """Run one invocation; returns (result, error, what kind of executor error, invocation id)."""
-        if self.telemetry is None:
-            return await self._invoke_traced(runs, attempt, new_id(), None)
-        invocation_id = new_id()
         ids = list(itertools.chain.from_iterable(run.ids for run in runs))
+        if self.telemetry is None:
+            return await self._invoke_traced(runs, ids, attempt, new_id(), None)
+        invocation_id = new_id()
         source = self.config.source.kind  # type: ignore[attr-defined]
-        with self.telemetry.invocation(self.trigger, source, self.function_name, invocation_id, attempt, ids) as span:
+        with self.telemetry.invocation(self.trigger, source, self.function_name, invocation_id, attempt, runs,
+                                       len(ids)) as span:
             if attempt == 1:  # (a retry's wait is its backoff, not the buffer)
                 self.telemetry.phases([("wait in the buffer", min(run.received for run in runs), time.time())])
-            outcome = await self._invoke_traced(runs, attempt, invocation_id, span)
+            outcome = await self._invoke_traced(runs, ids, attempt, invocation_id, span)
             result, error = outcome[0], outcome[1]
             self.telemetry.ended(span, result is not None and result.ok, error, result.exit_code if result else None)
             return outcome
 
-    async def _invoke_traced(self, runs: list[Run], attempt: int, invocation_id: str, span: Any,
+    async def _invoke_traced(self, runs: list[Run], ids: list[str], attempt: int, invocation_id: str, span: Any,
                              ) -> tuple[Result | None, str | None, Fault, str]:
         queued = time.time()
-        ids = list(itertools.chain.from_iterable(run.ids for run in runs))
         count = len(ids)
+        trace = traceparent_of(span) if span is not None else next((run.trace for run in runs if run.trace), None)
         record = insert_invocation(InvocationRecord(invocation_id, self.trigger, self.function_name, "queued", attempt,
                                                     count, ids, None, None, queued, None, None, None,
-                                                    self.replica))
+                                                    self.replica, trace=trace))
         # Without a free slot the record is stored now, visible as queued while it waits; with one, it is
         # stored in one transaction with the start (or the finish) below: one transaction less per batch.
         pending: tuple[Write, ...] = (record,)
@@ -318,7 +319,7 @@ class Dispatcher:
                 env={"EVENTSWARM_TRIGGER": self.trigger, "EVENTSWARM_FUNCTION": self.function_name,
                      "EVENTSWARM_BATCH_ID": invocation_id, "EVENTSWARM_ATTEMPT": str(attempt),
                      "EVENTSWARM_EVENT_COUNT": str(count),
-                     **({"TRACEPARENT": traceparent_of(span)} if span is not None else _trace_env(runs))},
+                     **({"TRACEPARENT": trace} if trace else {})},
                 args=args, owner=self.owner,
             )
             waiting = self.telemetry.phase("wait for a slot") if self.telemetry is not None and span is not None \
@@ -351,7 +352,7 @@ class Dispatcher:
             log.warning("invocation %s of trigger %s failed (attempt %d, %d events): %s",
                         invocation_id, self.trigger, attempt, count, error,
                         extra=fields(f"invocation failed: {error}", trigger=self.trigger, invocation_id=invocation_id,
-                                     events=count, attempt=attempt, **ids_of(span)))
+                                     events=count, attempt=attempt, **trace_ids(trace)))
         with anyio.CancelScope(shield=True):
             await self.durably(*pending, finish_invocation(
                 invocation_id, status=status, exit_code=result.exit_code if result else None, error=error,
@@ -394,14 +395,13 @@ class Dispatcher:
         final = delivery.attempts[-1]
         last = final.invocation_id
         why = final.error or (f"exit code {final.exit_code}" if final.exit_code is not None else None)
-        if self.telemetry is not None:
-            self.telemetry.gave_up(self.trigger, run.ids, "dropped" if policy == "drop" else "dead-lettered", why,
-                                   tries, last)
+        span = None if self.telemetry is None else self.telemetry.gave_up(
+            self.trigger, run, "dropped" if policy == "drop" else "dead-lettered", why, tries, last)
         if policy == "drop":
             self.metrics.events_dropped.labels(self.trigger, "exhausted").inc(len(run))
             log.warning("%s of trigger %s dropped after %d attempts", what, self.trigger, tries,
                         extra=fields(f"dropped after {tries} attempts", trigger=self.trigger, invocation_id=last,
-                                     events=len(run), first_event=run.ids[0]))
+                                     events=len(run), first_event=run.ids[0], **ids_of(span)))
             await self.ack(run, Outcome("dropped", last, exit_code=final.exit_code, error=why))
             return
         attempts = [asdict(a) for a in delivery.attempts]
@@ -413,7 +413,7 @@ class Dispatcher:
                     (", …" if len(letters) > 3 else ""), tries,
                     extra=fields(f"stored as dead letters after {tries} attempts", trigger=self.trigger,
                                  invocation_id=last, events=len(run), first_event=run.ids[0],
-                                 dead_letters=[letter.id for letter in letters[:10]]))
+                                 dead_letters=[letter.id for letter in letters[:10]], **ids_of(span)))
         await self.ack(run, Outcome("dead-lettered", last, exit_code=final.exit_code, error=why))
 
     async def ack_all(self, runs: list[Run], outcome: Outcome) -> None:
@@ -469,8 +469,3 @@ def outcome_of(result: Result, timeout: float) -> tuple[str, str | None]:
     code = f"exit code {result.exit_code}" if result.exit_code is not None else "no exit code"
     return "failed", f"{code}: {'; '.join(result.notes)}" if result.notes else code
 
-
-def _trace_env(runs: list[Run]) -> dict[str, str]:
-    """``TRACEPARENT`` for the function: the trace of the batch's first event that came with one."""
-    trace = next((run.trace for run in runs if run.trace), None)
-    return {"TRACEPARENT": trace} if trace else {}

@@ -52,6 +52,12 @@ def traceparent(value: str | bytes | None) -> str | None:
         return None
     return value
 
+
+def trace_ids(trace: str | None) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of a W3C ``traceparent`` for a log line (nothing without one)."""
+    return {"trace_id": trace[3:35], "span_id": trace[36:52]} if trace else {}
+
+
 _MISSING = object()
 _CORE = ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "data", "data_base64")
 
@@ -264,8 +270,8 @@ class Run:
     ``ordering = "partition"``.
     """
 
-    __slots__ = ("_nbytes", "ack", "encoded", "ids", "make", "partition", "payloads", "received", "subjects", "token",
-                 "trace")
+    __slots__ = ("_nbytes", "ack", "encoded", "ids", "make", "partition", "payloads", "receipt", "received", "subjects",
+                 "token", "trace", "traces")
 
     def __init__(self, encoded: list[bytes], ids: list[str], payloads: list[Any], make: Callable[[Any], Event] = _same,
                  *, ack: RunAck | None = None, token: Any = None, partition: str | None = None,
@@ -281,6 +287,10 @@ class Run:
         self.received = _time.time() if received is None else received
         self.trace: str | None = None
         """The W3C ``traceparent`` of its first event that has one (the function's ``TRACEPARENT``)."""
+        self.traces: list[str | None] | None = None
+        """Each event's ``traceparent`` (None for one without), or None when none has one (traces ride along)."""
+        self.receipt: Any = None
+        """The receive span of its events that came without a trace (telemetry), for the invocation's link."""
         self._nbytes = -1
 
     @classmethod
@@ -289,8 +299,9 @@ class Run:
         run = cls([e.encode() for e in events], [e.id for e in events], events, ack=ack, token=token,
                   partition=events[0].partition if events else None, subjects=[e.subject for e in events],
                   received=min((e.received for e in events), default=None))
-        run.trace = next((e.extensions["traceparent"] for e in events if e.extensions and "traceparent" in e.extensions),
-                         None)
+        traces = [e.extensions.get("traceparent") if e.extensions else None for e in events]
+        run.trace = next(filter(None, traces), None)
+        run.traces = traces if run.trace else None
         return run
 
     @classmethod
@@ -326,23 +337,27 @@ class Run:
         return [self.event(i) for i in range(len(self.ids))]
 
     def _part(self, encoded: list[bytes], ids: list[str], payloads: list[Any],
-              subjects: list[str | None] | None) -> Run:
+              subjects: list[str | None] | None, traces: list[str | None] | None) -> Run:
         part = Run(encoded, ids, payloads, self.make, ack=self.ack, token=self.token, partition=self.partition,
                    subjects=subjects, received=self.received)
         part.trace = self.trace
+        part.traces = traces
+        part.receipt = self.receipt
         return part
 
     def slice(self, start: int, stop: int | None = None) -> Run:
         """Events ``start`` to ``stop`` as a run of their own, settled through the same ack."""
         subjects = self.subjects[start:stop] if self.subjects is not None else None
-        return self._part(self.encoded[start:stop], self.ids[start:stop], self.payloads[start:stop], subjects)
+        traces = self.traces[start:stop] if self.traces is not None else None
+        return self._part(self.encoded[start:stop], self.ids[start:stop], self.payloads[start:stop], subjects, traces)
 
     def select(self, indexes: Sequence[int]) -> Run:
         """The events at ``indexes`` (in that order) as a run of their own, settled through the same ack."""
-        subjects = self.subjects
+        subjects, traces = self.subjects, self.traces
         return self._part([self.encoded[i] for i in indexes], [self.ids[i] for i in indexes],
                           [self.payloads[i] for i in indexes],
-                          [subjects[i] for i in indexes] if subjects is not None else None)
+                          [subjects[i] for i in indexes] if subjects is not None else None,
+                          [traces[i] for i in indexes] if traces is not None else None)
 
 
 RunAck = Callable[[Run, Outcome], Awaitable[None]]

@@ -21,6 +21,7 @@ from dispatcher.errors import EventswarmError
 from dispatcher.executors.base import LIVE
 from dispatcher.metrics import Metrics
 from dispatcher.state import StateStore
+from dispatcher.telemetry import Telemetry
 
 log = logging.getLogger("eventswarm.http")
 
@@ -138,6 +139,8 @@ class HttpServer:
         """Requests each source route's handler is answering now."""
         self._answered: anyio.Event | None = None
         """Set as a source route's request is answered, while ``answered`` waits."""
+        self.telemetry: Telemetry | None = None
+        """Traces: a server span for each request to a source's route (set by the daemon when export is on)."""
 
     async def answered(self, handlers: Collection[HttpHandler]) -> None:
         """Returns once none of ``handlers`` is answering a request."""
@@ -216,8 +219,16 @@ class HttpServer:
         path = request.path
         methods = self._routes.get(path)
         if methods:
-            response = await self._source_route(request, methods)
-            self.metrics.webhook_responses.labels(self._route_triggers.get(path, ""), str(response.status)).inc()
+            trigger = self._route_triggers.get(path, "")
+            if self.telemetry is None:
+                response = await self._source_route(request, methods)
+            else:
+                host, port = self.host, self.port
+                with self.telemetry.serving(trigger, request.method, path, request.headers, request.scheme, host,
+                                            port, request.remote) as answered:
+                    response = await self._source_route(request, methods)
+                    answered(response.status)
+            self.metrics.webhook_responses.labels(trigger, str(response.status)).inc()
             return response
         endpoints = self._endpoints.get(path)
         if endpoints is None and path.startswith(LOGS_PREFIX):

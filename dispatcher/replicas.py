@@ -76,6 +76,8 @@ class Unfinished:
     function: str
     event_ids: list[str]
     status: str
+    trace: str | None = None
+    """Its trace (``InvocationRecord.trace``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +175,8 @@ class Membership:
                                     (replica, incarnation)).fetchall())
             if not won:
                 return
-            unfinished.extend(Unfinished(i, t, f, event_ids_of(e, p), s) for i, t, f, e, p, s in conn.execute(
-                "SELECT id, trigger, function, event_ids, ids, status FROM invocations WHERE replica = ? AND status IN "
+            unfinished.extend(Unfinished(i, t, f, event_ids_of(e, p), s, r) for i, t, f, e, p, s, r in conn.execute(
+                "SELECT id, trigger, function, event_ids, ids, status, trace FROM invocations WHERE replica = ? AND status IN "
                 "('queued', 'running') ORDER BY queued_at", (replica,)).fetchall())
             abandon([replica])(conn)
             conn.execute("UPDATE leases SET expires_at = 0 WHERE holder = ? AND incarnation = ?",

@@ -133,6 +133,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE invocations ADD COLUMN node TEXT;
     """,
+    # 5: the trace an invocation ran in (its span's W3C ids as trace_id/span_id; NULL without telemetry and before)
+    """
+    ALTER TABLE invocations ADD COLUMN trace TEXT;
+    """,
 ]
 
 RECORD_OVERHEAD = 400

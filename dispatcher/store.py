@@ -52,6 +52,8 @@ class InvocationRecord:
     """The replica that ran it (its id; "" before replicas)."""
     node: str | None = None
     """The Swarm node it ran on (swarm executor)."""
+    trace: str | None = None
+    """Its trace (``[telemetry]``): the invoke span's trace id and span id, as ``TRACE_ID/SPAN_ID`` in hex."""
 
     def to_json(self) -> dict[str, Any]:
         doc = {k: getattr(self, k) for k in self.__slots__}
@@ -80,7 +82,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 _INVOCATION_COLUMNS = ("id, trigger, function, status, attempt, batch_size, event_ids, ids, exit_code, error, "
-                       "queued_at, started_at, finished_at, executor_ref, replica, node")
+                       "queued_at, started_at, finished_at, executor_ref, replica, node, trace")
 _REPLACE_INVOCATION = ", ".join(f"{c} = excluded.{c}" for c in _INVOCATION_COLUMNS.split(", ")[1:]) + \
     ", stdout = NULL, stderr = NULL"
 """(An invocation written again replaces the row, as a new one: its logs too.)"""
@@ -366,11 +368,11 @@ def insert_invocation(record: InvocationRecord) -> Write:
         conn.execute(_COUNT_BYTES.format(f"? - COALESCE((SELECT {RECORD_SIZE} FROM invocations WHERE id = ?), 0)"),
                      (record.replica, RECORD_OVERHEAD + len(packed), record.id))
         conn.execute(
-            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            f"INSERT INTO invocations ({_INVOCATION_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             f"ON CONFLICT (id) DO UPDATE SET {_REPLACE_INVOCATION}",
             (record.id, record.trigger, record.function, record.status, record.attempt, record.batch_size, "", packed,
              record.exit_code, record.error, record.queued_at, record.started_at, record.finished_at,
-             record.executor_ref, record.replica, record.node),
+             record.executor_ref, record.replica, record.node, record.trace),
         )
     return write
 

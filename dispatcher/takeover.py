@@ -14,6 +14,7 @@ from anyio.abc import TaskGroup
 from dispatcher.config import FunctionConfig
 from dispatcher.dispatch import outcome_of
 from dispatcher.errors import ExecutorError, StoreError
+from dispatcher.events import trace_ids
 from dispatcher.executors import Executor, Invocation, Result
 from dispatcher.logs import fields
 from dispatcher.replicas import LEASE_PREFIX, Membership, Unfinished
@@ -139,7 +140,8 @@ class Takeover:
                 log.info("adopted invocation %s of replica %s (%d events): %s", unfinished.id, replica,
                          len(unfinished.event_ids), status,
                          extra=fields(f"adopted an invocation of replica {replica}: {status}", trigger=unfinished.trigger,
-                                      invocation_id=unfinished.id, events=len(unfinished.event_ids)))
+                                      invocation_id=unfinished.id, events=len(unfinished.event_ids),
+                                      **trace_ids(unfinished.trace)))
             await self.membership.settle_adopted(unfinished.event_ids, result is not None and result.ok)
         except StoreError:
             return  # (the rows stay held by this replica: they run after its restart, or where it is taken over)

@@ -17,10 +17,12 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.config import TelemetryConfig
+from dispatcher.events import Run, traceparent
 from dispatcher.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ MAX_LINKS = 1000
 WARN_EVERY = 60.0
 FAAS_TRIGGER = {"webhook": "http", "kafka": "pubsub", "file": "datasource", "ethereum": "pubsub", "schedule": "timer"}
 """The FaaS semantic conventions' ``faas.trigger`` of each source kind (``other`` for the rest)."""
+_SERVING: ContextVar[tuple[Any, bool] | None] = ContextVar("eventswarm_serving", default=None)
+"""The server span of the webhook request being answered (and whether it continues its sender's trace)."""
 
 
 def _queue(exporter: Any, metrics: Metrics, size: int, interval: float) -> Any:
@@ -50,6 +54,8 @@ def _queue(exporter: Any, metrics: Metrics, size: int, interval: float) -> Any:
             self.interval = interval
             self.spans: queue.Queue[ReadableSpan] = queue.Queue(maxsize=size)
             self.stopped = threading.Event()
+            self.exporting = False
+            """A batch taken from the queue is being exported."""
             self._warned = 0.0
             self.thread = threading.Thread(target=self._export_loop, name="eventswarm-otlp", daemon=True)
             self.thread.start()
@@ -71,7 +77,11 @@ def _queue(exporter: Any, metrics: Metrics, size: int, interval: float) -> Any:
             self.exporter.shutdown()
 
         def force_flush(self, timeout_millis: int = 30000) -> bool:
-            return True
+            """Wait until what is queued now has been exported (or dropped), within the timeout."""
+            deadline = time.monotonic() + timeout_millis / 1000
+            while (self.exporting or not self.spans.empty()) and time.monotonic() < deadline:
+                time.sleep(0.01)  # (the exporting thread's progress: there is no event to wait on for a queue)
+            return not self.exporting and self.spans.empty()
 
         # -- the exporting thread ---------------------------------------------------------------
 
@@ -84,6 +94,7 @@ def _queue(exporter: Any, metrics: Metrics, size: int, interval: float) -> Any:
                 while len(batch) < 512:
                     try:
                         batch.append(self.spans.get(timeout=max(0.0, deadline - time.monotonic())))
+                        self.exporting = True
                     except queue.Empty:
                         break
                 if batch:
@@ -95,6 +106,7 @@ def _queue(exporter: Any, metrics: Metrics, size: int, interval: float) -> Any:
                         why = "the collector did not take them"
                     if result != SpanExportResult.SUCCESS:
                         self._dropped("export_failed", len(batch), why)
+                    self.exporting = False
                 if self.stopped.is_set() and self.spans.empty():
                     return
 
@@ -131,61 +143,162 @@ class Telemetry:
         """Each event's receive span, and whether it came with its sender's trace."""
         log.info("telemetry: traces go to %s over OTLP/HTTP (service.name %s)", self.url, name)
 
-    def received(self, trigger: str, source: str, ids: Sequence[str], traces: Sequence[str | None],
-                 received: float) -> None:
-        """A ``receive`` span for each event (a child of its sender's ``traceparent``), remembered for the link from
-        the invocation that runs it."""
+    def received(self, trigger: str, source: str, ids: Sequence[str], traces: Sequence[str | None] | None,
+                 received: float) -> SpanContext | None:
+        """Receive spans for events handed over together: one per event that came with its sender's
+        ``traceparent`` (its child), remembered by event id for the link from the invocation that runs it, and one
+        for the rest together (a batch receive, ``messaging.batch.message_count``, beginning a trace), as the
+        messaging conventions have a batch received; its context is returned, for the run to carry
+        (``Run.receipt``). An event handed over while a request to a webhook is served is received by that
+        request's server span (``serving``), with no span of its own."""
+        serving = _SERVING.get()
+        if serving is not None:
+            server, traced = serving
+            context = server.get_span_context()
+            for event_id in ids:
+                self._remember(event_id, context, traced)
+            server.set_attribute("messaging.message.id", ids[0])
+            return None
         from opentelemetry.trace import SpanKind
 
         start = int(received * 1e9)
-        for event_id, trace in zip(ids, traces, strict=False):
-            span = self.tracer.start_span(
-                f"receive {trigger}", context=_parent(trace), kind=SpanKind.CONSUMER, start_time=start,
-                attributes={"messaging.operation.type": "receive", "messaging.message.id": event_id,
-                            "messaging.system": "kafka" if source == "kafka" else "eventswarm",
-                            "eventswarm.trigger": trigger, "eventswarm.source": source})
+        system = "kafka" if source == "kafka" else "eventswarm"
+        untraced = len(ids)
+        if traces is not None:
+            for event_id, trace in zip(ids, traces, strict=True):
+                if trace:
+                    untraced -= 1
+                    span = self.tracer.start_span(
+                        f"receive {trigger}", context=_parent(trace), kind=SpanKind.CONSUMER, start_time=start,
+                        attributes={"messaging.operation.type": "receive", "messaging.message.id": event_id,
+                                    "messaging.system": system, "eventswarm.trigger": trigger,
+                                    "eventswarm.source": source})
+                    span.end()
+                    self._remember(event_id, span.get_span_context(), True)
+        if not untraced:
+            return None
+        first = ids[0] if traces is None else next(i for i, t in zip(ids, traces, strict=True) if not t)
+        attributes: dict[str, Any] = {"messaging.operation.type": "receive", "messaging.system": system,
+                                      "eventswarm.trigger": trigger, "eventswarm.source": source}
+        if untraced == 1:
+            attributes["messaging.message.id"] = first
+        else:
+            attributes["messaging.batch.message_count"] = untraced
+            attributes["eventswarm.first_event"] = first
+        span = self.tracer.start_span(f"receive {trigger}", kind=SpanKind.CONSUMER, start_time=start,
+                                      attributes=attributes)
+        span.end()
+        return span.get_span_context()
+
+    def received_one(self, trigger: str, source: str, event_id: str, trace: str | None, received: float) -> None:
+        """The receive span of one event handed over on its own, remembered by its id."""
+        context = self.received(trigger, source, [event_id], [trace] if trace else None, received)
+        if context is not None:
+            self._remember(event_id, context, False)
+
+    @contextlib.contextmanager
+    def serving(self, trigger: str, method: str, route: str, headers: Mapping[str, str], scheme: str,
+                host: str, port: int, peer: str | None) -> Iterator[Any]:
+        """The server span of one request to a source's route (the HTTP server conventions: ``POST /hooks/x``), a
+        child of the request's ``traceparent``; it is the receive span of the events the request hands over.
+        Yields a setter for the response's status code (5xx sets the status ``ERROR``, as the conventions say)."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        trace = traceparent(headers.get("traceparent"))
+        attributes: dict[str, Any] = {
+            "http.request.method": method, "http.route": route, "url.path": route, "url.scheme": scheme,
+            "server.address": host, "server.port": port, "eventswarm.trigger": trigger,
+            "eventswarm.source": "webhook", "messaging.operation.type": "receive", "messaging.system": "eventswarm"}
+        if peer:
+            attributes["client.address"] = peer
+        agent = headers.get("User-Agent")
+        if agent:
+            attributes["user_agent.original"] = agent
+        span = self.tracer.start_span(f"{method} {route}", context=_parent(trace), kind=SpanKind.SERVER,
+                                      attributes=attributes)
+        token = _SERVING.set((span, bool(trace)))
+
+        def answered(status: int) -> None:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR, str(status)))
+        try:
+            yield answered
+        finally:
+            _SERVING.reset(token)
             span.end()
-            self._received[event_id] = (span.get_span_context(), bool(trace))
-            if len(self._received) > LINKS_KEPT:
-                self._received.popitem(last=False)
+
+    def _remember(self, event_id: str, context: SpanContext, traced: bool) -> None:
+        received = self._received
+        received[event_id] = (context, traced)
+        if len(received) > LINKS_KEPT:
+            received.popitem(last=False)
+
+    def _links(self, runs: Sequence[Run]) -> tuple[list[Any], SpanContext | None]:
+        """Links to the receive spans of the events of ``runs`` (each span once, ``MAX_LINKS`` at most), and the
+        first one that continues a sender's trace."""
+        from opentelemetry.trace import Link
+
+        links: list[Any] = []
+        seen: set[int] = set()
+        parent = None
+
+        def link(context: SpanContext) -> None:
+            if context.span_id not in seen and len(links) < MAX_LINKS:
+                seen.add(context.span_id)
+                links.append(Link(context))
+
+        remembered = self._received
+        for run in runs:
+            if run.receipt is not None:
+                link(run.receipt)
+                if run.traces is None:
+                    continue
+                ids: Sequence[str] = [event_id for event_id, trace in zip(run.ids, run.traces, strict=True) if trace]
+            else:
+                ids = run.ids
+            for event_id in ids:
+                found = remembered.get(event_id)
+                if found is not None:
+                    if parent is None and found[1]:
+                        parent = found[0]
+                    link(found[0])
+        return links, parent
 
     @contextlib.contextmanager
     def invocation(self, trigger: str, source: str, function: str, invocation_id: str, attempt: int,
-                   ids: Sequence[str]) -> Iterator[Span]:
+                   runs: Sequence[Run], count: int) -> Iterator[Span]:
         """The ``invoke`` span of one invocation, linked to its events' ``receive`` spans. It continues the trace of
         its first event that came with one (a child of that event's receive span): the sender's trace runs on
         through the daemon into the function; without one, it begins a trace."""
-        from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, set_span_in_context
+        from opentelemetry.trace import NonRecordingSpan, SpanKind, set_span_in_context
 
-        received = [found for event_id in ids[:MAX_LINKS] if (found := self._received.get(event_id)) is not None]
-        links = [Link(context) for context, _ in received]
-        parent = next((context for context, traced in received if traced), None)
+        links, parent = self._links(runs)
         with self.tracer.start_as_current_span(
                 f"invoke {function}", kind=SpanKind.CONSUMER, links=links, end_on_exit=True,
                 context=set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None,
                 record_exception=False, set_status_on_exception=False,
                 attributes={"faas.invocation_id": invocation_id, "faas.trigger": FAAS_TRIGGER.get(source, "other"),
                             "faas.name": function, "messaging.operation.type": "process",
-                            "messaging.batch.message_count": len(ids), "eventswarm.trigger": trigger,
+                            "messaging.batch.message_count": count, "eventswarm.trigger": trigger,
                             "eventswarm.attempt": attempt}) as span:
             yield span
 
-    def gave_up(self, trigger: str, ids: Sequence[str], status: str, why: str | None, attempts: int,
-                invocation_id: str) -> None:
+    def gave_up(self, trigger: str, run: Run, status: str, why: str | None, attempts: int,
+                invocation_id: str) -> Span:
         """A ``dead letter`` (or ``drop``) span for events whose retries are used up, linked to their ``receive``
         spans, with status ``ERROR`` and the last attempt's reason."""
-        from opentelemetry.trace import Link, NonRecordingSpan, Status, StatusCode, set_span_in_context
+        from opentelemetry.trace import NonRecordingSpan, Status, StatusCode, set_span_in_context
 
-        received = [found for event_id in ids[:MAX_LINKS] if (found := self._received.get(event_id)) is not None]
-        parent = next((context for context, traced in received if traced), None)
+        links, parent = self._links([run])
         span = self.tracer.start_span(
-            f"{'dead letter' if status == 'dead-lettered' else 'drop'} {trigger}",
-            links=[Link(context) for context, _ in received],
+            f"{'dead letter' if status == 'dead-lettered' else 'drop'} {trigger}", links=links,
             context=set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None,
             attributes={"eventswarm.trigger": trigger, "eventswarm.outcome": status, "eventswarm.attempts": attempts,
-                        "faas.invocation_id": invocation_id, "messaging.batch.message_count": len(ids)})
+                        "faas.invocation_id": invocation_id, "messaging.batch.message_count": len(run)})
         span.set_status(Status(StatusCode.ERROR, why or status))
         span.end()
+        return span
 
     def ended(self, span: Span, ok: bool, error: str | None, exit_code: int | None) -> None:
         """The invocation's outcome on its span: the status (an error with why), the exit code."""

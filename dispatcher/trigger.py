@@ -137,6 +137,7 @@ class Trigger:
         self.metrics = shared.metrics
         self.membership = shared.membership
         self.telemetry = shared.telemetry
+        self.replica = shared.replica
         self._checkpoints = TriggerCheckpoints(name, shared.state, shared.membership)
         self.checkpoints: Checkpoints = self._checkpoints
         self.inbox: Inbox = TriggerInbox(name, shared.state)
@@ -185,17 +186,12 @@ class Trigger:
     def _received_event(self, event: Event) -> None:
         assert self.telemetry is not None
         trace = event.extensions.get("traceparent") if event.extensions else None
-        self.telemetry.received(self.trigger, self.config.source.kind, [event.id], [trace],  # type: ignore[attr-defined]
-                                event.received)
+        self.telemetry.received_one(self.trigger, self.config.source.kind, event.id, trace, event.received)  # type: ignore[attr-defined]
 
     def _received_run(self, run: Run) -> None:
         assert self.telemetry is not None
-        traces = []
-        for index in range(len(run)):
-            extensions = run.event(index).extensions
-            traces.append(extensions.get("traceparent") if extensions else None)
-        self.telemetry.received(self.trigger, self.config.source.kind, run.ids, traces,  # type: ignore[attr-defined]
-                                run.received)
+        run.receipt = self.telemetry.received(self.trigger, self.config.source.kind, run.ids, run.traces,  # type: ignore[attr-defined]
+                                              run.received)
 
     async def invoke(self, event: Event) -> Outcome:
         self.metrics.received(self.trigger)
