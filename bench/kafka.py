@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import baseline_rate  # noqa: E402
-from dispatcher.config import parse  # noqa: E402
-from dispatcher.daemon import Daemon, tune_gc  # noqa: E402
+from bench.pipeline import settled, trigger_doc  # noqa: E402
+from dispatcher.daemon import tune_gc  # noqa: E402
 from tests.kafka import new_topic, produce  # noqa: E402
 
 BROKER = "127.0.0.1:19092"
@@ -41,29 +41,10 @@ async def through_daemon(topic: str, total: int, executor: str, batch: int, stat
                          ordering: str = "partition", in_flight: int = 4) -> dict[str, float]:
     function = ({"image": "eventswarm/busybox:test", "command": ["sh", "-c", "cat >/dev/null"]} if executor == "docker"
                 else {"command": ["true"]})
-    doc = {
-        "daemon": {"state": f"sqlite:///{state_dir}/{uuid.uuid4().hex}.db", "listen": "127.0.0.1:0"},
-        "executor": {"kind": executor, "max_in_flight": in_flight},
-        "functions": {"f": {**function, "timeout": "60s"}},
-        "triggers": {"t": {"function": "f", "ordering": ordering, "max_in_flight": in_flight, "buffer": BUFFER,
-                           "source": {"kind": "kafka", "bootstrap_servers": [BROKER], "topics": [topic],
-                                      "group_id": f"bench-{uuid.uuid4().hex}"},
-                           "batch": {"max_events": batch, "max_bytes": "4MiB", "max_wait": "100ms"}}},
-    }
-    daemon = Daemon(parse(doc))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: daemon.run(handle_signals=False))
-        await daemon.started.wait()
-        acked = daemon.metrics.events_acked.labels("t")
-        while acked._value.get() < 1:  # noqa: ASYNC110 (a benchmark samples a counter)
-            await anyio.sleep(0.001)
-        started = time.perf_counter()  # from the first settled event: consumer group joins are not the pipeline
-        first = acked._value.get()
-        while acked._value.get() < total:  # noqa: ASYNC110
-            await anyio.sleep(0.005)
-        elapsed = time.perf_counter() - started
-        daemon.stop()
-    count = total - first
+    doc = trigger_doc({"kind": "kafka", "bootstrap_servers": [BROKER], "topics": [topic],
+                       "group_id": f"bench-{uuid.uuid4().hex}"}, state_dir, batch=batch, executor=executor,
+                      function=function, in_flight=in_flight, ordering=ordering, buffer=BUFFER)
+    count, elapsed = await settled(doc, total)
     return {"events": int(count), "seconds": round(elapsed, 3), "events_per_s": round(count / elapsed, 1),
             "ordering": ordering, "max_in_flight": in_flight, "batch": batch, "buffer": BUFFER}
 

@@ -6,21 +6,18 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 from pydantic import Field, model_validator
 
+from connectors.settings import ClientConfig, check_files
 from dispatcher.api import (
-    ConfigPath,
     Duration,
-    Secret,
-    SourceConfig,
 )
 
 
-class KafkaSourceConfig(SourceConfig):
+class KafkaSourceConfig(ClientConfig):
     kind: Literal["kafka"]
     bootstrap_servers: list[str]
     topics: list[str] = []
@@ -33,13 +30,6 @@ class KafkaSourceConfig(SourceConfig):
     """A value that is not valid in this format is delivered as ``data_base64`` with ``dataerror`` saying why."""
     security: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    username_env: str = ""
-    password_env: str = ""
-    username_file: ConfigPath = ""
-    password_file: ConfigPath = ""
-    ca_file: ConfigPath = ""
-    cert_file: ConfigPath = ""
-    key_file: ConfigPath = ""
     dead_letter_topic: str = ""
     """Dead letters are also produced here (the original key, value and headers)."""
     dead_letter_timeout: Duration = 60.0
@@ -74,22 +64,13 @@ class KafkaSourceConfig(SourceConfig):
                 problem = secret.problem(key)
                 if problem:
                     raise ValueError(problem)
-        for key in ("ca_file", "cert_file", "key_file"):
-            value = getattr(self, key)
-            if value and not Path(value).is_file():
-                raise ValueError(f"{key}: {value} is not a readable file")
+        check_files(self, ("ca_file", "cert_file", "key_file"))
         return self
-
-    def secret(self, key: str) -> Secret:
-        return Secret.of(getattr(self, f"{key}_env"), getattr(self, f"{key}_file"))
 
     def client_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers, "security_protocol": self.security}
         if self.security in ("SSL", "SASL_SSL"):
-            context = ssl.create_default_context(cafile=self.ca_file or None)
-            if self.cert_file:
-                context.load_cert_chain(self.cert_file, self.key_file or None)
-            options["ssl_context"] = context
+            options["ssl_context"] = self.tls_context()
         if self.security.startswith("SASL"):
             options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.secret("username").value(),
                            sasl_plain_password=self.secret("password").value())

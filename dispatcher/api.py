@@ -203,6 +203,12 @@ class SourceContext(Protocol):
         ...
 
     @property
+    def replica(self) -> str:
+        """This daemon's name among replicas (``daemon.replica``; by default its host name and port): the same
+        after a restart, so a source may name a client session after it."""
+        ...
+
+    @property
     def checkpoints(self) -> Checkpoints: ...
 
     @property
@@ -264,9 +270,10 @@ class Source(Generic[ConfigT]):
     """A connector: constructed with its validated config, run inside the trigger's task group."""
 
     config_model: ClassVar[type[SourceConfig]]
-    single_reader: ClassVar[bool] = False
+    single_reader: bool = False
     """True for a source that must have one reader (a folder, a chain): with replicas, it runs on the holder of its
-    lease only, and its checkpoint writes are fenced by the lease (refused once another replica may read it)."""
+    lease only, and its checkpoint writes are fenced by the lease (refused once another replica may read it). A
+    source may decide it from its config (set it in ``__init__``)."""
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

@@ -113,6 +113,7 @@ class StubContext:
     def __init__(self, trigger: str = "t", *, buffer: int = 100_000,
                  invoke_outcome: Outcome | None = None) -> None:
         self.trigger = trigger
+        self.replica = "stub"
         self.checkpoints = MemoryCheckpoints()
         self.inbox = MemoryInbox()
         self.buffer = buffer
@@ -135,6 +136,7 @@ class StubContext:
         """The last ``set_schedule``: (next tick, last tick)."""
         """What ``dropped`` counted, by reason."""
         self._runs: list[_Emitted] = []
+        self._where: dict[str, tuple[Run, int]] = {}
         self._changed = anyio.Event()
 
     # -- SourceContext ------------------------------------------------------------------------
@@ -263,7 +265,13 @@ class StubContext:
     def _take(self, run: Run) -> None:
         self._runs.append(_Emitted(run))
         self.emitted.extend(run.ids)
+        self._where.update((event_id, (run, index)) for index, event_id in enumerate(run.ids))
         self._notify()
+
+    def event(self, event_id: str) -> Event:
+        """An event emitted (the latest under that id), as the source made it."""
+        run, index = self._where[event_id]
+        return run.event(index)
 
     async def _wait(self) -> None:
         await self._changed.wait()

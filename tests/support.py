@@ -209,3 +209,53 @@ def own_service(argv: list[str], port: int, log: Path, what: str) -> Iterator[su
         proc.send_signal(signal.SIGCONT)  # in case the test left it stopped
         proc.kill()
         proc.wait(timeout=30)
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_ca(folder: Path, name: str) -> None:
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=folder)
+
+
+def make_cert(folder: Path, ca: str, name: str, san: str) -> None:
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", cwd=folder)
+    (folder / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-days", "1", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=folder)
+
+
+def certificates(folder: Path) -> Path:
+    """A CA of the test's own, and a server certificate (for 127.0.0.1 and localhost) and a client certificate it
+    signed, in ``folder``: ca.pem, server.pem/.key, client.pem/.key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_ca(folder, "ca")
+    make_cert(folder, "ca", "server", "IP:127.0.0.1,DNS:localhost")
+    make_cert(folder, "ca", "client", "DNS:eventswarm-client")
+    return folder
+
+
+class OwnServer:
+    """A server process of the test's own (a broker), started with ``start`` (again after ``kill``), killed by its
+    id (-9) with ``kill`` and at the end of a ``with``."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # (in case the test left it stopped)
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *_: Any) -> None:
+        self.kill()
+

@@ -6,7 +6,6 @@ certificate: ``cert_file``/``key_file``), and their failures: a wrong CA, a miss
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from dispatcher.config import parse
 from dispatcher.daemon import Daemon
 from tests.integration.test_kafka import PRINT_IDS, config, seen_ids
 from tests.kafka import new_topic, produce
-from tests.support import SERVICES_HOME, free_port, own_service, running_daemon, wait_for
+from tests.support import SERVICES_HOME, free_port, make_ca, make_cert, own_service, running_daemon, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -26,23 +25,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="session")
 def stunnel(debian_tools) -> str:
     return "stunnel4"
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_ca(folder: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=folder)
-
-
-def make_cert(folder: Path, ca: str, name: str, san: str) -> None:
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", cwd=folder)
-    (folder / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-days", "1", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=folder)
 
 
 @dataclass
