@@ -23,7 +23,7 @@ class NatsServer(OwnServer):
     its id, at the end of the ``with``."""
 
     def __init__(self, folder: Path, *, tls: Path | None = None, verify_clients: bool = False,
-                 users: dict[str, str] | None = None, token: str = "") -> None:
+                 users: dict[str, str] | None = None, token: str = "", nkey: str = "") -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.port, self.monitor = free_port(), free_port()
@@ -38,6 +38,8 @@ class NatsServer(OwnServer):
             lines.append(f"authorization {{ users: [ {entries} ] }}")
         elif token:
             lines.append(f'authorization {{ token: "{token}" }}')
+        elif nkey:
+            lines.append(f'authorization {{ users: [ {{ nkey: "{nkey}" }} ] }}')
         self.conf = folder / "nats.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.log = folder / "nats.log"

@@ -129,6 +129,16 @@ def store_of(doc: dict[str, Any]) -> Database:
     return Database(doc["daemon"]["state"].removeprefix("sqlite:///"))
 
 
+@contextlib.contextmanager
+def opened_store(doc: dict[str, Any]) -> Iterator[Database]:
+    """The state store of ``doc``, closed after the block (a PostgreSQL one holds a connection)."""
+    store = store_of(doc)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 class DaemonProcess:
     """``eventswarm run`` as a child process: the tests stop (or kill -9) exactly this process."""
 

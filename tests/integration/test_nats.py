@@ -18,6 +18,7 @@ from tests.support import (
     base_config,
     certificates,
     free_port,
+    opened_store,
     running_daemon,
     store_of,
     wait_for,
@@ -42,10 +43,10 @@ def config(tmp_path: Path, server: NatsServer, script: str = PRINT_IDS, **trigge
 
 def seen_ids(doc: dict[str, Any]) -> list[str]:
     """Event ids the functions printed, over every succeeded invocation, oldest first."""
-    store = store_of(doc)
     ids: list[str] = []
-    for record in reversed(store.invocations(status="succeeded", limit=100_000)):
-        ids += store.logs(record.id)[0].decode().split()
+    with opened_store(doc) as store:
+        for record in reversed(store.invocations(status="succeeded", limit=100_000)):
+            ids += store.logs(record.id)[0].decode().split()
     return ids
 
 
@@ -172,6 +173,57 @@ def test_the_server_killed_mid_stream_and_started_again_loses_nothing(tmp_path: 
     assert daemon.stop() == 0
     log = daemon.log.read_text()
     assert "reconnected" in log and "Traceback" not in log
+
+
+def test_two_replicas_share_the_durable_consumer_and_run_each_message_once_in_all(
+        tmp_path: Path, nats_server: NatsServer, daemon_process: Any, postgres_database: str):
+    """Two replicas of one config on one PostgreSQL state bind the same durable consumer: JetStream divides the
+    messages between their pulls."""
+    anyio.run(add_stream, nats_server, "ORDERS", ["orders.>"])
+    docs = []
+    for name in ("a", "b"):
+        doc = config(tmp_path, nats_server, PRINT_IDS + "; sleep 0.05", batch={"max_events": 50, "max_wait": "20ms"},
+                     source={"fetch_batch": 50})
+        doc["daemon"].update({"state": postgres_database, "replica": name, "listen": f"127.0.0.1:{free_port()}"})
+        docs.append(doc)
+    daemons = [daemon_process(doc, name=doc["daemon"]["replica"]).start() for doc in docs]
+    anyio.run(publish, nats_server, "ORDERS", [(f"orders.{n % 3}", json.dumps({"n": n}).encode(), None)
+                                               for n in range(3000)])
+    wait_until(lambda: len(seen_ids(docs[0])) >= 3000, timeout=60, what="3,000 messages")
+    for daemon in daemons:
+        assert daemon.stop() == 0
+    assert sorted(seen_ids(docs[0])) == sorted(f"ORDERS/{n}" for n in range(1, 3001))  # each once, in all
+    with opened_store(docs[0]) as store:
+        records = store.invocations(status="succeeded", limit=10_000)
+    by_replica = {name: sum(r.batch_size for r in records if r.replica == name) for name in ("a", "b")}
+    assert min(by_replica.values()) > 300, by_replica  # JetStream divided them
+
+
+async def test_a_token_signs_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with NatsServer(tmp_path / "nats-token", token="s3cret") as server:
+        await add_stream(server, "ORDERS", ["orders.>"], token="s3cret")
+        await publish(server, "ORDERS", [("orders.a", b"{}", None) for _ in range(3)], token="s3cret")
+        monkeypatch.setenv("NATS_TOKEN", "s3cret")
+        doc = config(tmp_path, server, source={"token_env": "NATS_TOKEN"})
+        async with running_daemon(doc):
+            await wait_for(lambda: len(set(seen_ids(doc))) == 3, timeout=30, what="3 messages")
+
+
+async def test_an_nkey_signs_in(tmp_path: Path):
+    import os
+
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed + b"\n")
+    with NatsServer(tmp_path / "nats-nkey", nkey=public) as server:
+        await add_stream(server, "ORDERS", ["orders.>"], nkeys_seed=str(seed_file))
+        await publish(server, "ORDERS", [("orders.a", b"{}", None) for _ in range(3)], nkeys_seed=str(seed_file))
+        doc = config(tmp_path, server, source={"nkey_file": str(seed_file)})
+        async with running_daemon(doc):
+            await wait_for(lambda: len(set(seen_ids(doc))) == 3, timeout=30, what="3 messages")
 
 
 @pytest.fixture
